@@ -1,0 +1,295 @@
+//! Opening a chain: the top by its path, each parent by the reference in its child,
+//! every link validated before the disk is used.
+//!
+//! Parent references are resolved with `openat2(RESOLVE_BENEATH)` against the child's
+//! folder, so a crafted reference cannot reach outside it (symlinks that stay beneath
+//! are followed). Cycles are caught by (device, inode) and by UUID; depth is bounded.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+use crate::disk::{Access, Disk, Lower, LowerLayer, Top};
+use crate::error::OpenError;
+use crate::format::{Header, LayerState, FLAG_NEEDS_CHECK};
+use crate::layer::{load_map, read_header, stored_digest};
+use crate::map::AllocMap;
+use crate::storage::{FileStorage, Storage};
+
+/// Most layers a chain may have (the top included).
+pub const MAX_DEPTH: usize = 4096;
+
+/// Shares resolved lower chains between disks opened in one process, keyed by the
+/// identity of the first sealed layer: clones of one base cost one copy of its map.
+#[derive(Default)]
+pub struct LowerCache {
+    inner: Mutex<HashMap<(u64, u64), Weak<Lower>>>,
+}
+
+impl LowerCache {
+    /// An empty cache.
+    pub fn new() -> LowerCache {
+        LowerCache::default()
+    }
+    fn get(&self, key: (u64, u64)) -> Option<Arc<Lower>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).get(&key).and_then(Weak::upgrade)
+    }
+    fn put(&self, key: (u64, u64), lower: &Arc<Lower>) {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, w| w.strong_count() > 0);
+        m.insert(key, Arc::downgrade(lower));
+    }
+}
+
+/// How to open a disk.
+#[derive(Clone)]
+pub struct OpenOptions {
+    access: Access,
+    cache: Option<Arc<LowerCache>>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { access: Access::ReadWrite, cache: None }
+    }
+}
+
+impl OpenOptions {
+    /// Read-write, no cache.
+    pub fn new() -> OpenOptions {
+        OpenOptions::default()
+    }
+    /// Sets the access mode.
+    pub fn access(mut self, access: Access) -> OpenOptions {
+        self.access = access;
+        self
+    }
+    /// Shares lower chains through `cache`.
+    pub fn cache(mut self, cache: Arc<LowerCache>) -> OpenOptions {
+        self.cache = Some(cache);
+        self
+    }
+}
+
+fn open_flags(access: Access) -> OFlags {
+    let rw = match access {
+        Access::ReadWrite => OFlags::RDWR,
+        Access::ReadOnly => OFlags::RDONLY,
+    };
+    // NONBLOCK so a FIFO planted as a layer cannot hang the open; it is then refused.
+    rw | OFlags::CLOEXEC | OFlags::NONBLOCK
+}
+
+/// Opens a file already known by fd, checks it is regular and takes the lock.
+fn check_and_lock(file: File, path: &Path, exclusive: bool) -> Result<(File, (u64, u64)), OpenError> {
+    let meta = file.metadata().map_err(|e| OpenError::io(path, "stat", e))?;
+    if !meta.file_type().is_file() {
+        return Err(OpenError::NotRegular { path: path.to_path_buf() });
+    }
+    let res = if exclusive { file.try_lock() } else { file.try_lock_shared() };
+    match res {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(OpenError::Locked { path: path.to_path_buf() }),
+        Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::io(path, "lock", e)),
+    }
+    Ok((file, (meta.dev(), meta.ino())))
+}
+
+/// Opens a top layer file by path with the lock `access` implies.
+pub fn open_layer_file(path: &Path, access: Access) -> Result<(File, (u64, u64)), OpenError> {
+    let fd = rustix::fs::open(path, open_flags(access), Mode::empty())
+        .map_err(|e| OpenError::io(path, "open", e.into()))?;
+    check_and_lock(File::from(fd), path, access == Access::ReadWrite)
+}
+
+/// Loads the top layer from storage.
+fn load_top(storage: Arc<dyn Storage>, path: &Path, access: Access) -> Result<Top, OpenError> {
+    let loaded = read_header(&*storage, path)?;
+    let header = loaded.header;
+    if access == Access::ReadWrite {
+        if header.state == LayerState::Sealed {
+            return Err(OpenError::Sealed { path: path.to_path_buf() });
+        }
+        if header.flags & FLAG_NEEDS_CHECK != 0 {
+            return Err(OpenError::NeedsCheck { path: path.to_path_buf() });
+        }
+    }
+    let (map, _) = load_map(&*storage, path, &header.geometry)?;
+    Ok(Top { storage, path: path.to_path_buf(), header, map })
+}
+
+/// Validates the link from `child` to its parent `parent` and loads the parent.
+fn load_lower(
+    storage: Arc<dyn Storage>,
+    path: &Path,
+    child: &Header,
+    child_path: &Path,
+) -> Result<(LowerLayer, AllocMap), OpenError> {
+    let header = read_header(&*storage, path)?.header;
+    let Some(pref) = &child.parent else {
+        return Err(OpenError::chain(child_path, "has no parent reference"));
+    };
+    if header.uuid != pref.uuid {
+        return Err(OpenError::chain(
+            child_path,
+            format!("parent {} has UUID {}, expected {} (replaced?)", path.display(), header.uuid, pref.uuid),
+        ));
+    }
+    if header.state != LayerState::Sealed {
+        return Err(OpenError::chain(path, "parent layer is not sealed"));
+    }
+    if header.seal_digest != pref.digest {
+        return Err(OpenError::chain(
+            child_path,
+            format!("parent {} changed since this layer was created (seal digest mismatch)", path.display()),
+        ));
+    }
+    if header.geometry.block_size != child.geometry.block_size {
+        return Err(OpenError::chain(
+            child_path,
+            format!(
+                "block size {} differs from parent {}'s {}",
+                child.geometry.block_size,
+                path.display(),
+                header.geometry.block_size
+            ),
+        ));
+    }
+    if header.geometry.virtual_size > child.geometry.virtual_size {
+        return Err(OpenError::chain(child_path, format!("parent {} is larger than its child", path.display())));
+    }
+    let (map, _) = load_map(&*storage, path, &header.geometry)?;
+    let actual = stored_digest(&*storage, path, &header, &map)?;
+    if actual != header.seal_digest {
+        return Err(OpenError::Format {
+            path: path.to_path_buf(),
+            source: crate::error::FormatError::SealDigest { stored: header.seal_digest, actual },
+        });
+    }
+    let (data_blocks, zero_blocks) = map.counts();
+    Ok((LowerLayer { storage, path: path.to_path_buf(), header, data_blocks, zero_blocks }, map))
+}
+
+impl Disk {
+    /// Opens the chain whose top is `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Disk, OpenError> {
+        let path = path.as_ref();
+        let (file, top_id) = open_layer_file(path, opts.access)?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let top = load_top(storage, path, opts.access)?;
+        let lower = match &top.header.parent {
+            None => Arc::new(Lower::empty()),
+            Some(_) => open_lowers(path, &top.header, top_id, opts.cache.as_deref())?,
+        };
+        Ok(Disk::assemble(top, lower, opts.access))
+    }
+
+    /// Opens a chain from storages (top first) without paths or locks: for tests and
+    /// tools that build layers in memory. Links are validated as for files.
+    pub fn open_storages(
+        top: (Arc<dyn Storage>, PathBuf),
+        lowers: Vec<(Arc<dyn Storage>, PathBuf)>,
+        access: Access,
+    ) -> Result<Disk, OpenError> {
+        let top = load_top(top.0, &top.1, access)?;
+        let mut child = top.header.clone();
+        let mut child_path = top.path.clone();
+        let mut layers = Vec::new();
+        let mut maps = Vec::new();
+        let mut seen = HashSet::from([top.header.uuid]);
+        for (st, p) in lowers {
+            let (l, m) = load_lower(st, &p, &child, &child_path)?;
+            if !seen.insert(l.header.uuid) {
+                return Err(OpenError::chain(&p, "chain loop: the same layer appears twice"));
+            }
+            child = l.header.clone();
+            child_path = p;
+            layers.push(l);
+            maps.push(m);
+        }
+        if child.parent.is_some() {
+            return Err(OpenError::chain(&child_path, "parent layer not given"));
+        }
+        let lower = Lower::new(layers, &maps, top.header.geometry.blocks);
+        Ok(Disk::assemble(top, Arc::new(lower), access))
+    }
+}
+
+/// Walks parent references from `top`, validating each link.
+fn open_lowers(
+    top_path: &Path,
+    top: &Header,
+    top_id: (u64, u64),
+    cache: Option<&LowerCache>,
+) -> Result<Arc<Lower>, OpenError> {
+    let top_dir = match top_path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut dir_fd = rustix::fs::open(&top_dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| OpenError::io(&top_dir, "open folder", e.into()))?;
+    let mut dir_display = top_dir;
+    let mut seen_ids = HashSet::from([top_id]);
+    let mut seen_uuids = HashSet::from([top.uuid]);
+    let mut child = top.clone();
+    let mut child_path = top_path.to_path_buf();
+    let mut layers = Vec::new();
+    let mut maps = Vec::new();
+    let mut first_id = None;
+    while let Some(pref) = child.parent.clone() {
+        if layers.len() + 1 >= MAX_DEPTH {
+            return Err(OpenError::chain(&child_path, format!("chain too deep (more than {MAX_DEPTH} layers)")));
+        }
+        let ppath = dir_display.join(&pref.path);
+        let how = rustix::fs::ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        let fd = rustix::fs::openat2(&dir_fd, pref.path.as_str(), open_flags(Access::ReadOnly), Mode::empty(), how)
+            .map_err(|e| match e {
+                rustix::io::Errno::XDEV => {
+                    OpenError::chain(&child_path, format!("parent reference {:?} escapes the folder", pref.path))
+                }
+                e => OpenError::ParentMissing { child: child_path.clone(), parent: ppath.clone(), source: e.into() },
+            })?;
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(|e| OpenError::io(&ppath, "stat", e))?;
+        let id = (meta.dev(), meta.ino());
+        if !seen_ids.insert(id) {
+            return Err(OpenError::chain(&child_path, format!("chain loop: {} is already in the chain", ppath.display())));
+        }
+        if layers.is_empty() {
+            first_id = Some(id);
+            if let Some(hit) = cache.and_then(|c| c.get(id)) {
+                let h = hit.first_header().cloned();
+                if let Some(h) = h {
+                    if h.uuid == pref.uuid && h.seal_digest == pref.digest && h.geometry.block_size == top.geometry.block_size {
+                        return Ok(hit);
+                    }
+                }
+            }
+        }
+        let (file, _) = check_and_lock(file, &ppath, false)?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let (l, m) = load_lower(storage, &ppath, &child, &child_path)?;
+        if !seen_uuids.insert(l.header.uuid) {
+            return Err(OpenError::chain(&ppath, "chain loop: the same layer UUID appears twice"));
+        }
+        // The next reference is relative to this parent's own folder.
+        if let Some((sub, _)) = pref.path.rsplit_once('/') {
+            dir_fd = rustix::fs::openat2(&dir_fd, sub, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), how)
+                .map_err(|e| OpenError::io(dir_display.join(sub), "open folder", e.into()))?;
+            dir_display = dir_display.join(sub);
+        }
+        child = l.header.clone();
+        child_path = ppath;
+        layers.push(l);
+        maps.push(m);
+    }
+    let lower = Arc::new(Lower::new(layers, &maps, top.geometry.blocks));
+    if let (Some(c), Some(id)) = (cache, first_id) {
+        c.put(id, &lower);
+    }
+    Ok(lower)
+}

@@ -1,0 +1,140 @@
+//! Creating layer files crash-safely: write a temp file beside the target, sync it,
+//! rename it into place without replacing anything, sync the folder.
+
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+
+use crate::chain::open_layer_file;
+use crate::disk::Access;
+use crate::error::OpenError;
+use crate::format::{validate_reference, Header, ParentRef, Uuid};
+use crate::layer::{create_on, read_header, seal, NewLayer};
+use crate::storage::FileStorage;
+
+/// The folder holding `path` ("." for a bare file name).
+pub fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Syncs a folder so a rename or new name in it is durable.
+pub fn sync_folder(dir: &Path) -> Result<(), OpenError> {
+    let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| OpenError::io(dir, "open folder", e.into()))?;
+    File::from(fd).sync_all().map_err(|e| OpenError::io(dir, "sync folder", e))
+}
+
+/// A temp path beside `path` that stray-file cleanup can recognise.
+pub fn temp_path(path: &Path, tag: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    folder_of(path).join(format!(".{name}.{tag}-{}.tmp", Uuid::random()))
+}
+
+/// Renames `from` to `to`, failing if `to` exists, then syncs the folder.
+pub fn rename_noreplace(from: &Path, to: &Path) -> Result<(), OpenError> {
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(|e| OpenError::io(to, "rename into place", e.into()))?;
+    sync_folder(&folder_of(to))
+}
+
+/// Writes `header` as a new empty layer at a temp path and syncs it; returns the temp
+/// path (the caller renames it into place).
+pub fn write_temp_layer(path: &Path, header: &Header, tag: &str) -> Result<PathBuf, OpenError> {
+    let tmp = temp_path(path, tag);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| OpenError::io(&tmp, "create", e))?;
+    let st = FileStorage::new(file);
+    if let Err(e) = create_on(&st, &tmp, header) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+/// Creates a standalone writable image at `path`; fails if `path` exists.
+pub fn create_image(path: &Path, virtual_size: u64, block_size: u32) -> Result<Header, OpenError> {
+    let header = NewLayer { virtual_size, block_size, parent: None }.header(path)?;
+    install(path, &header)?;
+    Ok(header)
+}
+
+fn install(path: &Path, header: &Header) -> Result<(), OpenError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(OpenError::Invalid { path: path.to_path_buf(), reason: "already exists".into() });
+    }
+    let tmp = write_temp_layer(path, header, "create")?;
+    rename_noreplace(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// The reference a child at `child` uses for `parent`: a path relative to the child's
+/// folder, which must not climb out of it.
+pub fn reference_for(child: &Path, parent: &Path) -> Result<String, OpenError> {
+    let abs = |p: &Path| -> Result<PathBuf, OpenError> {
+        let dir = folder_of(p).canonicalize().map_err(|e| OpenError::io(folder_of(p), "resolve folder", e))?;
+        Ok(dir.join(p.file_name().unwrap_or_default()))
+    };
+    let c = folder_of(&abs(child)?);
+    let p = abs(parent)?;
+    let rel = p.strip_prefix(&c).map_err(|_| OpenError::Invalid {
+        path: parent.to_path_buf(),
+        reason: format!("parent must be in the child's folder {} or below it", c.display()),
+    })?;
+    let s: Vec<String> = rel
+        .components()
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n.to_string_lossy().into_owned()),
+            _ => Err(OpenError::Invalid { path: parent.to_path_buf(), reason: "unusable parent path".into() }),
+        })
+        .collect::<Result<_, _>>()?;
+    let r = s.join("/");
+    validate_reference(&r)
+        .map_err(|why| OpenError::Invalid { path: parent.to_path_buf(), reason: format!("parent reference {why}") })?;
+    Ok(r)
+}
+
+/// Creates an empty writable layer at `path` over `parent`, sealing `parent` first if it
+/// is writable (this needs its exclusive lock, so it must not be in use).
+pub fn create_child(path: &Path, parent: &Path) -> Result<Header, OpenError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(OpenError::Invalid { path: path.to_path_buf(), reason: "already exists".into() });
+    }
+    let reference = reference_for(path, parent)?;
+    let (uuid, digest, geometry) = {
+        let (file, _) = open_layer_file(parent, Access::ReadOnly)?;
+        let st = FileStorage::new(file);
+        let h = read_header(&st, parent)?.header;
+        if h.state == crate::format::LayerState::Sealed {
+            (h.uuid, h.seal_digest, h.geometry)
+        } else {
+            drop(st);
+            let (file, _) = open_layer_file(parent, Access::ReadWrite)?;
+            let st = FileStorage::new(file);
+            let (u, d) = seal(&st, parent)?;
+            (u, d, h.geometry)
+        }
+    };
+    let header = NewLayer {
+        virtual_size: geometry.virtual_size,
+        block_size: geometry.block_size,
+        parent: Some(ParentRef { path: reference, uuid, digest }),
+    }
+    .header(path)?;
+    install(path, &header)?;
+    Ok(header)
+}

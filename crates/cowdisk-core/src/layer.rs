@@ -1,0 +1,221 @@
+//! One layer file: choosing the valid header slot, creating, sealing, verifying.
+
+use std::path::Path;
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use crate::error::{FormatError, OpenError};
+use crate::format::{
+    BlockState, DigestBuilder, Geometry, Header, LayerState, ParentRef, Uuid, COMPAT_BLOCK_CRCS, HEADER_SLOT,
+    PAGE_SIZE,
+};
+use crate::map::{AllocMap, LoadError, SlotFinding};
+use crate::storage::Storage;
+
+/// A header as read from a file, with which slot it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedHeader {
+    /// The newest valid header.
+    pub header: Header,
+    /// Its slot (0 = A, 1 = B).
+    pub slot: usize,
+    /// The other slot is non-empty but invalid (a torn update or damage).
+    pub other_slot_damaged: Option<FormatError>,
+}
+
+fn fmt_err(path: &Path, source: FormatError) -> OpenError {
+    OpenError::Format { path: path.to_path_buf(), source }
+}
+
+/// Reads both header slots and returns the newest valid one, after checking the file
+/// is long enough for everything the header describes.
+pub fn read_header(storage: &dyn Storage, path: &Path) -> Result<LoadedHeader, OpenError> {
+    let len = storage.len().map_err(|e| OpenError::io(path, "stat", e))?;
+    if len < 2 * HEADER_SLOT {
+        // Decode what is there so a wrong magic is reported as such, not as "short".
+        let mut b = vec![0u8; len.min(HEADER_SLOT) as usize];
+        storage.read_at(&mut b, 0).map_err(|e| OpenError::io(path, "read header", e))?;
+        if b.len() >= 8 && b[..8] != crate::format::MAGIC {
+            return Err(fmt_err(path, FormatError::BadMagic));
+        }
+        return Err(fmt_err(path, FormatError::Truncated { what: "header", needed: 2 * HEADER_SLOT, len }));
+    }
+    let mut b = vec![0u8; 2 * HEADER_SLOT as usize];
+    storage.read_at(&mut b, 0).map_err(|e| OpenError::io(path, "read header", e))?;
+    let (a, bslot) = b.split_at(HEADER_SLOT as usize);
+    let decoded = [decode_slot(a), decode_slot(bslot)];
+    let pick = match (&decoded[0], &decoded[1]) {
+        (Some(Ok(x)), Some(Ok(y))) => {
+            if y.generation > x.generation {
+                1
+            } else {
+                0
+            }
+        }
+        (Some(Ok(_)), _) => 0,
+        (_, Some(Ok(_))) => 1,
+        (Some(Err(e)), _) => return Err(fmt_err(path, e.clone())),
+        (None, Some(Err(e))) => return Err(fmt_err(path, e.clone())),
+        (None, None) => return Err(fmt_err(path, FormatError::BadMagic)),
+    };
+    let header = match &decoded[pick] {
+        Some(Ok(h)) => h.clone(),
+        _ => unreachable!("picked slot is valid"),
+    };
+    let other_slot_damaged = match &decoded[1 - pick] {
+        Some(Err(e)) => Some(e.clone()),
+        _ => None,
+    };
+    let need = header.geometry.file_len();
+    if len < need {
+        return Err(fmt_err(path, FormatError::Truncated { what: "data area", needed: need, len }));
+    }
+    Ok(LoadedHeader { header, slot: pick, other_slot_damaged })
+}
+
+/// `None` for an all-zero (never written) slot.
+fn decode_slot(b: &[u8]) -> Option<Result<Header, FormatError>> {
+    if b.iter().all(|&x| x == 0) {
+        None
+    } else {
+        Some(Header::decode(b))
+    }
+}
+
+/// Loads the map of a layer whose header was read.
+pub fn load_map(storage: &dyn Storage, path: &Path, g: &Geometry) -> Result<(AllocMap, Vec<SlotFinding>), OpenError> {
+    AllocMap::load(storage, g).map_err(|e| match e {
+        LoadError::Io(e) => OpenError::io(path, "read allocation map", e),
+        LoadError::Format(f) => fmt_err(path, f),
+    })
+}
+
+/// Writes a new empty layer onto empty storage: header slot A, sparse length, sync.
+pub fn create_on(storage: &dyn Storage, path: &Path, header: &Header) -> Result<(), OpenError> {
+    let g = &header.geometry;
+    storage.set_len(0).map_err(|e| OpenError::io(path, "truncate", e))?;
+    storage.set_len(g.file_len()).map_err(|e| OpenError::io(path, "set length", e))?;
+    storage.write_at(&header.encode(), 0).map_err(|e| OpenError::io(path, "write header", e))?;
+    storage.sync().map_err(|e| OpenError::io(path, "sync", e))?;
+    Ok(())
+}
+
+/// Replaces the header atomically: the new version (generation + 1) goes into the
+/// slot not holding the current one, then a sync. Returns the slot written.
+pub fn write_header(storage: &dyn Storage, path: &Path, current: &LoadedHeader, new: &Header) -> Result<usize, OpenError> {
+    let mut h = new.clone();
+    h.generation = current.header.generation + 1;
+    let slot = 1 - current.slot;
+    storage
+        .write_at(&h.encode(), slot as u64 * HEADER_SLOT)
+        .map_err(|e| OpenError::io(path, "write header", e))?;
+    storage.sync().map_err(|e| OpenError::io(path, "sync header", e))?;
+    Ok(slot)
+}
+
+/// Computes each data block's CRC, writes the CRC area and syncs it, and returns the
+/// seal digest. Harmless on a writable layer (the area is only read once sealed), so
+/// a snapshot can record the digest in the new child before the seal is committed.
+pub fn prepare_seal(storage: &dyn Storage, path: &Path, header: &Header, map: &AllocMap) -> Result<u32, OpenError> {
+    let g = &header.geometry;
+    let mut digest = DigestBuilder::new(&header.uuid, g);
+    let mut block = vec![0u8; g.block_size as usize];
+    let mut crcs = vec![0u8; PAGE_SIZE as usize];
+    for b in 0..g.blocks {
+        let state = map.get(b);
+        let mut crc = 0;
+        if state == BlockState::Data {
+            let n = g.block_len(b);
+            let off = g.block_offset(b);
+            storage.read_at(&mut block[..n], off).map_err(|e| OpenError::io(path, "read block", e))?;
+            crc = crc32fast::hash(&block[..n]);
+        }
+        digest.block(state, crc);
+        let i = (b % (PAGE_SIZE / 4)) as usize;
+        LE::write_u32(&mut crcs[i * 4..], crc);
+        if i == crcs.len() / 4 - 1 || b + 1 == g.blocks {
+            let chunk_start = b - i as u64;
+            storage
+                .write_at(&crcs[..(i + 1) * 4], g.crc_offset + chunk_start * 4)
+                .map_err(|e| OpenError::io(path, "write block CRCs", e))?;
+            crcs.fill(0);
+        }
+    }
+    storage.sync().map_err(|e| OpenError::io(path, "sync", e))?;
+    Ok(digest.finish())
+}
+
+/// Marks the layer sealed with `digest` (from [`prepare_seal`]).
+pub fn commit_seal(storage: &dyn Storage, path: &Path, current: &LoadedHeader, digest: u32) -> Result<Header, OpenError> {
+    let mut h = current.header.clone();
+    h.state = LayerState::Sealed;
+    h.seal_digest = digest;
+    h.compat |= COMPAT_BLOCK_CRCS;
+    write_header(storage, path, current, &h)?;
+    h.generation = current.header.generation + 1;
+    Ok(h)
+}
+
+/// Seals a writable layer (both steps). Returns its identity for children.
+pub fn seal(storage: &dyn Storage, path: &Path) -> Result<(Uuid, u32), OpenError> {
+    let loaded = read_header(storage, path)?;
+    if loaded.header.state == LayerState::Sealed {
+        return Ok((loaded.header.uuid, loaded.header.seal_digest));
+    }
+    let (map, _) = load_map(storage, path, &loaded.header.geometry)?;
+    let digest = prepare_seal(storage, path, &loaded.header, &map)?;
+    commit_seal(storage, path, &loaded, digest)?;
+    Ok((loaded.header.uuid, digest))
+}
+
+/// Recomputes a sealed layer's digest from its map and stored block CRCs (no data
+/// reads, so open stays proportional to metadata).
+pub fn stored_digest(storage: &dyn Storage, path: &Path, header: &Header, map: &AllocMap) -> Result<u32, OpenError> {
+    let g = &header.geometry;
+    let mut digest = DigestBuilder::new(&header.uuid, g);
+    let per = PAGE_SIZE / 4;
+    let mut crcs = vec![0u8; PAGE_SIZE as usize];
+    for chunk in 0..g.blocks.div_ceil(per) {
+        let first = chunk * per;
+        let n = (g.blocks - first).min(per);
+        // Skip reading CRC pages for chunks without data.
+        let any_data = (first..first + n).any(|b| map.get(b) == BlockState::Data);
+        if any_data {
+            storage
+                .read_at(&mut crcs[..(n * 4) as usize], g.crc_offset + first * 4)
+                .map_err(|e| OpenError::io(path, "read block CRCs", e))?;
+        }
+        for b in first..first + n {
+            let state = map.get(b);
+            let crc = if state == BlockState::Data { LE::read_u32(&crcs[((b - first) * 4) as usize..]) } else { 0 };
+            digest.block(state, crc);
+        }
+    }
+    Ok(digest.finish())
+}
+
+/// Reads the stored CRC of data block `b` of a sealed layer.
+pub fn stored_block_crc(storage: &dyn Storage, g: &Geometry, b: u64) -> std::io::Result<u32> {
+    let mut x = [0u8; 4];
+    storage.read_at(&mut x, g.crc_offset + b * 4)?;
+    Ok(LE::read_u32(&x))
+}
+
+/// Parameters for a new layer.
+#[derive(Debug, Clone)]
+pub struct NewLayer {
+    /// Virtual size, bytes.
+    pub virtual_size: u64,
+    /// Block size, bytes.
+    pub block_size: u32,
+    /// Parent link, if any.
+    pub parent: Option<ParentRef>,
+}
+
+impl NewLayer {
+    /// Builds the header for a new layer with a fresh UUID.
+    pub fn header(&self, path: &Path) -> Result<Header, OpenError> {
+        let g = Geometry::new(self.virtual_size, self.block_size).map_err(|e| fmt_err(path, e))?;
+        Ok(Header::new(g, Uuid::random(), self.parent.clone()))
+    }
+}

@@ -1,0 +1,39 @@
+//! cowdisk-core: a block-level copy-on-write virtual disk engine.
+//!
+//! ```text
+//!             Disk  (read / write / write_zeroes / discard / flush / block_status)
+//!               |
+//!      +--------+-------------------------+
+//!      |                                  |
+//!   top layer (AllocMap, writable)     Lower (Arc, shared between clones)
+//!      |                                  |  ResolvedMap: owner of each block,
+//!   Storage (FileStorage | SimStorage)    |  computed once at open
+//!                                      sealed layers -> Storage
+//! ```
+//!
+//! A read resolves each block top-down: the top's data or whiteout, else the owner in
+//! the resolved lower chain, else zeros. The first partial write to a block held below
+//! copies the whole block up; whole-block writes and writes to unheld blocks skip the
+//! copy. Deletes are whiteouts in the top. Lower layers are only ever read.
+//!
+//! The on-disk format is in `format` and specified byte by byte in FORMAT.md.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod chain;
+pub mod create;
+pub mod disk;
+pub mod error;
+pub mod format;
+pub mod layer;
+pub mod map;
+pub mod resolve;
+pub mod sim;
+pub mod storage;
+
+pub use chain::{LowerCache, OpenOptions, MAX_DEPTH};
+pub use create::{create_child, create_image};
+pub use disk::{Access, Disk, Extent, ExtentState, LayerInfo, WriteFlags, ZeroFlags};
+pub use error::{FormatError, IoError, IoErrorKind, OpenError};
+pub use format::{BlockState, Geometry, Header, LayerState, ParentRef, Uuid, DEFAULT_BLOCK_SIZE};
+pub use storage::{FileStorage, Storage};

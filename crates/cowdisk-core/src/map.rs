@@ -1,0 +1,267 @@
+//! A layer's allocation map in memory: 2 bits per block in atomic words, so readers
+//! never lock; dirty pages are tracked for the next flush.
+//!
+//! Crash atomicity comes from the A/B page slots (see FORMAT.md): a flush writes each
+//! dirty page into the slot that does not hold its current version, with the next
+//! sequence number, so a torn page write leaves the previous version intact.
+
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Mutex;
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use crate::error::FormatError;
+use crate::format::{self, BlockState, Geometry, PageSlot, ENTRIES_PER_PAGE, PAGE_HEADER, PAGE_SIZE};
+use crate::storage::Storage;
+
+const ENTRIES_PER_WORD: u64 = 32;
+const WORDS_PER_PAGE: u64 = ENTRIES_PER_PAGE / ENTRIES_PER_WORD;
+
+/// A damaged-but-tolerated map slot, reported by `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotFinding {
+    /// Page index.
+    pub page: u64,
+    /// Slot (0 = A, 1 = B).
+    pub slot: usize,
+    /// What was wrong.
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PageMeta {
+    /// Slot holding the current version; `None` if neither was ever written.
+    active: Option<usize>,
+    sequence: u64,
+}
+
+/// One layer's allocation map.
+#[derive(Debug)]
+pub struct AllocMap {
+    words: Vec<AtomicU64>,
+    blocks: u64,
+    dirty: Vec<AtomicU64>,
+    pages: Mutex<Vec<PageMeta>>,
+}
+
+/// Pages encoded for writing, taken before the data sync of a flush.
+pub struct PendingPages {
+    pages: Vec<(u64, Vec<u8>)>,
+}
+
+impl PendingPages {
+    /// True when no page was dirty.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+}
+
+impl AllocMap {
+    /// An all-absent map (a new layer).
+    pub fn new(g: &Geometry) -> AllocMap {
+        let nwords = (g.map_pages * WORDS_PER_PAGE) as usize;
+        AllocMap {
+            words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
+            blocks: g.blocks,
+            dirty: (0..g.map_pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            pages: Mutex::new(vec![PageMeta { active: None, sequence: 0 }; g.map_pages as usize]),
+        }
+    }
+
+    /// Reads and validates every page, choosing the newer valid slot of each.
+    pub fn load(storage: &dyn Storage, g: &Geometry) -> Result<(AllocMap, Vec<SlotFinding>), LoadError> {
+        let map = AllocMap::new(g);
+        let mut findings = Vec::new();
+        let mut buf = vec![0u8; 2 * PAGE_SIZE as usize];
+        let mut metas = Vec::with_capacity(g.map_pages as usize);
+        for p in 0..g.map_pages {
+            storage.read_at(&mut buf, g.page_offset(p, 0)).map_err(LoadError::Io)?;
+            let slots = [
+                format::decode_page(&buf[..PAGE_SIZE as usize], p),
+                format::decode_page(&buf[PAGE_SIZE as usize..], p),
+            ];
+            let mut best: Option<(usize, u64)> = None;
+            for (s, slot) in slots.iter().enumerate() {
+                match slot {
+                    PageSlot::Valid { sequence } => {
+                        if best.is_none_or(|(_, q)| *sequence > q) {
+                            best = Some((s, *sequence));
+                        }
+                    }
+                    PageSlot::Invalid(reason) => findings.push(SlotFinding { page: p, slot: s, reason }),
+                    PageSlot::Empty => {}
+                }
+            }
+            let all_invalid = slots.iter().all(|s| matches!(s, PageSlot::Invalid(_)));
+            if all_invalid {
+                let reason = match &slots[0] {
+                    PageSlot::Invalid(r) => r,
+                    _ => "damaged",
+                };
+                return Err(LoadError::Format(FormatError::MapPage { page: p, reason }));
+            }
+            if let Some((s, seq)) = best {
+                let start = s * PAGE_SIZE as usize + PAGE_HEADER;
+                let entries = &buf[start..start + (PAGE_SIZE as usize - PAGE_HEADER)];
+                for w in 0..WORDS_PER_PAGE {
+                    let word = LE::read_u64(&entries[(w * 8) as usize..]);
+                    map.check_word(p * WORDS_PER_PAGE + w, word).map_err(LoadError::Format)?;
+                    map.words[(p * WORDS_PER_PAGE + w) as usize].store(word, SeqCst);
+                }
+                metas.push(PageMeta { active: Some(s), sequence: seq });
+            } else {
+                metas.push(PageMeta { active: None, sequence: 0 });
+            }
+        }
+        *map.pages.lock().unwrap_or_else(|e| e.into_inner()) = metas;
+        Ok((map, findings))
+    }
+
+    fn check_word(&self, widx: u64, word: u64) -> Result<(), FormatError> {
+        if word == 0 {
+            return Ok(());
+        }
+        for j in 0..ENTRIES_PER_WORD {
+            let v = (word >> (2 * j)) & 3;
+            let block = widx * ENTRIES_PER_WORD + j;
+            if v == 3 {
+                return Err(FormatError::MapEntry { block, reason: "reserved state 3" });
+            }
+            if v != 0 && block >= self.blocks {
+                return Err(FormatError::MapEntry { block, reason: "beyond the last block" });
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// State of block `b` (must be < blocks).
+    #[inline]
+    pub fn get(&self, b: u64) -> BlockState {
+        let w = self.words[(b / ENTRIES_PER_WORD) as usize].load(SeqCst);
+        match (w >> (2 * (b % ENTRIES_PER_WORD))) & 3 {
+            1 => BlockState::Data,
+            2 => BlockState::Zero,
+            _ => BlockState::Absent,
+        }
+    }
+
+    /// The raw word holding blocks `32*i .. 32*i+32` (for fast scans).
+    pub fn word(&self, i: usize) -> u64 {
+        self.words.get(i).map_or(0, |w| w.load(SeqCst))
+    }
+
+    /// Number of words.
+    pub fn word_count(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Sets block `b`'s state and marks its page dirty. Callers publish a state only
+    /// after the data it exposes was written (see `flush`).
+    pub fn set(&self, b: u64, state: BlockState) {
+        let shift = 2 * (b % ENTRIES_PER_WORD);
+        let word = &self.words[(b / ENTRIES_PER_WORD) as usize];
+        let mut cur = word.load(SeqCst);
+        loop {
+            let new = (cur & !(3 << shift)) | ((state as u64) << shift);
+            if new == cur {
+                return;
+            }
+            match word.compare_exchange(cur, new, SeqCst, SeqCst) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        let page = b / ENTRIES_PER_PAGE;
+        self.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), SeqCst);
+    }
+
+    /// Counts (data, zero) blocks.
+    pub fn counts(&self) -> (u64, u64) {
+        let (mut data, mut zero) = (0, 0);
+        for w in &self.words {
+            let w = w.load(SeqCst);
+            // Low bit of each pair = data, high bit = zero.
+            data += u64::from((w & 0x5555_5555_5555_5555).count_ones());
+            zero += u64::from((w & 0xAAAA_AAAA_AAAA_AAAA).count_ones());
+        }
+        (data, zero)
+    }
+
+    /// Takes the dirty set and encodes those pages from the current entries. Must run
+    /// before the flush's data sync: every entry seen here was published after its
+    /// data write completed, so that sync covers it.
+    pub fn take_dirty(&self) -> PendingPages {
+        let mut pages = Vec::new();
+        for (i, d) in self.dirty.iter().enumerate() {
+            let mut bits = d.swap(0, SeqCst);
+            while bits != 0 {
+                let j = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let p = i as u64 * 64 + j;
+                let mut entries = vec![0u8; (WORDS_PER_PAGE * 8) as usize];
+                for w in 0..WORDS_PER_PAGE {
+                    let word = self.words[(p * WORDS_PER_PAGE + w) as usize].load(SeqCst);
+                    LE::write_u64(&mut entries[(w * 8) as usize..], word);
+                }
+                pages.push((p, entries));
+            }
+        }
+        PendingPages { pages }
+    }
+
+    /// Marks pages dirty again (after a failed write-back).
+    pub fn redirty(&self, pending: &PendingPages) {
+        for (p, _) in &pending.pages {
+            self.dirty[(p / 64) as usize].fetch_or(1 << (p % 64), SeqCst);
+        }
+    }
+
+    /// Writes pending pages into their inactive slots and syncs. On success the
+    /// written slots become active.
+    pub fn write_back(&self, storage: &dyn Storage, g: &Geometry, pending: &PendingPages) -> std::io::Result<()> {
+        if pending.pages.is_empty() {
+            return Ok(());
+        }
+        let mut metas = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut next = Vec::with_capacity(pending.pages.len());
+        for (p, entries) in &pending.pages {
+            let meta = metas[*p as usize];
+            let slot = match meta.active {
+                Some(s) => 1 - s,
+                None => 0,
+            };
+            let seq = meta.sequence + 1;
+            format::encode_page(&mut buf, *p, seq, entries);
+            storage.write_at(&buf, g.page_offset(*p, slot))?;
+            next.push((*p, PageMeta { active: Some(slot), sequence: seq }));
+        }
+        storage.sync()?;
+        for (p, m) in next {
+            metas[p as usize] = m;
+        }
+        Ok(())
+    }
+
+    /// Writes every page (for new layers built in bulk: flatten, squash, import).
+    pub fn mark_all_dirty(&self) {
+        let pages = self.pages.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        for p in 0..pages {
+            self.dirty[(p / 64) as usize].fetch_or(1 << (p % 64), SeqCst);
+        }
+    }
+}
+
+/// Why a map could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// Reading failed.
+    Io(std::io::Error),
+    /// The map is invalid.
+    Format(FormatError),
+}

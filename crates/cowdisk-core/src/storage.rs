@@ -1,0 +1,86 @@
+//! The narrow storage trait every layer sits on, and its file implementation.
+//!
+//! Six calls are all the engine needs from a file, so tests can swap in the
+//! crash-simulating [`crate::sim::SimStorage`].
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Positional, exact I/O on one layer file.
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
+pub trait Storage: Send + Sync {
+    /// Fills `buf` from `offset`; reading past the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length.
+    fn len(&self) -> io::Result<u64>;
+    /// Sets the length (sparse extension).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every completed write and punch durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Deallocates a range; it reads as zeros afterwards.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Bytes actually allocated (for `info`); 0 where unknown.
+    fn allocated_bytes(&self) -> u64 {
+        0
+    }
+}
+
+/// A real file.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    /// Wraps an open file.
+    pub fn new(file: File) -> FileStorage {
+        FileStorage { file }
+    }
+    /// The file, for locking and metadata.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len) {
+            Ok(()) => Ok(()),
+            // File systems without hole punching still get zeros: write them.
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeros.len() as u64) as usize;
+                    self.file.write_all_at(&zeros[..n], offset + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+}

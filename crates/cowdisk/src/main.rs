@@ -1,0 +1,2 @@
+//! The cowdisk command-line tool (being written).
+fn main() {}
