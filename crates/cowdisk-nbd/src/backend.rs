@@ -1,0 +1,116 @@
+//! The storage interface the server drives: one shared object per export.
+
+use thiserror::Error;
+
+/// What a backend failure means to the client; each kind maps to one NBD errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// I/O or sync failure, corrupt metadata (`EIO`).
+    Io,
+    /// The storage under the export is full (`ENOSPC`).
+    NoSpace,
+    /// The export cannot be written (`EPERM`).
+    ReadOnly,
+    /// The request is not acceptable to the backend, e.g. misaligned (`EINVAL`).
+    Invalid,
+    /// A `FAST_ZERO` request would not be fast; nothing was changed (`ENOTSUP`).
+    NotSupported,
+}
+
+impl BackendErrorKind {
+    /// The NBD error number sent to the client for this kind.
+    pub fn errno(self) -> u32 {
+        use crate::wire::errno;
+        match self {
+            Self::Io => errno::EIO,
+            Self::NoSpace => errno::ENOSPC,
+            Self::ReadOnly => errno::EPERM,
+            Self::Invalid => errno::EINVAL,
+            Self::NotSupported => errno::ENOTSUP,
+        }
+    }
+}
+
+/// A failed backend operation.
+#[derive(Debug, Clone, Error)]
+#[error("{kind:?}: {message}")]
+pub struct BackendError {
+    /// Category, which decides the errno on the wire.
+    pub kind: BackendErrorKind,
+    /// Human-readable detail; may be sent to the client in a structured error chunk.
+    pub message: String,
+}
+
+impl BackendError {
+    /// Builds an error of `kind` with a message.
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Flags of a `WRITE_ZEROES` request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range must be durable before the reply.
+    pub fua: bool,
+    /// Keep the range allocated (do not punch a hole).
+    pub no_hole: bool,
+    /// Fail with [`BackendErrorKind::NotSupported`] at once, changing nothing, unless zeroing is
+    /// faster than writing zeros.
+    pub fast: bool,
+}
+
+/// One run of bytes with the same allocation state, as reported by [`Backend::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes; must be non-zero.
+    pub length: u64,
+    /// Reads return zeros (`base:allocation` `NBD_STATE_ZERO`).
+    pub zero: bool,
+    /// The range uses no storage (`base:allocation` `NBD_STATE_HOLE`); only meaningful with `zero`.
+    pub hole: bool,
+    /// `qemu:allocation-depth`: 0 unallocated, 1 top layer, 2 first backing layer, ...
+    pub depth: u32,
+}
+
+/// A block device exported over NBD.
+///
+/// One object serves every connection to its export, concurrently, so `flush` must make every
+/// completed write durable no matter which connection sent it (this is what lets the server
+/// advertise `CAN_MULTI_CONN`).
+///
+/// # Range validation
+/// The server checks every range against [`Backend::size`] (with overflow checks) and the
+/// payload limits before calling, so implementations receive only non-empty in-range requests.
+/// They should still fail cleanly rather than panic on anything else.
+pub trait Backend: Send + Sync {
+    /// Export size in bytes; must not change while serving.
+    fn size(&self) -> u64;
+    /// Preferred I/O granularity, advertised as the `INFO_BLOCK_SIZE` preferred size; a power of
+    /// two (other values are rounded to one the protocol accepts).
+    fn preferred_block_size(&self) -> u32;
+    /// Whether the export refuses writes; the server then answers them `EPERM` itself.
+    fn is_read_only(&self) -> bool;
+    /// Fills `buf` with the bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
+    /// Writes `data` at `offset`; with `fua` it is durable before returning.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), BackendError>;
+    /// Hint that the range is unused; its contents are unspecified until rewritten.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError>;
+    /// Makes the range read back as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), BackendError>;
+    /// Appends extents covering at least `[offset, offset+1)` and at most `[offset, offset+len)`,
+    /// in order, contiguous.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), BackendError>;
+}

@@ -1,0 +1,56 @@
+//! Resource limits; every client-controlled length is checked against one of these.
+
+use std::time::Duration;
+
+const MIB: u32 = 1 << 20;
+
+/// Bounds on what a client may make the server read, allocate or keep open.
+///
+/// Construct with [`Limits::default`] and adjust fields.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest READ/WRITE payload (advertised as the `INFO_BLOCK_SIZE` maximum). Default 32 MiB.
+    pub max_payload: u32,
+    /// WRITE payloads above `max_payload` but at most this are read and discarded before an
+    /// `EINVAL` reply; larger ones drop the connection. Default 64 MiB.
+    pub max_drain: u32,
+    /// Largest option payload during negotiation; larger claims drop the connection. Default 64 KiB.
+    pub max_option_len: usize,
+    /// Longest export name accepted. Default 4096 (the protocol's own limit).
+    pub max_export_name: usize,
+    /// Options allowed per connection before it is dropped. Default 64.
+    pub max_options: usize,
+    /// Connections served at once; more are accepted and closed at once. Default 128.
+    pub max_connections: usize,
+    /// Time allowed for the whole negotiation phase. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Longest a single reply write may block (a client that stops reading is dropped).
+    /// Default 60 s.
+    pub reply_timeout: Duration,
+    /// Requests in flight per connection (accepted, not yet answered). Default 64.
+    pub max_in_flight: usize,
+    /// Payload bytes in flight per connection (read buffers and write payloads). A single
+    /// larger request still runs, alone. Default 64 MiB.
+    pub max_in_flight_bytes: usize,
+    /// Worker threads per connection running backend calls. Default 4.
+    pub workers_per_connection: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload: 32 * MIB,
+            max_drain: 64 * MIB,
+            max_option_len: 64 * 1024,
+            max_export_name: 4096,
+            max_options: 64,
+            max_connections: 128,
+            handshake_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(60),
+            max_in_flight: 64,
+            max_in_flight_bytes: 64 * MIB as usize,
+            workers_per_connection: 4,
+        }
+    }
+}

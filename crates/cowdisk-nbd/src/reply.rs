@@ -1,0 +1,166 @@
+//! Reply writing (one mutex, one `write_all` per reply so replies never interleave) and a small
+//! buffer pool so steady-state I/O does not allocate per request.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::wire::{self, chunk, cmd, Request};
+use crate::BackendError;
+
+/// Space reserved in front of read data for the largest reply header (chunk header + offset),
+/// so header and data go out in one write.
+pub(crate) const READ_HEADROOM: usize = wire::CHUNK_HEADER_LEN + 8;
+
+/// Longest error message sent in an `ERROR` chunk.
+const MAX_ERROR_MESSAGE: usize = 256;
+
+/// Serialises replies onto the socket.
+pub(crate) struct Replier<'a, W> {
+    w: Mutex<W>,
+    structured: bool,
+    failed: AtomicBool,
+    abort: &'a (dyn Fn() + Sync),
+}
+
+impl<'a, W: Write> Replier<'a, W> {
+    pub fn new(w: W, structured: bool, abort: &'a (dyn Fn() + Sync)) -> Self {
+        Self {
+            w: Mutex::new(w),
+            structured,
+            failed: AtomicBool::new(false),
+            abort,
+        }
+    }
+
+    /// Whether a reply could not be written (the connection is then being torn down).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Writes one complete reply.
+    pub fn send(&self, bytes: &[u8]) {
+        if self.failed() {
+            return;
+        }
+        let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
+        if w.write_all(bytes).and_then(|()| w.flush()).is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+            drop(w);
+            // Wake the reader so the connection ends instead of accepting more work.
+            (self.abort)();
+        }
+    }
+
+    /// Simple success reply.
+    pub fn ok(&self, req: &Request) {
+        let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
+        wire::simple_reply(&mut h, 0, req.cookie);
+        self.send(&h);
+    }
+
+    /// Error reply: a structured `ERROR` chunk where a simple reply is forbidden (READ with
+    /// structured replies) or would be odd (BLOCK_STATUS), a simple reply otherwise.
+    pub fn error(&self, req: &Request, errno: u32, message: &str) {
+        if self.structured && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS) {
+            let msg = truncate(message, MAX_ERROR_MESSAGE).as_bytes();
+            let mut out = Vec::with_capacity(wire::CHUNK_HEADER_LEN + 6 + msg.len());
+            let mut h = [0u8; wire::CHUNK_HEADER_LEN];
+            // msg.len() ≤ MAX_ERROR_MESSAGE, so both casts are lossless.
+            let plen = 6 + msg.len() as u32;
+            wire::chunk_header(&mut h, chunk::FLAG_DONE, chunk::ERROR, req.cookie, plen);
+            out.extend_from_slice(&h);
+            wire::put_u32(&mut out, errno);
+            wire::put_u16(&mut out, msg.len() as u16);
+            out.extend_from_slice(msg);
+            self.send(&out);
+        } else {
+            let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
+            wire::simple_reply(&mut h, errno, req.cookie);
+            self.send(&h);
+        }
+    }
+
+    /// Error reply for a failed backend call.
+    pub fn backend_error(&self, req: &Request, e: &BackendError) {
+        self.error(req, e.kind.errno(), &e.message);
+    }
+
+    /// Successful READ reply; `buf` holds [`READ_HEADROOM`] spare bytes followed by the data.
+    pub fn read_data(&self, req: &Request, offset: u64, buf: &mut [u8]) {
+        let data_len = buf.len().saturating_sub(READ_HEADROOM);
+        if self.structured {
+            let mut h = [0u8; wire::CHUNK_HEADER_LEN];
+            // data_len ≤ the payload limit (validated), far below u32::MAX.
+            let plen = u32::try_from(8 + data_len).unwrap_or(u32::MAX);
+            wire::chunk_header(
+                &mut h,
+                chunk::FLAG_DONE,
+                chunk::OFFSET_DATA,
+                req.cookie,
+                plen,
+            );
+            buf[..wire::CHUNK_HEADER_LEN].copy_from_slice(&h);
+            let mut o = [0u8; 8];
+            wire::write_u64(&mut o, offset);
+            buf[wire::CHUNK_HEADER_LEN..READ_HEADROOM].copy_from_slice(&o);
+            self.send(buf);
+        } else {
+            let start = READ_HEADROOM - wire::SIMPLE_REPLY_LEN;
+            let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
+            wire::simple_reply(&mut h, 0, req.cookie);
+            buf[start..READ_HEADROOM].copy_from_slice(&h);
+            self.send(&buf[start..]);
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Keeps a few small buffers for reuse; large ones are freed so idle memory stays bounded.
+#[derive(Default)]
+pub(crate) struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+const POOL_MAX_BUFFERS: usize = 8;
+const POOL_MAX_CAPACITY: usize = (1 << 20) + READ_HEADROOM;
+
+impl BufPool {
+    /// A zero-filled buffer of exactly `len` bytes (callers bound `len` first).
+    pub fn get(&self, len: usize) -> Vec<u8> {
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let pos = free.iter().position(|b| b.capacity() >= len);
+            pos.map(|i| free.swap_remove(i))
+        };
+        match reused {
+            Some(mut b) => {
+                b.clear();
+                b.resize(len, 0);
+                b
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    /// Returns a buffer for reuse.
+    pub fn put(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > POOL_MAX_CAPACITY {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOL_MAX_BUFFERS {
+            free.push(buf);
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! Listening, accepting, per-connection threads and orderly shutdown.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+
+use rustix::event::{poll, PollFd, PollFlags};
+use thiserror::Error;
+
+use crate::export::{Export, Exports};
+use crate::handshake::{self, Outcome};
+use crate::stream::{Deadline, Stream};
+use crate::{transmission, Backend, BackendError, Limits};
+
+/// Errors building or running a [`Server`].
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is unusable (no export, duplicate or over-long name, unknown default).
+    #[error("invalid server configuration: {0}")]
+    Config(String),
+    /// A listener or the wake-up channel failed.
+    #[error("listener I/O failed")]
+    Io(#[source] io::Error),
+    /// The final flush of a writable export failed at shutdown.
+    #[error("flushing export {export:?} at shutdown failed")]
+    Flush {
+        /// Export name.
+        export: String,
+        /// Backend failure.
+        #[source]
+        source: BackendError,
+    },
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Self::Tcp(l) => l.accept().map(|(s, _)| {
+                // Replies are whole messages; Nagle would only delay them.
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+            Self::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+        }
+    }
+}
+
+/// Builds a [`Server`]: exports first, then listeners.
+#[derive(Default)]
+pub struct ServerBuilder {
+    exports: Vec<Export>,
+    default: Option<String>,
+    listeners: Vec<Listener>,
+    limits: Limits,
+}
+
+impl ServerBuilder {
+    /// Adds an export. Names must be unique, non-empty and at most
+    /// [`Limits::max_export_name`] bytes.
+    pub fn export(self, name: impl Into<String>, backend: Arc<dyn Backend>) -> Self {
+        self.export_with_description(name, None::<String>, backend)
+    }
+
+    /// Adds an export with a description shown by `LIST` and `INFO_DESCRIPTION`.
+    pub fn export_with_description(
+        mut self,
+        name: impl Into<String>,
+        description: Option<impl Into<String>>,
+        backend: Arc<dyn Backend>,
+    ) -> Self {
+        self.exports.push(Export {
+            name: name.into(),
+            description: description.map(Into::into),
+            backend,
+        });
+        self
+    }
+
+    /// Export selected by an empty name. Without it, an empty name selects the only export
+    /// when there is exactly one.
+    pub fn default_export(mut self, name: impl Into<String>) -> Self {
+        self.default = Some(name.into());
+        self
+    }
+
+    /// Replaces the resource limits.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Serves on a bound TCP listener (bind to loopback unless exposure is intended).
+    pub fn tcp_listener(mut self, l: TcpListener) -> Self {
+        self.listeners.push(Listener::Tcp(l));
+        self
+    }
+
+    /// Serves on a bound Unix socket listener. The caller owns the socket file (creation,
+    /// permissions, removal).
+    pub fn unix_listener(mut self, l: UnixListener) -> Self {
+        self.listeners.push(Listener::Unix(l));
+        self
+    }
+
+    /// Validates the configuration.
+    pub fn build(self) -> Result<Server, ServerError> {
+        if self.exports.is_empty() {
+            return Err(ServerError::Config("no export".into()));
+        }
+        for (i, e) in self.exports.iter().enumerate() {
+            if e.name.is_empty() || e.name.len() > self.limits.max_export_name {
+                return Err(ServerError::Config(format!(
+                    "export name {:?} is empty or too long",
+                    e.name
+                )));
+            }
+            if self.exports[..i].iter().any(|o| o.name == e.name) {
+                return Err(ServerError::Config(format!(
+                    "duplicate export {:?}",
+                    e.name
+                )));
+            }
+        }
+        let default = match &self.default {
+            None => None,
+            Some(d) => Some(
+                self.exports
+                    .iter()
+                    .position(|e| &e.name == d)
+                    .ok_or_else(|| ServerError::Config(format!("unknown default export {d:?}")))?,
+            ),
+        };
+        for l in &self.listeners {
+            match l {
+                Listener::Tcp(l) => l.set_nonblocking(true),
+                Listener::Unix(l) => l.set_nonblocking(true),
+            }
+            .map_err(ServerError::Io)?;
+        }
+        let (wake_tx, wake_rx) = UnixStream::pair().map_err(ServerError::Io)?;
+        wake_tx.set_nonblocking(true).map_err(ServerError::Io)?;
+        wake_rx.set_nonblocking(true).map_err(ServerError::Io)?;
+        Ok(Server {
+            exports: Arc::new(Exports::new(self.exports, default)),
+            listeners: self.listeners,
+            limits: Arc::new(self.limits),
+            shared: Arc::new(Shared {
+                shutting_down: AtomicBool::new(false),
+                wake_tx,
+                wake_rx,
+                state: Mutex::new(RunState::Idle),
+                finished: Condvar::new(),
+                conns: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                active: AtomicUsize::new(0),
+            }),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Idle,
+    Serving,
+    Done,
+}
+
+struct Shared {
+    shutting_down: AtomicBool,
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
+    state: Mutex<RunState>,
+    finished: Condvar,
+    /// Clones of live connections, so shutdown can end their blocking reads.
+    conns: Mutex<HashMap<u64, Stream>>,
+    next_id: AtomicU64,
+    active: AtomicUsize,
+}
+
+impl Shared {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Stream>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn state(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Stops a running [`Server`]; cheap to clone and usable from any thread (e.g. the binary's
+/// signal-handling thread).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    shared: Arc<Shared>,
+}
+
+impl ShutdownHandle {
+    /// Asks the server to stop without waiting: accepting stops, clients' blocking reads end,
+    /// requests already received are still answered.
+    pub fn request(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        // A full pipe already holds a wake-up, so a failed write loses nothing.
+        let _ = (&self.shared.wake_tx).write(&[1]);
+    }
+
+    /// Stops the server and waits until [`Server::serve`] has answered in-flight requests and
+    /// flushed every writable export. Returns at once if `serve` is not running. Must not be
+    /// called from a [`Backend`] method (it would wait for itself).
+    pub fn shutdown(&self) {
+        self.request();
+        let mut st = self.shared.state();
+        while *st == RunState::Serving {
+            st = self
+                .shared
+                .finished
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// An NBD server over a fixed set of exports and listeners.
+pub struct Server {
+    exports: Arc<Exports>,
+    listeners: Vec<Listener>,
+    limits: Arc<Limits>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Starts a builder.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// A handle that stops [`Server::serve`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Local addresses of the TCP listeners (useful after binding port 0).
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Tcp(l) => l.local_addr().ok(),
+                Listener::Unix(_) => None,
+            })
+            .collect()
+    }
+
+    /// Accepts and serves connections until shutdown is requested, then stops accepting,
+    /// ends idle reads, waits for every in-flight request to be answered, flushes every
+    /// writable export and returns. The first flush failure is returned.
+    pub fn serve(self) -> Result<(), ServerError> {
+        *self.shared.state() = RunState::Serving;
+        let mut handles = Vec::new();
+        let result = self.accept_loop(&mut handles);
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        // Reads end with EOF; replies to requests already received can still be written.
+        for s in self.shared.conns().values() {
+            s.shutdown(Shutdown::Read);
+        }
+        for h in handles {
+            // A panicking connection thread has already lost its connection; keep going.
+            let _ = h.join();
+        }
+        let flushed = self.flush_all();
+        *self.shared.state() = RunState::Done;
+        self.shared.finished.notify_all();
+        result.and(flushed)
+    }
+
+    fn flush_all(&self) -> Result<(), ServerError> {
+        let mut result = Ok(());
+        for e in self.exports.iter() {
+            if e.backend.is_read_only() {
+                continue;
+            }
+            if let Err(source) = e.backend.flush() {
+                if result.is_ok() {
+                    result = Err(ServerError::Flush {
+                        export: e.name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        result
+    }
+
+    fn accept_loop(&self, handles: &mut Vec<JoinHandle<()>>) -> Result<(), ServerError> {
+        let mut ready = vec![false; self.listeners.len()];
+        while !self.shared.shutting_down.load(Ordering::SeqCst) {
+            {
+                let mut fds = Vec::with_capacity(1 + self.listeners.len());
+                fds.push(PollFd::new(&self.shared.wake_rx, PollFlags::IN));
+                for l in &self.listeners {
+                    let fd = match l {
+                        Listener::Tcp(l) => l.as_fd(),
+                        Listener::Unix(l) => l.as_fd(),
+                    };
+                    fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+                }
+                match poll(&mut fds, None) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(ServerError::Io(e.into())),
+                }
+                if !fds[0].revents().is_empty() {
+                    let mut sink = [0u8; 64];
+                    while matches!((&self.shared.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+                }
+                for (r, fd) in ready.iter_mut().zip(&fds[1..]) {
+                    *r = !fd.revents().is_empty();
+                }
+            }
+            for (l, _) in self.listeners.iter().zip(&ready).filter(|(_, r)| **r) {
+                loop {
+                    match l.accept() {
+                        Ok(s) => {
+                            if let Some(h) = self.spawn_connection(s) {
+                                handles.push(h);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // Per-connection failures (ECONNABORTED, EMFILE) must not stop the
+                        // server; poll again.
+                        Err(_) => break,
+                    }
+                }
+            }
+            handles.retain(|h| !h.is_finished());
+        }
+        Ok(())
+    }
+
+    fn spawn_connection(&self, s: Stream) -> Option<JoinHandle<()>> {
+        let shared = &self.shared;
+        if shared.active.load(Ordering::SeqCst) >= self.limits.max_connections {
+            return None; // Dropping closes it: the cap holds even under a connection flood.
+        }
+        // Accepted sockets must block; the listener's non-blocking mode is not wanted here.
+        s.set_nonblocking(false).ok()?;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        shared.conns().insert(id, s.try_clone().ok()?);
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let (exports, limits, sh) = (self.exports.clone(), self.limits.clone(), shared.clone());
+        let spawned = thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                connection(&s, &exports, &limits, &sh.shutting_down);
+                s.shutdown(Shutdown::Both);
+                sh.conns().remove(&id);
+                sh.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        match spawned {
+            Ok(h) => Some(h),
+            Err(_) => {
+                shared.conns().remove(&id);
+                shared.active.fetch_sub(1, Ordering::SeqCst);
+                None
+            }
+        }
+    }
+}
+
+fn connection(s: &Stream, exports: &Exports, limits: &Limits, shutting_down: &AtomicBool) {
+    if shutting_down.load(Ordering::SeqCst) {
+        return;
+    }
+    let _ = s.set_write_timeout(Some(limits.handshake_timeout));
+    let cx = handshake::Context {
+        exports,
+        limits,
+        shutting_down,
+    };
+    let outcome = handshake::negotiate(&mut Deadline::new(s, limits.handshake_timeout), &cx);
+    let Ok(Outcome::Transmission(session)) = outcome else {
+        return;
+    };
+    if s.set_read_timeout(None).is_err() || s.set_write_timeout(Some(limits.reply_timeout)).is_err()
+    {
+        return;
+    }
+    let export = exports.get(session.export);
+    let abort = || s.shutdown(Shutdown::Both);
+    transmission::serve(s, s, session, export, limits, &abort);
+}

@@ -1,0 +1,337 @@
+//! Transmission phase: a reader parses requests and payloads, a few workers run them against the
+//! backend, and replies go out under one mutex so each is written atomically and out of order.
+//!
+//! Memory is bounded by an in-flight budget (request count and payload bytes) acquired before
+//! a payload is read or a read buffer is allocated.
+
+use std::io::{self, Read, Write};
+use std::sync::{mpsc, Condvar, Mutex};
+use std::thread;
+
+use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
+use crate::handshake::Session;
+use crate::reply::{BufPool, Replier, READ_HEADROOM};
+use crate::validate::{validate, Geometry, Op, Verdict};
+use crate::wire::{self, cmd, state, Request};
+use crate::{BackendError, BackendErrorKind, Extent, Limits};
+
+/// Most extents sent per context in one reply; the client asks again for the rest.
+const MAX_EXTENTS: usize = 1 << 16;
+
+struct Job {
+    req: Request,
+    op: Op,
+    payload: Vec<u8>,
+    cost: usize,
+}
+
+/// Counts requests and bytes in flight; `acquire` blocks while the budget is used up.
+struct Budget {
+    used: Mutex<(usize, usize)>,
+    freed: Condvar,
+    max_count: usize,
+    max_bytes: usize,
+}
+
+impl Budget {
+    fn acquire(&self, bytes: usize) {
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        // A single request larger than the byte budget may run alone.
+        while u.0 >= self.max_count || (u.0 > 0 && u.1 + bytes > self.max_bytes) {
+            u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
+        }
+        u.0 += 1;
+        u.1 += bytes;
+    }
+    fn release(&self, bytes: usize) {
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        u.0 = u.0.saturating_sub(1);
+        u.1 = u.1.saturating_sub(bytes);
+        self.freed.notify_all();
+    }
+}
+
+/// Shared per-connection state used by the reader and the workers.
+struct Conn<'a, W: Write> {
+    export: &'a Export,
+    session: Session,
+    out: Replier<'a, W>,
+    budget: Budget,
+    pool: BufPool,
+}
+
+/// Serves requests until `DISC`, EOF, a protocol violation or a dead socket, then waits for
+/// every accepted request to be answered. `abort` must make blocked reads on `r` return (it is
+/// called when a reply cannot be written).
+pub(crate) fn serve<R: Read, W: Write + Send>(
+    mut r: R,
+    w: W,
+    session: Session,
+    export: &Export,
+    limits: &Limits,
+    abort: &(dyn Fn() + Sync),
+) {
+    let conn = Conn {
+        export,
+        session,
+        out: Replier::new(w, session.structured, abort),
+        budget: Budget {
+            used: Mutex::new((0, 0)),
+            freed: Condvar::new(),
+            max_count: limits.max_in_flight.max(1),
+            max_bytes: limits.max_in_flight_bytes,
+        },
+        pool: BufPool::default(),
+    };
+    let geo = Geometry {
+        size: export.backend.size(),
+        read_only: export.backend.is_read_only(),
+        structured: session.structured,
+        contexts: session.contexts,
+        max_payload: limits.max_payload,
+        max_drain: limits.max_drain.max(limits.max_payload),
+    };
+    let (tx, rx) = mpsc::sync_channel::<Job>(limits.max_in_flight.max(1));
+    let rx = Mutex::new(rx);
+    thread::scope(|sc| {
+        let mut workers = 0;
+        for _ in 0..limits.workers_per_connection.max(1) {
+            let spawned = thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn_scoped(sc, || worker(&conn, &rx));
+            if spawned.is_ok() {
+                workers += 1;
+            }
+        }
+        let inline = workers == 0;
+        reader(&mut r, &conn, &geo, |job| {
+            if inline {
+                run(&conn, job);
+                Ok(())
+            } else {
+                tx.send(job).map_err(|_| ())
+            }
+        });
+        // Closing the queue lets the workers finish what was accepted, then exit.
+        drop(tx);
+    });
+}
+
+fn worker<W: Write + Send>(conn: &Conn<'_, W>, rx: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        match job {
+            Ok(job) => run(conn, job),
+            Err(_) => return,
+        }
+    }
+}
+
+fn reader<R: Read, W: Write>(
+    r: &mut R,
+    conn: &Conn<'_, W>,
+    geo: &Geometry,
+    mut dispatch: impl FnMut(Job) -> Result<(), ()>,
+) {
+    let mut hdr = [0u8; wire::REQUEST_LEN];
+    while !conn.out.failed() {
+        if r.read_exact(&mut hdr).is_err() {
+            return;
+        }
+        let Some(req) = Request::parse(&hdr) else {
+            return; // Bad magic: framing is lost, hang up.
+        };
+        let op = match validate(&req, geo) {
+            Verdict::Disconnect | Verdict::Run(Op::Disc) => return,
+            Verdict::Error(e) => {
+                if req.kind == cmd::WRITE && drain(r, u64::from(req.length)).is_err() {
+                    return;
+                }
+                conn.out.error(&req, e, "");
+                continue;
+            }
+            Verdict::Run(op) => op,
+        };
+        let cost = match op {
+            Op::Read { len, .. } | Op::Write { len, .. } => len as usize,
+            _ => 0,
+        };
+        conn.budget.acquire(cost);
+        let mut payload = Vec::new();
+        if let Op::Write { len, .. } = op {
+            payload = conn.pool.get(len as usize);
+            if r.read_exact(&mut payload).is_err() {
+                // Half a payload is never applied (the client went away).
+                conn.budget.release(cost);
+                return;
+            }
+        }
+        let job = Job {
+            req,
+            op,
+            payload,
+            cost,
+        };
+        if dispatch(job).is_err() {
+            conn.budget.release(cost);
+            return;
+        }
+    }
+}
+
+/// Reads and discards `len` bytes through a small fixed buffer.
+fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(len), &mut io::sink())?;
+    if copied == len {
+        Ok(())
+    } else {
+        Err(io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
+fn run<W: Write>(conn: &Conn<'_, W>, job: Job) {
+    let b = &*conn.export.backend;
+    let req = &job.req;
+    let res = match job.op {
+        Op::Read { offset, len } => {
+            let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
+            match b.read(offset, &mut buf[READ_HEADROOM..]) {
+                Ok(()) => conn.out.read_data(req, offset, &mut buf),
+                Err(e) => conn.out.backend_error(req, &e),
+            }
+            conn.pool.put(buf);
+            Ok(())
+        }
+        Op::Write { offset, fua, .. } => b.write(offset, &job.payload, fua),
+        Op::Flush if conn.export.backend.is_read_only() => Ok(()),
+        Op::Flush => b.flush(),
+        Op::Trim { offset, len, fua } => b.trim(offset, u64::from(len), fua),
+        Op::Cache | Op::Disc => Ok(()),
+        Op::WriteZeroes { offset, len, flags } => b.write_zeroes(offset, u64::from(len), flags),
+        Op::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => {
+            match block_status(conn, req, offset, len, req_one) {
+                Ok(chunks) => conn.out.send(&chunks),
+                Err(e) => conn.out.backend_error(req, &e),
+            }
+            Ok(())
+        }
+    };
+    if !matches!(job.op, Op::Read { .. } | Op::BlockStatus { .. }) {
+        match res {
+            Ok(()) => conn.out.ok(req),
+            Err(e) => conn.out.backend_error(req, &e),
+        }
+    }
+    conn.pool.put(job.payload);
+    conn.budget.release(job.cost);
+}
+
+/// Builds one `BLOCK_STATUS` chunk per selected context from one backend query.
+fn block_status<W: Write>(
+    conn: &Conn<'_, W>,
+    req: &Request,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> Result<Vec<u8>, BackendError> {
+    let mut raw = Vec::new();
+    conn.export
+        .backend
+        .block_status(offset, u64::from(len), &mut raw)?;
+    let extents = clamp_extents(&raw, u64::from(len));
+    if extents.is_empty() {
+        return Err(BackendError::new(
+            BackendErrorKind::Io,
+            "backend returned no extents",
+        ));
+    }
+    let contexts: Vec<u32> = conn.session.contexts.entries().map(|(id, _)| id).collect();
+    let mut out = Vec::new();
+    for (i, &id) in contexts.iter().enumerate() {
+        let value = |e: &Extent| match id {
+            BASE_ALLOCATION_ID => {
+                // HOLE without ZERO would mean "undefined contents": only report it with ZERO.
+                let zero = if e.zero { state::ZERO } else { 0 };
+                let hole = if e.zero && e.hole { state::HOLE } else { 0 };
+                zero | hole
+            }
+            ALLOCATION_DEPTH_ID => e.depth,
+            _ => 0,
+        };
+        let mut pairs: Vec<(u32, u32)> = Vec::new();
+        for e in &extents {
+            let v = value(e);
+            // Lengths are clamped to the request length, a u32, so the sum still fits.
+            let l = u32::try_from(e.length).unwrap_or(u32::MAX);
+            let full = pairs.len() >= MAX_EXTENTS;
+            match pairs.last_mut() {
+                Some(last) if last.1 == v => last.0 = last.0.saturating_add(l),
+                _ if full => break,
+                _ => pairs.push((l, v)),
+            }
+        }
+        if req_one {
+            pairs.truncate(1);
+        }
+        let flags = if i + 1 == contexts.len() {
+            wire::chunk::FLAG_DONE
+        } else {
+            0
+        };
+        let payload_len = 4 + 8 * pairs.len();
+        let mut hdr = [0u8; wire::CHUNK_HEADER_LEN];
+        let plen = u32::try_from(payload_len).unwrap_or(u32::MAX);
+        wire::chunk_header(&mut hdr, flags, wire::chunk::BLOCK_STATUS, req.cookie, plen);
+        out.extend_from_slice(&hdr);
+        wire::put_u32(&mut out, id);
+        for (l, v) in pairs {
+            wire::put_u32(&mut out, l);
+            wire::put_u32(&mut out, v);
+        }
+    }
+    Ok(out)
+}
+
+/// Drops empty extents and cuts the list at `len` bytes, so a misbehaving backend cannot make
+/// the server send an invalid reply.
+fn clamp_extents(raw: &[Extent], len: u64) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(raw.len().min(MAX_EXTENTS));
+    let mut total = 0u64;
+    for e in raw {
+        if total >= len {
+            break;
+        }
+        if e.length == 0 {
+            continue;
+        }
+        let l = e.length.min(len - total);
+        total += l;
+        out.push(Extent { length: l, ..*e });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(length: u64) -> Extent {
+        Extent {
+            length,
+            zero: false,
+            hole: false,
+            depth: 1,
+        }
+    }
+
+    #[test]
+    fn extents_are_clamped() {
+        let got = clamp_extents(&[ext(0), ext(100), ext(1000)], 500);
+        assert_eq!(got, vec![ext(100), ext(400)]);
+        assert!(clamp_extents(&[ext(0)], 10).is_empty());
+    }
+}
