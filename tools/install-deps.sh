@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what cowdisk's tests and tools need on a fresh Debian machine (as root).
+set -euo pipefail
+PKGS=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 nbd-client e2fsprogs util-linux jq gnuplot-nox strace)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
