@@ -1,10 +1,25 @@
-//! `cowdisk serve`: exports images over NBD (wired to cowdisk-nbd).
+//! `cowdisk serve`: exports images over NBD.
+//!
+//! Every image is opened once and shared by all of its connections (so a flush on one
+//! connection covers writes from all of them: multi-conn). Images over the same base
+//! share the base's resolved lower chain through one [`LowerCache`].
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cowdisk_core::{Access, Disk, ExtentState, IoError, IoErrorKind, LowerCache, OpenOptions, WriteFlags};
+use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, Server, ZeroFlags};
+
+/// Default TCP address: loopback only unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
 /// Arguments of `cowdisk serve`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  cowdisk serve disk.cow --socket /run/disk.sock\n  nbdinfo 'nbd+unix:///?socket=/run/disk.sock'")]
+#[command(after_help = "Examples:\n  cowdisk serve disk.cow --socket /tmp/disk.sock\n  \
+nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0")]
 pub struct ServeArgs {
     /// Images to export (each as an export named after its file name).
     #[arg(required = true)]
@@ -12,7 +27,7 @@ pub struct ServeArgs {
     /// TCP address to listen on (default 127.0.0.1:10809; port 0 picks a free one).
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "socket")]
     pub listen: Option<String>,
-    /// Unix socket to listen on (created with mode 0600).
+    /// Unix socket to listen on (created with mode 0600; must not exist yet).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Refuse writes (the top layer is opened read-only too).
@@ -23,8 +38,144 @@ pub struct ServeArgs {
     pub export_name: Option<String>,
 }
 
-/// Runs the server until SIGINT/SIGTERM. Returns the process exit code.
+/// Adapts an open [`Disk`] to the NBD server's backend trait.
+pub struct DiskBackend {
+    disk: Disk,
+}
+
+impl DiskBackend {
+    /// Wraps a disk.
+    pub fn new(disk: Disk) -> DiskBackend {
+        DiskBackend { disk }
+    }
+}
+
+fn nbd_err(e: IoError) -> BackendError {
+    let kind = match e.kind() {
+        IoErrorKind::Invalid => BackendErrorKind::Invalid,
+        IoErrorKind::ReadOnly => BackendErrorKind::ReadOnly,
+        IoErrorKind::NoSpace => BackendErrorKind::NoSpace,
+        IoErrorKind::NotSupported => BackendErrorKind::NotSupported,
+        IoErrorKind::Io => BackendErrorKind::Io,
+    };
+    BackendError::new(kind, e.to_string())
+}
+
+impl Backend for DiskBackend {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn preferred_block_size(&self) -> u32 {
+        self.disk.block_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.disk.is_read_only()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.disk.read(offset, buf).map_err(nbd_err)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.disk.write(offset, data, WriteFlags { fua }).map_err(nbd_err)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.disk.flush().map_err(nbd_err)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        self.disk.discard(offset, len, WriteFlags { fua }).map_err(nbd_err)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, f: ZeroFlags) -> Result<(), BackendError> {
+        let flags = cowdisk_core::ZeroFlags { fua: f.fua, no_hole: f.no_hole, fast: f.fast };
+        self.disk.write_zeroes(offset, len, flags).map_err(nbd_err)
+    }
+    fn block_status(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BackendError> {
+        // Cap the work per request: clients (nbdinfo) ask for ~4 GiB and accept less.
+        let len = len.min(1 << 30).min(self.disk.size() - offset.min(self.disk.size()));
+        let mut exts = Vec::new();
+        self.disk.block_status(offset, len, &mut exts).map_err(nbd_err)?;
+        out.extend(exts.iter().map(|e| {
+            let (zero, hole) = match e.state {
+                ExtentState::Data => (false, false),
+                // A whiteout uses no data space: reads zero, allocated as metadata only.
+                ExtentState::Zero => (true, true),
+                ExtentState::Hole => (true, true),
+            };
+            Extent { length: e.length, zero, hole, depth: e.depth.map_or(0, |d| d + 1) }
+        }));
+        Ok(())
+    }
+}
+
+fn export_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+/// Binds a unix socket with mode 0600, refusing an existing path.
+fn bind_unix(path: &Path) -> Result<UnixListener, String> {
+    if path.symlink_metadata().is_ok() {
+        return Err(format!("{}: already exists (refusing to replace it)", path.display()));
+    }
+    // The umask makes the socket 0600 from the moment it exists (no chmod window).
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let res = UnixListener::bind(path);
+    rustix::process::umask(old);
+    res.map_err(|e| format!("{}: bind: {e}", path.display()))
+}
+
+/// Runs the server until SIGINT/SIGTERM, then flushes every export.
 pub fn run(args: &ServeArgs) -> Result<(), String> {
-    let _ = args;
-    Err("serve: not wired yet".into())
+    if args.export_name.is_some() && args.images.len() != 1 {
+        return Err("--export-name needs exactly one image".into());
+    }
+    let access = if args.read_only { Access::ReadOnly } else { Access::ReadWrite };
+    let cache = Arc::new(LowerCache::new());
+    let mut builder = Server::builder();
+    let mut names = Vec::new();
+    for img in &args.images {
+        crate::ops::recover(img).map_err(|e| e.to_string())?;
+        let disk =
+            Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone())).map_err(|e| e.to_string())?;
+        let name = args.export_name.clone().unwrap_or_else(|| export_name(img));
+        if names.contains(&name) {
+            return Err(format!("{}: export name {name:?} is used twice", img.display()));
+        }
+        names.push(name.clone());
+        builder = builder.export(name, Arc::new(DiskBackend::new(disk)));
+    }
+    if names.len() == 1 {
+        builder = builder.default_export(names[0].clone());
+    }
+    let socket = args.socket.clone();
+    let address = if let Some(path) = &socket {
+        builder = builder.unix_listener(bind_unix(path)?);
+        format!("nbd+unix:///?socket={}", path.display())
+    } else {
+        let addr = args.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let l = TcpListener::bind(addr).map_err(|e| format!("{addr}: bind: {e}"))?;
+        let local = l.local_addr().map_err(|e| format!("{addr}: {e}"))?;
+        builder = builder.tcp_listener(l);
+        format!("nbd://{local}")
+    };
+    let server = builder.build().map_err(|e| e.to_string())?;
+    let handle = server.shutdown_handle();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("signals: {e}"))?;
+    // A write past RLIMIT_FSIZE must fail with EFBIG (mapped to ENOSPC), not kill us.
+    signal_hook::flag::register(signal_hook::consts::SIGXFSZ, Arc::new(std::sync::atomic::AtomicBool::new(false)))
+        .map_err(|e| format!("signals: {e}"))?;
+    let sig_handle = handle.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            sig_handle.request();
+        }
+    });
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "cowdisk: serving {} on {address}", names.join(", "));
+        let _ = out.flush();
+    }
+    let res = server.serve().map_err(|e| e.to_string());
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    res
 }

@@ -1,0 +1,33 @@
+# Shared helpers for the tools/ scripts (sourced, not run).
+
+# The cowdisk binary: $COWDISK, else the repo's release build, else PATH.
+cowdisk_bin() {
+  if [ -n "${COWDISK:-}" ]; then echo "$COWDISK"; return; fi
+  local root
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  if [ -x "$root/target/release/cowdisk" ]; then echo "$root/target/release/cowdisk"; return; fi
+  command -v cowdisk || { echo "cowdisk not found: run 'cargo build --release' or set COWDISK" >&2; return 1; }
+}
+
+# Waits until an NBD URI answers (up to ~10 s).
+wait_nbd() {
+  local uri=$1 i
+  for i in $(seq 100); do
+    nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "NBD server at $uri did not become ready" >&2
+  return 1
+}
+
+# Waits for a PID to exit (up to ~10 s); returns non-zero if it did not.
+wait_exit() {
+  local pid=$1 i
+  for i in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+STATE_DIR=${COWDISK_STATE_DIR:-/run/cowdisk}
