@@ -178,6 +178,8 @@ pub fn fio(f: Factory) {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // Otherwise fio leaves *-verify.state files in the working directory.
+            "--verify_state_save=0",
             "--group_reporting",
         ],
         120,
