@@ -1,0 +1,180 @@
+//! Command-line arguments (clap derive). The names and flags here are the tool's
+//! public interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::serve::ServeArgs;
+use crate::size::{parse_block_size, parse_size};
+
+const EXIT_CODES: &str =
+    "Exit codes: 0 success, 1 error (see stderr); `check` also returns 2 (corruption found), \
+3 (problems found and repaired), 4 (only harmless leaks found).";
+
+/// cowdisk: create, chain, inspect and serve copy-on-write disk images.
+#[derive(Debug, Parser)]
+#[command(name = "cowdisk", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// No progress bars (they are shown only when stderr is a terminal anyway).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new image, standalone (--size) or over a parent (--backing).
+    #[command(
+        after_help = "Examples:\n  cowdisk create base.cow --size 10G\n  cowdisk create base.cow --size 1T --block-size 1M\n  \
+cowdisk create vm1.cow --backing base.cow   # seals base.cow if it was writable"
+    )]
+    Create(CreateArgs),
+    /// Show every layer of an image's chain, top first.
+    #[command(
+        after_help = "Example:\n  cowdisk info vm1.cow\n  cowdisk info vm1.cow --json | jq '.layers[0].data_blocks'"
+    )]
+    Info(ImageJson),
+    /// Show how the virtual disk maps onto layers (like `qemu-img map`).
+    #[command(after_help = "Example:\n  cowdisk map vm1.cow\n  cowdisk map vm1.cow --json")]
+    Map(ImageJson),
+    /// Verify headers, maps, checksums and parent links; optionally repair the top.
+    #[command(
+        after_help = "Example:\n  cowdisk check vm1.cow\n  cowdisk check vm1.cow --repair --json\n\n\
+Exit codes: 0 clean, 1 check could not run, 2 corruption found, 3 problems found and all repaired, \
+4 only harmless leaks found (run with --repair to reclaim them).\n\
+--repair only writes the top layer and never changes what the disk reads as."
+    )]
+    Check(CheckArgs),
+    /// Freeze the image's content as a sealed layer; the image continues over it.
+    #[command(after_help = "Example:\n  cowdisk snapshot vm1.cow vm1-monday.cow\n  \
+# vm1.cow is now an empty writable layer over the sealed vm1-monday.cow")]
+    Snapshot(SnapshotArgs),
+    /// Throw away the top layer's changes (back to its parent's content).
+    #[command(after_help = "Example:\n  cowdisk reset vm1.cow")]
+    Reset(ImageArg),
+    /// Merge sealed layers below the top into one new sealed layer.
+    #[command(
+        after_help = "Example:\n  cowdisk squash vm1.cow             # merge every layer below vm1.cow\n  \
+cowdisk squash vm1.cow --layers 2  # merge the two layers just below it\n\n\
+The merged layer is written beside IMAGE as IMAGE.squash-XXXXXXXX (the first 8 hex digits of its UUID);\n\
+the old layer files are left untouched and can be deleted once nothing else uses them."
+    )]
+    Squash(SquashArgs),
+    /// Copy an image's content into a new standalone single-layer image.
+    #[command(after_help = "Example:\n  cowdisk flatten vm1.cow vm1-standalone.cow")]
+    Flatten(SrcDst),
+    /// Create an image from a raw disk file (all-zero blocks are not stored).
+    #[command(after_help = "Example:\n  cowdisk import disk.raw disk.cow --block-size 64K")]
+    Import(ImportArgs),
+    /// Write an image's content to a new raw file (sparse: zero ranges left as holes).
+    #[command(after_help = "Example:\n  cowdisk export vm1.cow vm1.raw")]
+    Export(SrcDst),
+    /// Repoint the top layer's parent reference after files were moved.
+    #[command(
+        after_help = "Example:\n  mv base.cow images/base.cow\n  cowdisk rebase vm1.cow --backing images/base.cow\n\n\
+Refused unless the new parent is the same layer (same UUID and seal digest)."
+    )]
+    Rebase(RebaseArgs),
+    /// Export images over NBD.
+    Serve(ServeArgs),
+}
+
+/// `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The new image file (must not exist).
+    pub image: PathBuf,
+    /// Virtual size: bytes or K, M, G, T (powers of 1024); a multiple of 512.
+    #[arg(long, value_parser = parse_size, required_unless_present = "backing", conflicts_with = "backing")]
+    pub size: Option<u64>,
+    /// Block size (4K to 1M, power of two). Default 64K.
+    #[arg(long, value_parser = parse_block_size, conflicts_with = "backing")]
+    pub block_size: Option<u32>,
+    /// Parent image (in IMAGE's folder or below it); sealed first if writable.
+    #[arg(long, value_name = "PARENT")]
+    pub backing: Option<PathBuf>,
+}
+
+/// An image and `--json`.
+#[derive(Debug, Args)]
+pub struct ImageJson {
+    /// The image (top layer of a chain).
+    pub image: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The image (top layer of a chain).
+    pub image: PathBuf,
+    /// Repair what can be repaired safely (top layer only).
+    #[arg(long)]
+    pub repair: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The image to snapshot (stays the writable top).
+    pub image: PathBuf,
+    /// The new sealed layer file (must not exist; in IMAGE's folder or below it).
+    pub snapshot: PathBuf,
+}
+
+/// A single image.
+#[derive(Debug, Args)]
+pub struct ImageArg {
+    /// The image (top layer of a chain).
+    pub image: PathBuf,
+}
+
+/// `squash`.
+#[derive(Debug, Args)]
+pub struct SquashArgs {
+    /// The image whose lower layers are merged.
+    pub image: PathBuf,
+    /// How many sealed layers just below the top to merge (default: all).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub layers: Option<u32>,
+}
+
+/// A source image and a new output file.
+#[derive(Debug, Args)]
+pub struct SrcDst {
+    /// The image.
+    pub image: PathBuf,
+    /// The output file (must not exist).
+    pub output: PathBuf,
+}
+
+/// `import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The raw disk file to read.
+    pub raw: PathBuf,
+    /// The new image (must not exist).
+    pub image: PathBuf,
+    /// Block size (4K to 1M, power of two). Default 64K.
+    #[arg(long, value_parser = parse_block_size)]
+    pub block_size: Option<u32>,
+}
+
+/// `rebase`.
+#[derive(Debug, Args)]
+pub struct RebaseArgs {
+    /// The image (writable top) whose parent moved.
+    pub image: PathBuf,
+    /// The parent's new path.
+    #[arg(long, value_name = "NEWPATH")]
+    pub backing: PathBuf,
+}

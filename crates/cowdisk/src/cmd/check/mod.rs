@@ -1,0 +1,144 @@
+//! `check IMAGE [--repair]`: walks the chain from the top without trusting it, and
+//! reports every finding with its file and layer depth.
+//!
+//! Findings are errors (corruption: the disk may read wrong, or the chain does not
+//! open) or leaks (harmless: damaged *inactive* header or map slots left by a torn
+//! update, space allocated for unreferenced blocks, bytes past the layout's end).
+//! `--repair` only writes a writable top layer, only makes changes that do not alter
+//! what the disk reads (rewrite an inactive slot from the valid one, punch unreferenced
+//! blocks, truncate trailing bytes) and clears the needs-check flag when nothing else
+//! is wrong. Lower layers are never written.
+
+mod layer;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::error::Result;
+use crate::output::{print_json, print_lines};
+use crate::{EXIT_CORRUPT, EXIT_LEAKS, EXIT_OK, EXIT_REPAIRED};
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Corruption: content may read wrong or the chain does not open.
+    Error,
+    /// Harmless: wasted space or a stale inactive copy.
+    Leak,
+}
+
+/// One problem found.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// The layer file.
+    pub file: PathBuf,
+    /// Depth in the chain (0 = top).
+    pub depth: usize,
+    /// Error or leak.
+    pub severity: Severity,
+    /// Stable machine-readable kind (see README "JSON output").
+    pub kind: &'static str,
+    /// Human description.
+    pub message: String,
+    /// True if `--repair` fixed it.
+    pub repaired: bool,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Layers examined.
+    pub layers_checked: usize,
+    /// Data blocks whose CRC was verified.
+    pub blocks_verified: u64,
+    /// Everything found.
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    /// The exit code: 2 if an error is left, 3 if all problems were repaired,
+    /// 4 if only leaks were found (none repaired), 0 if clean.
+    pub fn exit_code(&self) -> i32 {
+        let open = |s: Severity| self.findings.iter().any(|f| f.severity == s && !f.repaired);
+        if open(Severity::Error) {
+            EXIT_CORRUPT
+        } else if open(Severity::Leak) {
+            EXIT_LEAKS
+        } else if self.findings.iter().any(|f| f.repaired) {
+            EXIT_REPAIRED
+        } else {
+            EXIT_OK
+        }
+    }
+
+    fn result_name(&self) -> &'static str {
+        match self.exit_code() {
+            EXIT_CORRUPT => "corrupt",
+            EXIT_LEAKS => "leaks",
+            EXIT_REPAIRED => "repaired",
+            _ => "clean",
+        }
+    }
+}
+
+/// Runs the check and prints the report; returns the exit code.
+pub fn run(image: &Path, repair: bool, json_out: bool, show_progress: bool) -> Result<i32> {
+    let report = layer::check_chain(image, repair, show_progress)?;
+    let code = report.exit_code();
+    if json_out {
+        let findings: Vec<_> = report
+            .findings
+            .iter()
+            .map(|f| {
+                json!({
+                    "file": f.file.display().to_string(),
+                    "depth": f.depth,
+                    "severity": match f.severity { Severity::Error => "error", Severity::Leak => "leak" },
+                    "kind": f.kind,
+                    "message": f.message,
+                    "repaired": f.repaired,
+                })
+            })
+            .collect();
+        print_json(&json!({
+            "image": image.display().to_string(),
+            "result": report.result_name(),
+            "exit_code": code,
+            "layers_checked": report.layers_checked,
+            "blocks_verified": report.blocks_verified,
+            "errors": report.findings.iter().filter(|f| f.severity == Severity::Error && !f.repaired).count(),
+            "leaks": report.findings.iter().filter(|f| f.severity == Severity::Leak && !f.repaired).count(),
+            "repaired": report.findings.iter().filter(|f| f.repaired).count(),
+            "findings": findings,
+        }));
+    } else {
+        let mut lines = Vec::new();
+        for f in &report.findings {
+            let sev = match (f.severity, f.repaired) {
+                (_, true) => "repaired",
+                (Severity::Error, false) => "ERROR",
+                (Severity::Leak, false) => "leak",
+            };
+            lines.push(format!(
+                "{sev}: {} (layer {}): {}",
+                f.file.display(),
+                f.depth,
+                f.message
+            ));
+        }
+        lines.push(match code {
+            EXIT_OK => format!(
+                "No errors found: {} layer(s), {} data block(s) verified.",
+                report.layers_checked, report.blocks_verified
+            ),
+            EXIT_REPAIRED => "All problems found were repaired.".to_string(),
+            EXIT_LEAKS => {
+                "Only leaks found (harmless); run with --repair to reclaim them.".to_string()
+            }
+            _ => "Corruption found.".to_string(),
+        });
+        print_lines(&lines);
+    }
+    Ok(code)
+}

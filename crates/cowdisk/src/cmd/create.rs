@@ -1,0 +1,29 @@
+//! `create`: a standalone image or a child over a parent.
+
+use cowdisk_core::{create_child, create_image, DEFAULT_BLOCK_SIZE};
+
+use crate::cli::CreateArgs;
+use crate::error::{Error, Result};
+use crate::output::{human_size, print_lines};
+
+/// Creates the image.
+pub fn run(a: &CreateArgs) -> Result<()> {
+    let h = match (&a.backing, a.size) {
+        (Some(parent), _) => create_child(&a.image, parent)?,
+        (None, Some(size)) => {
+            create_image(&a.image, size, a.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?
+        }
+        (None, None) => return Err(Error::invalid(&a.image, "give --size or --backing")),
+    };
+    let over = match &a.backing {
+        Some(p) => format!(" over {}", p.display()),
+        None => String::new(),
+    };
+    print_lines(&[format!(
+        "Created {}: virtual size {}, block size {}{over}",
+        a.image.display(),
+        human_size(h.geometry.virtual_size),
+        human_size(u64::from(h.geometry.block_size)),
+    )]);
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! `info` and `map`: read-only views of a chain.
+
+use std::path::{Path, PathBuf};
+
+use cowdisk_core::format::FLAG_NEEDS_CHECK;
+use cowdisk_core::{Access, Disk, Extent, LayerState, OpenOptions};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::output::{extent_name, human_size, print_json, print_lines, state_name};
+
+/// Extents are gathered this many blocks at a time (bounds memory on huge disks).
+const MAP_WINDOW_BLOCKS: u64 = 1 << 16;
+
+fn open_ro(image: &Path) -> Result<Disk> {
+    Ok(Disk::open(
+        image,
+        &OpenOptions::new().access(Access::ReadOnly),
+    )?)
+}
+
+/// `info`: every layer, top first.
+pub fn info(image: &Path, json_out: bool) -> Result<()> {
+    let disk = open_ro(image)?;
+    let layers = disk.layers();
+    if json_out {
+        let ls: Vec<_> = layers
+            .iter()
+            .map(|l| {
+                let h = &l.header;
+                json!({
+                    "path": l.path.display().to_string(),
+                    "uuid": h.uuid.to_string(),
+                    "state": state_name(h.state),
+                    "virtual_size": h.geometry.virtual_size,
+                    "block_size": h.geometry.block_size,
+                    "data_blocks": l.data_blocks,
+                    "whiteout_blocks": l.zero_blocks,
+                    "allocated_bytes": l.allocated_bytes,
+                    "needs_check": h.flags & FLAG_NEEDS_CHECK != 0,
+                    "seal_digest": (h.state == LayerState::Sealed).then(|| format!("{:08x}", h.seal_digest)),
+                    "parent": h.parent.as_ref().map(|p| json!({
+                        "reference": p.path,
+                        "uuid": p.uuid.to_string(),
+                        "seal_digest": format!("{:08x}", p.digest),
+                    })),
+                })
+            })
+            .collect();
+        print_json(&json!({
+            "image": image.display().to_string(),
+            "virtual_size": disk.size(),
+            "block_size": disk.block_size(),
+            "depth": layers.len(),
+            "layers": ls,
+        }));
+        return Ok(());
+    }
+    let mut out = vec![
+        format!("image: {}", image.display()),
+        format!(
+            "virtual size: {} ({} bytes)",
+            human_size(disk.size()),
+            disk.size()
+        ),
+        format!("block size: {}", human_size(u64::from(disk.block_size()))),
+        format!("layers: {}", layers.len()),
+    ];
+    for (i, l) in layers.iter().enumerate() {
+        let h = &l.header;
+        let bs = u64::from(h.geometry.block_size);
+        let mut state = state_name(h.state).to_string();
+        if h.flags & FLAG_NEEDS_CHECK != 0 {
+            state.push_str(", needs check");
+        }
+        out.push(String::new());
+        out.push(format!("[{i}] {}", l.path.display()));
+        out.push(format!("    uuid:            {}", h.uuid));
+        out.push(format!("    state:           {state}"));
+        out.push(format!(
+            "    virtual size:    {}",
+            human_size(h.geometry.virtual_size)
+        ));
+        out.push(format!("    block size:      {}", human_size(bs)));
+        out.push(format!(
+            "    data blocks:     {} ({})",
+            l.data_blocks,
+            human_size(l.data_blocks * bs)
+        ));
+        out.push(format!("    whiteout blocks: {}", l.zero_blocks));
+        out.push(format!(
+            "    disk usage:      {}",
+            human_size(l.allocated_bytes)
+        ));
+        let parent = match &h.parent {
+            Some(p) => format!("{} (uuid {})", p.path, p.uuid),
+            None => "none".into(),
+        };
+        out.push(format!("    parent:          {parent}"));
+    }
+    print_lines(&out);
+    Ok(())
+}
+
+/// Calls `f` with the disk's extents, merged, a window at a time.
+pub fn for_each_extent(
+    disk: &Disk,
+    image: &Path,
+    mut f: impl FnMut(&Extent) -> Result<()>,
+) -> Result<()> {
+    let window = MAP_WINDOW_BLOCKS * u64::from(disk.block_size());
+    let mut pending: Option<Extent> = None;
+    let mut pos = 0;
+    let mut buf = Vec::new();
+    while pos < disk.size() {
+        let len = window.min(disk.size() - pos);
+        buf.clear();
+        disk.block_status(pos, len, &mut buf)
+            .map_err(|e| Error::disk(image, e))?;
+        for e in buf.drain(..) {
+            match &mut pending {
+                Some(p)
+                    if p.state == e.state
+                        && p.depth == e.depth
+                        && p.offset + p.length == e.offset =>
+                {
+                    p.length += e.length
+                }
+                _ => {
+                    if let Some(p) = pending.replace(e) {
+                        f(&p)?;
+                    }
+                }
+            }
+        }
+        pos += len;
+    }
+    if let Some(p) = pending {
+        f(&p)?;
+    }
+    Ok(())
+}
+
+/// `map`: extents of the virtual disk.
+pub fn map(image: &Path, json_out: bool) -> Result<()> {
+    let disk = open_ro(image)?;
+    let files: Vec<PathBuf> = disk.layers().into_iter().map(|l| l.path).collect();
+    let file_of = |e: &Extent| {
+        e.depth
+            .and_then(|d| files.get(d as usize))
+            .map(|p| p.display().to_string())
+    };
+    let mut rows = Vec::new();
+    for_each_extent(&disk, image, |e| {
+        rows.push((*e, file_of(e)));
+        Ok(())
+    })?;
+    if json_out {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(e, file)| {
+                json!({
+                    "start": e.offset,
+                    "length": e.length,
+                    "state": extent_name(e.state),
+                    "depth": e.depth,
+                    "file": file,
+                })
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(v));
+        return Ok(());
+    }
+    let mut out = vec![format!(
+        "{:<18} {:<18} {:<5} {:>5}  {}",
+        "Offset", "Length", "State", "Depth", "File"
+    )];
+    for (e, file) in &rows {
+        out.push(format!(
+            "{:<#18x} {:<#18x} {:<5} {:>5}  {}",
+            e.offset,
+            e.length,
+            extent_name(e.state),
+            e.depth.map_or("-".to_string(), |d| d.to_string()),
+            file.as_deref().unwrap_or("-"),
+        ));
+    }
+    print_lines(&out);
+    Ok(())
+}

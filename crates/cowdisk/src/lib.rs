@@ -1,0 +1,60 @@
+//! The `cowdisk` command-line tool as a library: argument parsing ([`cli`]), one
+//! module per command group ([`cmd`]), the crash-safe layer operations ([`ops`]),
+//! human/JSON formatting ([`output`]) and a terminal progress bar ([`progress`]).
+//!
+//! ```text
+//!   main.rs ── run() ── cli::Cli (clap) ── cmd::{create, inspect, check, layers, transfer, squash}
+//!                                              │
+//!                         ops::{recover, snapshot, reset, rebase, squash, builder}
+//!                                              │
+//!                                         cowdisk-core
+//! ```
+//!
+//! Exit codes: 0 success; 1 error (message on stderr as `cowdisk: <file>: <cause>`);
+//! `check` adds 2 (corruption found), 3 (problems found and all repaired) and
+//! 4 (only harmless leaks found, nothing repaired).
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod cmd;
+pub mod error;
+pub mod failpoint;
+pub mod ops;
+pub mod output;
+pub mod progress;
+pub mod serve;
+pub mod size;
+
+use std::io::Write;
+
+pub use error::Error;
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: the command failed (or `check` could not run).
+pub const EXIT_ERROR: i32 = 1;
+/// Exit code of `check`: corruption found (and not repaired).
+pub const EXIT_CORRUPT: i32 = 2;
+/// Exit code of `check`: problems were found and all of them repaired.
+pub const EXIT_REPAIRED: i32 = 3;
+/// Exit code of `check`: only harmless leaks found (no `--repair` given).
+pub const EXIT_LEAKS: i32 = 4;
+
+/// Parses the process arguments, runs the command and returns the exit code.
+pub fn run() -> i32 {
+    let cli = match <cli::Cli as clap::Parser>::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_ERROR } else { EXIT_OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match cmd::dispatch(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "cowdisk: {e}");
+            EXIT_ERROR
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `snapshot IMAGE SNAP`: IMAGE's content becomes the sealed layer SNAP and IMAGE
+//! continues as a fresh empty top over it, under the same path.
+//!
+//! Steps (each durable before the next; [`super::recover`] completes or undoes them):
+//! 1. flush IMAGE; compute its block CRCs and seal digest (`prepare_seal`, synced);
+//! 2. write the new top to `.IMAGE.pending-snapshot` (parent = SNAP with IMAGE's UUID
+//!    and that digest), sync it and the folder;
+//! 3. seal IMAGE (atomic A/B header replace): the commit point;
+//! 4. hard-link IMAGE to SNAP, sync the folder;
+//! 5. rename the pending file over IMAGE, sync the folder.
+
+use std::path::Path;
+
+use cowdisk_core::create::{folder_of, reference_for, sync_folder};
+use cowdisk_core::layer::{commit_seal, create_on, prepare_seal, read_header, NewLayer};
+use cowdisk_core::{Disk, FileStorage, OpenOptions, ParentRef};
+
+use super::{exists, pending_snapshot_path, recover};
+use crate::error::{Error, Result};
+use crate::failpoint;
+
+/// Takes the snapshot. On failure the image is left as it was (or, after the commit
+/// point, the snapshot is completed by recovery).
+pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
+    if exists(snap) {
+        return Err(Error::invalid(snap, "already exists"));
+    }
+    let reference = reference_for(image, snap)?;
+    let pending = pending_snapshot_path(image);
+    let disk = Disk::open(image, &OpenOptions::new())?;
+    if exists(&pending) {
+        return Err(Error::invalid(
+            &pending,
+            "a snapshot of this image is already in progress",
+        ));
+    }
+    let res = steps(&disk, image, snap, &pending, reference);
+    drop(disk);
+    if res.is_err() && exists(&pending) {
+        // Roll back, or forward if the seal made it: the chain stays consistent.
+        let _ = recover(image);
+    }
+    res
+}
+
+fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: String) -> Result<()> {
+    disk.flush().map_err(|e| Error::disk(image, e))?;
+    let st = &**disk.top_storage();
+    let loaded = read_header(st, image)?;
+    let h = &loaded.header;
+    let digest = prepare_seal(st, image, h, disk.top_map())?;
+    let new_top = NewLayer {
+        virtual_size: h.geometry.virtual_size,
+        block_size: h.geometry.block_size,
+        parent: Some(ParentRef {
+            path: reference,
+            uuid: h.uuid,
+            digest,
+        }),
+    }
+    .header(image)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(pending)
+        .map_err(|e| Error::os(pending, "create", e))?;
+    create_on(&FileStorage::new(file), pending, &new_top)?;
+    sync_folder(&folder_of(pending))?;
+    failpoint::hit("snapshot.after_pending");
+    commit_seal(st, image, &loaded, digest)?;
+    failpoint::hit("snapshot.after_seal");
+    std::fs::hard_link(image, snap).map_err(|e| Error::os(snap, "link snapshot", e))?;
+    sync_folder(&folder_of(snap))?;
+    failpoint::hit("snapshot.after_link");
+    std::fs::rename(pending, image)
+        .map_err(|e| Error::os(image, "rename new top into place", e))?;
+    sync_folder(&folder_of(image))?;
+    failpoint::hit("snapshot.after_rename");
+    Ok(())
+}
