@@ -36,7 +36,11 @@ impl LowerCache {
         LowerCache::default()
     }
     fn get(&self, key: (u64, u64)) -> Option<Arc<Lower>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).get(&key).and_then(Weak::upgrade)
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .and_then(Weak::upgrade)
     }
     fn put(&self, key: (u64, u64), lower: &Arc<Lower>) {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -54,7 +58,10 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { access: Access::ReadWrite, cache: None }
+        OpenOptions {
+            access: Access::ReadWrite,
+            cache: None,
+        }
     }
 }
 
@@ -85,15 +92,31 @@ fn open_flags(access: Access) -> OFlags {
 }
 
 /// Opens a file already known by fd, checks it is regular and takes the lock.
-fn check_and_lock(file: File, path: &Path, exclusive: bool) -> Result<(File, (u64, u64)), OpenError> {
-    let meta = file.metadata().map_err(|e| OpenError::io(path, "stat", e))?;
+fn check_and_lock(
+    file: File,
+    path: &Path,
+    exclusive: bool,
+) -> Result<(File, (u64, u64)), OpenError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| OpenError::io(path, "stat", e))?;
     if !meta.file_type().is_file() {
-        return Err(OpenError::NotRegular { path: path.to_path_buf() });
+        return Err(OpenError::NotRegular {
+            path: path.to_path_buf(),
+        });
     }
-    let res = if exclusive { file.try_lock() } else { file.try_lock_shared() };
+    let res = if exclusive {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
     match res {
         Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Err(OpenError::Locked { path: path.to_path_buf() }),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(OpenError::Locked {
+                path: path.to_path_buf(),
+            })
+        }
         Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::io(path, "lock", e)),
     }
     Ok((file, (meta.dev(), meta.ino())))
@@ -112,14 +135,23 @@ fn load_top(storage: Arc<dyn Storage>, path: &Path, access: Access) -> Result<To
     let header = loaded.header;
     if access == Access::ReadWrite {
         if header.state == LayerState::Sealed {
-            return Err(OpenError::Sealed { path: path.to_path_buf() });
+            return Err(OpenError::Sealed {
+                path: path.to_path_buf(),
+            });
         }
         if header.flags & FLAG_NEEDS_CHECK != 0 {
-            return Err(OpenError::NeedsCheck { path: path.to_path_buf() });
+            return Err(OpenError::NeedsCheck {
+                path: path.to_path_buf(),
+            });
         }
     }
     let (map, _) = load_map(&*storage, path, &header.geometry)?;
-    Ok(Top { storage, path: path.to_path_buf(), header, map })
+    Ok(Top {
+        storage,
+        path: path.to_path_buf(),
+        header,
+        map,
+    })
 }
 
 /// Validates the link from `child` to its parent `parent` and loads the parent.
@@ -136,7 +168,12 @@ fn load_lower(
     if header.uuid != pref.uuid {
         return Err(OpenError::chain(
             child_path,
-            format!("parent {} has UUID {}, expected {} (replaced?)", path.display(), header.uuid, pref.uuid),
+            format!(
+                "parent {} has UUID {}, expected {} (replaced?)",
+                path.display(),
+                header.uuid,
+                pref.uuid
+            ),
         ));
     }
     if header.state != LayerState::Sealed {
@@ -145,7 +182,10 @@ fn load_lower(
     if header.seal_digest != pref.digest {
         return Err(OpenError::chain(
             child_path,
-            format!("parent {} changed since this layer was created (seal digest mismatch)", path.display()),
+            format!(
+                "parent {} changed since this layer was created (seal digest mismatch)",
+                path.display()
+            ),
         ));
     }
     if header.geometry.block_size != child.geometry.block_size {
@@ -160,18 +200,33 @@ fn load_lower(
         ));
     }
     if header.geometry.virtual_size > child.geometry.virtual_size {
-        return Err(OpenError::chain(child_path, format!("parent {} is larger than its child", path.display())));
+        return Err(OpenError::chain(
+            child_path,
+            format!("parent {} is larger than its child", path.display()),
+        ));
     }
     let (map, _) = load_map(&*storage, path, &header.geometry)?;
     let actual = stored_digest(&*storage, path, &header, &map)?;
     if actual != header.seal_digest {
         return Err(OpenError::Format {
             path: path.to_path_buf(),
-            source: crate::error::FormatError::SealDigest { stored: header.seal_digest, actual },
+            source: crate::error::FormatError::SealDigest {
+                stored: header.seal_digest,
+                actual,
+            },
         });
     }
     let (data_blocks, zero_blocks) = map.counts();
-    Ok((LowerLayer { storage, path: path.to_path_buf(), header, data_blocks, zero_blocks }, map))
+    Ok((
+        LowerLayer {
+            storage,
+            path: path.to_path_buf(),
+            header,
+            data_blocks,
+            zero_blocks,
+        },
+        map,
+    ))
 }
 
 impl Disk {
@@ -204,7 +259,10 @@ impl Disk {
         for (st, p) in lowers {
             let (l, m) = load_lower(st, &p, &child, &child_path)?;
             if !seen.insert(l.header.uuid) {
-                return Err(OpenError::chain(&p, "chain loop: the same layer appears twice"));
+                return Err(OpenError::chain(
+                    &p,
+                    "chain loop: the same layer appears twice",
+                ));
             }
             child = l.header.clone();
             child_path = p;
@@ -230,8 +288,12 @@ fn open_lowers(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut dir_fd = rustix::fs::open(&top_dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| OpenError::io(&top_dir, "open folder", e.into()))?;
+    let mut dir_fd = rustix::fs::open(
+        &top_dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| OpenError::io(&top_dir, "open folder", e.into()))?;
     let mut dir_display = top_dir;
     let mut seen_ids = HashSet::from([top_id]);
     let mut seen_uuids = HashSet::from([top.uuid]);
@@ -242,29 +304,51 @@ fn open_lowers(
     let mut first_id = None;
     while let Some(pref) = child.parent.clone() {
         if layers.len() + 1 >= MAX_DEPTH {
-            return Err(OpenError::chain(&child_path, format!("chain too deep (more than {MAX_DEPTH} layers)")));
+            return Err(OpenError::chain(
+                &child_path,
+                format!("chain too deep (more than {MAX_DEPTH} layers)"),
+            ));
         }
         let ppath = dir_display.join(&pref.path);
         let how = rustix::fs::ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
-        let fd = rustix::fs::openat2(&dir_fd, pref.path.as_str(), open_flags(Access::ReadOnly), Mode::empty(), how)
-            .map_err(|e| match e {
-                rustix::io::Errno::XDEV => {
-                    OpenError::chain(&child_path, format!("parent reference {:?} escapes the folder", pref.path))
-                }
-                e => OpenError::ParentMissing { child: child_path.clone(), parent: ppath.clone(), source: e.into() },
-            })?;
+        let fd = rustix::fs::openat2(
+            &dir_fd,
+            pref.path.as_str(),
+            open_flags(Access::ReadOnly),
+            Mode::empty(),
+            how,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::XDEV => OpenError::chain(
+                &child_path,
+                format!("parent reference {:?} escapes the folder", pref.path),
+            ),
+            e => OpenError::ParentMissing {
+                child: child_path.clone(),
+                parent: ppath.clone(),
+                source: e.into(),
+            },
+        })?;
         let file = File::from(fd);
-        let meta = file.metadata().map_err(|e| OpenError::io(&ppath, "stat", e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| OpenError::io(&ppath, "stat", e))?;
         let id = (meta.dev(), meta.ino());
         if !seen_ids.insert(id) {
-            return Err(OpenError::chain(&child_path, format!("chain loop: {} is already in the chain", ppath.display())));
+            return Err(OpenError::chain(
+                &child_path,
+                format!("chain loop: {} is already in the chain", ppath.display()),
+            ));
         }
         if layers.is_empty() {
             first_id = Some(id);
             if let Some(hit) = cache.and_then(|c| c.get(id)) {
                 let h = hit.first_header().cloned();
                 if let Some(h) = h {
-                    if h.uuid == pref.uuid && h.seal_digest == pref.digest && h.geometry.block_size == top.geometry.block_size {
+                    if h.uuid == pref.uuid
+                        && h.seal_digest == pref.digest
+                        && h.geometry.block_size == top.geometry.block_size
+                    {
                         return Ok(hit);
                     }
                 }
@@ -274,12 +358,21 @@ fn open_lowers(
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let (l, m) = load_lower(storage, &ppath, &child, &child_path)?;
         if !seen_uuids.insert(l.header.uuid) {
-            return Err(OpenError::chain(&ppath, "chain loop: the same layer UUID appears twice"));
+            return Err(OpenError::chain(
+                &ppath,
+                "chain loop: the same layer UUID appears twice",
+            ));
         }
         // The next reference is relative to this parent's own folder.
         if let Some((sub, _)) = pref.path.rsplit_once('/') {
-            dir_fd = rustix::fs::openat2(&dir_fd, sub, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), how)
-                .map_err(|e| OpenError::io(dir_display.join(sub), "open folder", e.into()))?;
+            dir_fd = rustix::fs::openat2(
+                &dir_fd,
+                sub,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                how,
+            )
+            .map_err(|e| OpenError::io(dir_display.join(sub), "open folder", e.into()))?;
             dir_display = dir_display.join(sub);
         }
         child = l.header.clone();

@@ -23,14 +23,23 @@ pub fn folder_of(path: &Path) -> PathBuf {
 
 /// Syncs a folder so a rename or new name in it is durable.
 pub fn sync_folder(dir: &Path) -> Result<(), OpenError> {
-    let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| OpenError::io(dir, "open folder", e.into()))?;
-    File::from(fd).sync_all().map_err(|e| OpenError::io(dir, "sync folder", e))
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| OpenError::io(dir, "open folder", e.into()))?;
+    File::from(fd)
+        .sync_all()
+        .map_err(|e| OpenError::io(dir, "sync folder", e))
 }
 
 /// A temp path beside `path` that stray-file cleanup can recognise.
 pub fn temp_path(path: &Path, tag: &str) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     folder_of(path).join(format!(".{name}.{tag}-{}.tmp", Uuid::random()))
 }
 
@@ -67,14 +76,22 @@ pub fn write_temp_layer(path: &Path, header: &Header, tag: &str) -> Result<PathB
 
 /// Creates a standalone writable image at `path`; fails if `path` exists.
 pub fn create_image(path: &Path, virtual_size: u64, block_size: u32) -> Result<Header, OpenError> {
-    let header = NewLayer { virtual_size, block_size, parent: None }.header(path)?;
+    let header = NewLayer {
+        virtual_size,
+        block_size,
+        parent: None,
+    }
+    .header(path)?;
     install(path, &header)?;
     Ok(header)
 }
 
 fn install(path: &Path, header: &Header) -> Result<(), OpenError> {
     if path.symlink_metadata().is_ok() {
-        return Err(OpenError::Invalid { path: path.to_path_buf(), reason: "already exists".into() });
+        return Err(OpenError::Invalid {
+            path: path.to_path_buf(),
+            reason: "already exists".into(),
+        });
     }
     let tmp = write_temp_layer(path, header, "create")?;
     rename_noreplace(&tmp, path).inspect_err(|_| {
@@ -86,25 +103,35 @@ fn install(path: &Path, header: &Header) -> Result<(), OpenError> {
 /// folder, which must not climb out of it.
 pub fn reference_for(child: &Path, parent: &Path) -> Result<String, OpenError> {
     let abs = |p: &Path| -> Result<PathBuf, OpenError> {
-        let dir = folder_of(p).canonicalize().map_err(|e| OpenError::io(folder_of(p), "resolve folder", e))?;
+        let dir = folder_of(p)
+            .canonicalize()
+            .map_err(|e| OpenError::io(folder_of(p), "resolve folder", e))?;
         Ok(dir.join(p.file_name().unwrap_or_default()))
     };
     let c = folder_of(&abs(child)?);
     let p = abs(parent)?;
     let rel = p.strip_prefix(&c).map_err(|_| OpenError::Invalid {
         path: parent.to_path_buf(),
-        reason: format!("parent must be in the child's folder {} or below it", c.display()),
+        reason: format!(
+            "parent must be in the child's folder {} or below it",
+            c.display()
+        ),
     })?;
     let s: Vec<String> = rel
         .components()
         .map(|c| match c {
             Component::Normal(n) => Ok(n.to_string_lossy().into_owned()),
-            _ => Err(OpenError::Invalid { path: parent.to_path_buf(), reason: "unusable parent path".into() }),
+            _ => Err(OpenError::Invalid {
+                path: parent.to_path_buf(),
+                reason: "unusable parent path".into(),
+            }),
         })
         .collect::<Result<_, _>>()?;
     let r = s.join("/");
-    validate_reference(&r)
-        .map_err(|why| OpenError::Invalid { path: parent.to_path_buf(), reason: format!("parent reference {why}") })?;
+    validate_reference(&r).map_err(|why| OpenError::Invalid {
+        path: parent.to_path_buf(),
+        reason: format!("parent reference {why}"),
+    })?;
     Ok(r)
 }
 
@@ -112,7 +139,10 @@ pub fn reference_for(child: &Path, parent: &Path) -> Result<String, OpenError> {
 /// is writable (this needs its exclusive lock, so it must not be in use).
 pub fn create_child(path: &Path, parent: &Path) -> Result<Header, OpenError> {
     if path.symlink_metadata().is_ok() {
-        return Err(OpenError::Invalid { path: path.to_path_buf(), reason: "already exists".into() });
+        return Err(OpenError::Invalid {
+            path: path.to_path_buf(),
+            reason: "already exists".into(),
+        });
     }
     let reference = reference_for(path, parent)?;
     let (uuid, digest, geometry) = {
@@ -132,7 +162,11 @@ pub fn create_child(path: &Path, parent: &Path) -> Result<Header, OpenError> {
     let header = NewLayer {
         virtual_size: geometry.virtual_size,
         block_size: geometry.block_size,
-        parent: Some(ParentRef { path: reference, uuid, digest }),
+        parent: Some(ParentRef {
+            path: reference,
+            uuid,
+            digest,
+        }),
     }
     .header(path)?;
     install(path, &header)?;

@@ -51,11 +51,17 @@ impl Lower {
     /// Builds the resolved chain from loaded layers (top-most first) and their maps.
     pub(crate) fn new(layers: Vec<LowerLayer>, maps: &[AllocMap], blocks: u64) -> Lower {
         let refs: Vec<&AllocMap> = maps.iter().collect();
-        Lower { resolved: ResolvedMap::build(blocks, &refs), layers }
+        Lower {
+            resolved: ResolvedMap::build(blocks, &refs),
+            layers,
+        }
     }
     /// An empty chain (a standalone top).
     pub(crate) fn empty() -> Lower {
-        Lower { layers: Vec::new(), resolved: ResolvedMap::default() }
+        Lower {
+            layers: Vec::new(),
+            resolved: ResolvedMap::default(),
+        }
     }
     /// The first layer's header (the direct parent of the top).
     pub fn first_header(&self) -> Option<&Header> {
@@ -198,7 +204,11 @@ impl Disk {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.geometry.virtual_size => Ok(()),
-            _ => Err(IoError::OutOfRange { offset, len, size: self.geometry.virtual_size }),
+            _ => Err(IoError::OutOfRange {
+                offset,
+                len,
+                size: self.geometry.virtual_size,
+            }),
         }
     }
 
@@ -207,7 +217,9 @@ impl Disk {
             return Err(IoError::ReadOnly);
         }
         if self.poisoned.load(SeqCst) {
-            return Err(IoError::Poisoned { path: self.top.path.clone() });
+            return Err(IoError::Poisoned {
+                path: self.top.path.clone(),
+            });
         }
         Ok(())
     }
@@ -216,7 +228,11 @@ impl Disk {
     /// virtual sizes have different metadata sizes, hence their own data offset).
     fn storage_at(&self, depth: u32) -> (&dyn Storage, &Path, u64) {
         if depth == 0 {
-            (&*self.top.storage, &self.top.path, self.geometry.data_offset)
+            (
+                &*self.top.storage,
+                &self.top.path,
+                self.geometry.data_offset,
+            )
         } else {
             let l = &self.lower.layers[depth as usize - 1];
             (&*l.storage, &l.path, l.header.geometry.data_offset)
@@ -224,7 +240,12 @@ impl Disk {
     }
 
     fn io_err(path: &Path, op: &'static str, offset: u64, source: std::io::Error) -> IoError {
-        IoError::Storage { path: path.to_path_buf(), op, offset, source }
+        IoError::Storage {
+            path: path.to_path_buf(),
+            op,
+            offset,
+            source,
+        }
     }
 
     fn kind_of(&self, b: u64) -> MappingKind {
@@ -233,7 +254,12 @@ impl Disk {
 
     /// Calls `f` with maximal runs of `[offset, offset + len)` that read the same way.
     /// Drives reads, block status, `map` and allocation depth.
-    pub fn resolve<E>(&self, offset: u64, len: u64, mut f: impl FnMut(Mapping) -> Result<(), E>) -> Result<(), E>
+    pub fn resolve<E>(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Mapping) -> Result<(), E>,
+    ) -> Result<(), E>
     where
         E: From<IoError>,
     {
@@ -255,7 +281,11 @@ impl Disk {
                     if let Some(r) = run.take() {
                         f(r)?;
                     }
-                    run = Some(Mapping { offset: start, len: stop - start, kind });
+                    run = Some(Mapping {
+                        offset: start,
+                        len: stop - start,
+                        kind,
+                    });
                 }
             }
             b += 1;
@@ -275,7 +305,8 @@ impl Disk {
                 MappingKind::Data { depth } => {
                     let (st, path, data_offset) = self.storage_at(depth);
                     let off = data_offset + m.offset;
-                    st.read_at(out, off).map_err(|e| Self::io_err(path, "read", off, e))
+                    st.read_at(out, off)
+                        .map_err(|e| Self::io_err(path, "read", off, e))
                 }
                 _ => {
                     out.fill(0);
@@ -314,13 +345,20 @@ impl Disk {
         let state = self.top.map.get(b);
         if state == BlockState::Data {
             let o = off + within as u64;
-            return top.write_at(chunk, o).map_err(|e| Self::io_err(path, "write", o, e));
+            return top
+                .write_at(chunk, o)
+                .map_err(|e| Self::io_err(path, "write", o, e));
         }
         if within == 0 && chunk.len() == blen {
             // Covers the whole block: nothing below matters.
-            top.write_at(chunk, off).map_err(|e| Self::io_err(path, "write", off, e))?;
+            top.write_at(chunk, off)
+                .map_err(|e| Self::io_err(path, "write", off, e))?;
         } else {
-            let lower = if state == BlockState::Absent { self.lower.resolved.get(b) } else { LowerOwner::Nothing };
+            let lower = if state == BlockState::Absent {
+                self.lower.resolved.get(b)
+            } else {
+                LowerOwner::Nothing
+            };
             match lower {
                 LowerOwner::Data(i) => self.copy_up(b, i, within, chunk)?,
                 _ => {
@@ -329,7 +367,8 @@ impl Disk {
                     top.punch_hole(off, u64::from(self.geometry.block_size))
                         .map_err(|e| Self::io_err(path, "punch hole", off, e))?;
                     let o = off + within as u64;
-                    top.write_at(chunk, o).map_err(|e| Self::io_err(path, "write", o, e))?;
+                    top.write_at(chunk, o)
+                        .map_err(|e| Self::io_err(path, "write", o, e))?;
                 }
             }
         }
@@ -357,7 +396,10 @@ impl Disk {
                 .read_at(buf, lower_off)
                 .map_err(|e| Self::io_err(&layer.path, "read for copy-up", lower_off, e))?;
             buf[within..within + chunk.len()].copy_from_slice(chunk);
-            self.top.storage.write_at(buf, off).map_err(|e| Self::io_err(&self.top.path, "copy-up write", off, e))
+            self.top
+                .storage
+                .write_at(buf, off)
+                .map_err(|e| Self::io_err(&self.top.path, "copy-up write", off, e))
         })
     }
 
@@ -368,7 +410,11 @@ impl Disk {
         self.check_range(offset, len)?;
         let bs = u64::from(self.geometry.block_size);
         let end = offset + len;
-        if flags.fast && (flags.no_hole || !offset.is_multiple_of(bs) || (!end.is_multiple_of(bs) && end != self.size())) {
+        if flags.fast
+            && (flags.no_hole
+                || !offset.is_multiple_of(bs)
+                || (!end.is_multiple_of(bs) && end != self.size()))
+        {
             return Err(IoError::NotFast);
         }
         let mut pos = offset;
@@ -392,7 +438,15 @@ impl Disk {
 
     /// Discard (TRIM): like `write_zeroes` without `no_hole`. Reads return zeros after.
     pub fn discard(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<(), IoError> {
-        self.write_zeroes(offset, len, ZeroFlags { fua: flags.fua, no_hole: false, fast: false })
+        self.write_zeroes(
+            offset,
+            len,
+            ZeroFlags {
+                fua: flags.fua,
+                no_hole: false,
+                fast: false,
+            },
+        )
     }
 
     fn whiteout_block(&self, b: u64) -> Result<(), IoError> {
@@ -438,7 +492,9 @@ impl Disk {
         }
         let _f = lock(&self.flush_lock);
         if self.poisoned.load(SeqCst) {
-            return Err(IoError::Poisoned { path: self.top.path.clone() });
+            return Err(IoError::Poisoned {
+                path: self.top.path.clone(),
+            });
         }
         let pending = self.top.map.take_dirty();
         let st = &*self.top.storage;
@@ -459,7 +515,12 @@ impl Disk {
     }
 
     /// Appends extents covering `[offset, offset + len)`, merged where state and owner agree.
-    pub fn block_status(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
+    pub fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), IoError> {
         self.resolve(offset, len, |m| {
             let (state, depth) = match m.kind {
                 MappingKind::Data { depth } => (ExtentState::Data, Some(depth)),
@@ -467,10 +528,17 @@ impl Disk {
                 MappingKind::Unallocated => (ExtentState::Hole, None),
             };
             match out.last_mut() {
-                Some(e) if e.state == state && e.depth == depth && e.offset + e.length == m.offset => {
+                Some(e)
+                    if e.state == state && e.depth == depth && e.offset + e.length == m.offset =>
+                {
                     e.length += m.len;
                 }
-                _ => out.push(Extent { offset: m.offset, length: m.len, state, depth }),
+                _ => out.push(Extent {
+                    offset: m.offset,
+                    length: m.len,
+                    state,
+                    depth,
+                }),
             }
             Ok::<(), IoError>(())
         })
@@ -479,9 +547,21 @@ impl Disk {
     /// Information about every layer, top first.
     pub fn layers(&self) -> Vec<LayerInfo> {
         let (data, zero) = self.top.map.counts();
-        let mut v = vec![LayerInfo::from_header(&self.top.path, &self.top.header, data, zero, &*self.top.storage)];
+        let mut v = vec![LayerInfo::from_header(
+            &self.top.path,
+            &self.top.header,
+            data,
+            zero,
+            &*self.top.storage,
+        )];
         for l in &self.lower.layers {
-            v.push(LayerInfo::from_header(&l.path, &l.header, l.data_blocks, l.zero_blocks, &*l.storage));
+            v.push(LayerInfo::from_header(
+                &l.path,
+                &l.header,
+                l.data_blocks,
+                l.zero_blocks,
+                &*l.storage,
+            ));
         }
         v
     }

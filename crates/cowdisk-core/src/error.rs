@@ -157,10 +157,17 @@ pub enum OpenError {
 
 impl OpenError {
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: io::Error) -> OpenError {
-        OpenError::Io { path: path.into(), op, source }
+        OpenError::Io {
+            path: path.into(),
+            op,
+            source,
+        }
     }
     pub(crate) fn chain(path: impl Into<PathBuf>, reason: impl Into<String>) -> OpenError {
-        OpenError::Chain { path: path.into(), reason: reason.into() }
+        OpenError::Chain {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -241,6 +248,8 @@ impl IoError {
 
 /// ENOSPC, EDQUOT and EFBIG all mean "no room for this write".
 pub fn is_no_space(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge)
-        || matches!(e.raw_os_error(), Some(28) | Some(122) | Some(27))
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
+    ) || matches!(e.raw_os_error(), Some(28) | Some(122) | Some(27))
 }

@@ -166,7 +166,8 @@ impl Geometry {
                 reason: "must be a power of two from 4 KiB to 1 MiB",
             });
         }
-        if virtual_size == 0 || !virtual_size.is_multiple_of(512) || virtual_size > MAX_VIRTUAL_SIZE {
+        if virtual_size == 0 || !virtual_size.is_multiple_of(512) || virtual_size > MAX_VIRTUAL_SIZE
+        {
             return Err(FormatError::Field {
                 field: "virtual_size",
                 value: virtual_size,
@@ -180,7 +181,14 @@ impl Geometry {
         let crc_offset = MAP_OFFSET + map_pages * 2 * PAGE_SIZE;
         let crc_len = (blocks * 4).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let data_offset = (crc_offset + crc_len).div_ceil(bs) * bs;
-        Ok(Geometry { virtual_size, block_size, blocks, map_pages, crc_offset, data_offset })
+        Ok(Geometry {
+            virtual_size,
+            block_size,
+            blocks,
+            map_pages,
+            crc_offset,
+            data_offset,
+        })
     }
     /// The length every layer file of this geometry has.
     pub fn file_len(&self) -> u64 {
@@ -315,23 +323,47 @@ impl Header {
         let state = match LE::read_u32(&b[H_STATE..]) {
             0 => LayerState::Writable,
             1 => LayerState::Sealed,
-            v => return Err(field("state", v.into(), "must be 0 (writable) or 1 (sealed)")),
+            v => {
+                return Err(field(
+                    "state",
+                    v.into(),
+                    "must be 0 (writable) or 1 (sealed)",
+                ))
+            }
         };
         let check = |name, got: u64, want: u64| {
             if got == want {
                 Ok(())
             } else {
-                Err(field(name, got, "does not match the layout implied by size and block size"))
+                Err(field(
+                    name,
+                    got,
+                    "does not match the layout implied by size and block size",
+                ))
             }
         };
         check("map_offset", LE::read_u64(&b[H_MAP_OFFSET..]), MAP_OFFSET)?;
-        check("map_pages", LE::read_u64(&b[H_MAP_PAGES..]), geometry.map_pages)?;
-        check("crc_offset", LE::read_u64(&b[H_CRC_OFFSET..]), geometry.crc_offset)?;
-        check("data_offset", LE::read_u64(&b[H_DATA_OFFSET..]), geometry.data_offset)?;
+        check(
+            "map_pages",
+            LE::read_u64(&b[H_MAP_PAGES..]),
+            geometry.map_pages,
+        )?;
+        check(
+            "crc_offset",
+            LE::read_u64(&b[H_CRC_OFFSET..]),
+            geometry.crc_offset,
+        )?;
+        check(
+            "data_offset",
+            LE::read_u64(&b[H_DATA_OFFSET..]),
+            geometry.data_offset,
+        )?;
         let mut uuid = Uuid::default();
         uuid.0.copy_from_slice(&b[H_UUID..H_UUID + 16]);
         let mut parent_uuid = Uuid::default();
-        parent_uuid.0.copy_from_slice(&b[H_PARENT_UUID..H_PARENT_UUID + 16]);
+        parent_uuid
+            .0
+            .copy_from_slice(&b[H_PARENT_UUID..H_PARENT_UUID + 16]);
         let parent_len = usize::from(LE::read_u16(&b[H_PARENT_LEN..]));
         let parent = if parent_len == 0 {
             if !parent_uuid.is_nil() {
@@ -340,15 +372,26 @@ impl Header {
             None
         } else {
             if parent_len > MAX_PARENT_PATH {
-                return Err(field("parent_path_len", parent_len as u64, "longer than 1024 bytes"));
+                return Err(field(
+                    "parent_path_len",
+                    parent_len as u64,
+                    "longer than 1024 bytes",
+                ));
             }
             let raw = &b[H_PARENT_PATH..H_PARENT_PATH + parent_len];
             let path = std::str::from_utf8(raw)
                 .map_err(|_| field("parent_path", 0, "is not UTF-8"))?
                 .to_string();
-            validate_reference(&path)
-                .map_err(|reason| FormatError::Field { field: "parent_path", value: 0, reason })?;
-            Some(ParentRef { path, uuid: parent_uuid, digest: LE::read_u32(&b[H_PARENT_DIGEST..]) })
+            validate_reference(&path).map_err(|reason| FormatError::Field {
+                field: "parent_path",
+                value: 0,
+                reason,
+            })?;
+            Some(ParentRef {
+                path,
+                uuid: parent_uuid,
+                digest: LE::read_u32(&b[H_PARENT_DIGEST..]),
+            })
         };
         Ok(Header {
             minor,
@@ -365,7 +408,11 @@ impl Header {
 }
 
 fn field(field: &'static str, value: u64, reason: &'static str) -> FormatError {
-    FormatError::Field { field, value, reason }
+    FormatError::Field {
+        field,
+        value,
+        reason,
+    }
 }
 
 fn feature_names(bits: u64) -> String {
@@ -402,7 +449,9 @@ pub fn validate_reference(path: &str) -> Result<(), &'static str> {
     }
     for comp in path.split('/') {
         if comp.is_empty() || comp == "." || comp == ".." {
-            return Err("has an empty, '.' or '..' component (must stay beneath the child's folder)");
+            return Err(
+                "has an empty, '.' or '..' component (must stay beneath the child's folder)",
+            );
         }
     }
     Ok(())
@@ -462,7 +511,9 @@ pub fn decode_page(b: &[u8], index: u64) -> PageSlot {
     if stored != page_crc(b) {
         return PageSlot::Invalid("page CRC mismatch");
     }
-    PageSlot::Valid { sequence: LE::read_u64(&b[8..16]) }
+    PageSlot::Valid {
+        sequence: LE::read_u64(&b[8..16]),
+    }
 }
 
 /// Builds a page slot: header, then `entries` (the packed 2-bit map bytes).
@@ -523,7 +574,11 @@ mod tests {
     #[test]
     fn header_round_trip() {
         let g = Geometry::new(1 << 30, DEFAULT_BLOCK_SIZE).unwrap();
-        let p = ParentRef { path: "base.cow".into(), uuid: Uuid::random(), digest: 7 };
+        let p = ParentRef {
+            path: "base.cow".into(),
+            uuid: Uuid::random(),
+            digest: 7,
+        };
         let h = Header::new(g, Uuid::random(), Some(p));
         let b = h.encode();
         assert_eq!(Header::decode(&b).unwrap(), h);
@@ -543,7 +598,16 @@ mod tests {
 
     #[test]
     fn references_are_confined() {
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "json:{}", "nbd://h", "a\nb", "a//b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "json:{}",
+            "nbd://h",
+            "a\nb",
+            "a//b",
+        ] {
             assert!(validate_reference(bad).is_err(), "{bad:?}");
         }
         assert!(validate_reference("base.cow").is_ok());

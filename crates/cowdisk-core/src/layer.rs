@@ -6,8 +6,8 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{FormatError, OpenError};
 use crate::format::{
-    BlockState, DigestBuilder, Geometry, Header, LayerState, ParentRef, Uuid, COMPAT_BLOCK_CRCS, HEADER_SLOT,
-    PAGE_SIZE,
+    BlockState, DigestBuilder, Geometry, Header, LayerState, ParentRef, Uuid, COMPAT_BLOCK_CRCS,
+    HEADER_SLOT, PAGE_SIZE,
 };
 use crate::map::{AllocMap, LoadError, SlotFinding};
 use crate::storage::Storage;
@@ -24,7 +24,10 @@ pub struct LoadedHeader {
 }
 
 fn fmt_err(path: &Path, source: FormatError) -> OpenError {
-    OpenError::Format { path: path.to_path_buf(), source }
+    OpenError::Format {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Reads both header slots and returns the newest valid one, after checking the file
@@ -34,14 +37,25 @@ pub fn read_header(storage: &dyn Storage, path: &Path) -> Result<LoadedHeader, O
     if len < 2 * HEADER_SLOT {
         // Decode what is there so a wrong magic is reported as such, not as "short".
         let mut b = vec![0u8; len.min(HEADER_SLOT) as usize];
-        storage.read_at(&mut b, 0).map_err(|e| OpenError::io(path, "read header", e))?;
+        storage
+            .read_at(&mut b, 0)
+            .map_err(|e| OpenError::io(path, "read header", e))?;
         if b.len() >= 8 && b[..8] != crate::format::MAGIC {
             return Err(fmt_err(path, FormatError::BadMagic));
         }
-        return Err(fmt_err(path, FormatError::Truncated { what: "header", needed: 2 * HEADER_SLOT, len }));
+        return Err(fmt_err(
+            path,
+            FormatError::Truncated {
+                what: "header",
+                needed: 2 * HEADER_SLOT,
+                len,
+            },
+        ));
     }
     let mut b = vec![0u8; 2 * HEADER_SLOT as usize];
-    storage.read_at(&mut b, 0).map_err(|e| OpenError::io(path, "read header", e))?;
+    storage
+        .read_at(&mut b, 0)
+        .map_err(|e| OpenError::io(path, "read header", e))?;
     let (a, bslot) = b.split_at(HEADER_SLOT as usize);
     let decoded = [decode_slot(a), decode_slot(bslot)];
     let pick = match (&decoded[0], &decoded[1]) {
@@ -68,9 +82,20 @@ pub fn read_header(storage: &dyn Storage, path: &Path) -> Result<LoadedHeader, O
     };
     let need = header.geometry.file_len();
     if len < need {
-        return Err(fmt_err(path, FormatError::Truncated { what: "data area", needed: need, len }));
+        return Err(fmt_err(
+            path,
+            FormatError::Truncated {
+                what: "data area",
+                needed: need,
+                len,
+            },
+        ));
     }
-    Ok(LoadedHeader { header, slot: pick, other_slot_damaged })
+    Ok(LoadedHeader {
+        header,
+        slot: pick,
+        other_slot_damaged,
+    })
 }
 
 /// `None` for an all-zero (never written) slot.
@@ -83,7 +108,11 @@ fn decode_slot(b: &[u8]) -> Option<Result<Header, FormatError>> {
 }
 
 /// Loads the map of a layer whose header was read.
-pub fn load_map(storage: &dyn Storage, path: &Path, g: &Geometry) -> Result<(AllocMap, Vec<SlotFinding>), OpenError> {
+pub fn load_map(
+    storage: &dyn Storage,
+    path: &Path,
+    g: &Geometry,
+) -> Result<(AllocMap, Vec<SlotFinding>), OpenError> {
     AllocMap::load(storage, g).map_err(|e| match e {
         LoadError::Io(e) => OpenError::io(path, "read allocation map", e),
         LoadError::Format(f) => fmt_err(path, f),
@@ -93,30 +122,48 @@ pub fn load_map(storage: &dyn Storage, path: &Path, g: &Geometry) -> Result<(All
 /// Writes a new empty layer onto empty storage: header slot A, sparse length, sync.
 pub fn create_on(storage: &dyn Storage, path: &Path, header: &Header) -> Result<(), OpenError> {
     let g = &header.geometry;
-    storage.set_len(0).map_err(|e| OpenError::io(path, "truncate", e))?;
-    storage.set_len(g.file_len()).map_err(|e| OpenError::io(path, "set length", e))?;
-    storage.write_at(&header.encode(), 0).map_err(|e| OpenError::io(path, "write header", e))?;
+    storage
+        .set_len(0)
+        .map_err(|e| OpenError::io(path, "truncate", e))?;
+    storage
+        .set_len(g.file_len())
+        .map_err(|e| OpenError::io(path, "set length", e))?;
+    storage
+        .write_at(&header.encode(), 0)
+        .map_err(|e| OpenError::io(path, "write header", e))?;
     storage.sync().map_err(|e| OpenError::io(path, "sync", e))?;
     Ok(())
 }
 
 /// Replaces the header atomically: the new version (generation + 1) goes into the
 /// slot not holding the current one, then a sync. Returns the slot written.
-pub fn write_header(storage: &dyn Storage, path: &Path, current: &LoadedHeader, new: &Header) -> Result<usize, OpenError> {
+pub fn write_header(
+    storage: &dyn Storage,
+    path: &Path,
+    current: &LoadedHeader,
+    new: &Header,
+) -> Result<usize, OpenError> {
     let mut h = new.clone();
     h.generation = current.header.generation + 1;
     let slot = 1 - current.slot;
     storage
         .write_at(&h.encode(), slot as u64 * HEADER_SLOT)
         .map_err(|e| OpenError::io(path, "write header", e))?;
-    storage.sync().map_err(|e| OpenError::io(path, "sync header", e))?;
+    storage
+        .sync()
+        .map_err(|e| OpenError::io(path, "sync header", e))?;
     Ok(slot)
 }
 
 /// Computes each data block's CRC, writes the CRC area and syncs it, and returns the
 /// seal digest. Harmless on a writable layer (the area is only read once sealed), so
 /// a snapshot can record the digest in the new child before the seal is committed.
-pub fn prepare_seal(storage: &dyn Storage, path: &Path, header: &Header, map: &AllocMap) -> Result<u32, OpenError> {
+pub fn prepare_seal(
+    storage: &dyn Storage,
+    path: &Path,
+    header: &Header,
+    map: &AllocMap,
+) -> Result<u32, OpenError> {
     let g = &header.geometry;
     let mut digest = DigestBuilder::new(&header.uuid, g);
     let mut block = vec![0u8; g.block_size as usize];
@@ -127,7 +174,9 @@ pub fn prepare_seal(storage: &dyn Storage, path: &Path, header: &Header, map: &A
         if state == BlockState::Data {
             let n = g.block_len(b);
             let off = g.block_offset(b);
-            storage.read_at(&mut block[..n], off).map_err(|e| OpenError::io(path, "read block", e))?;
+            storage
+                .read_at(&mut block[..n], off)
+                .map_err(|e| OpenError::io(path, "read block", e))?;
             crc = crc32fast::hash(&block[..n]);
         }
         digest.block(state, crc);
@@ -146,7 +195,12 @@ pub fn prepare_seal(storage: &dyn Storage, path: &Path, header: &Header, map: &A
 }
 
 /// Marks the layer sealed with `digest` (from [`prepare_seal`]).
-pub fn commit_seal(storage: &dyn Storage, path: &Path, current: &LoadedHeader, digest: u32) -> Result<Header, OpenError> {
+pub fn commit_seal(
+    storage: &dyn Storage,
+    path: &Path,
+    current: &LoadedHeader,
+    digest: u32,
+) -> Result<Header, OpenError> {
     let mut h = current.header.clone();
     h.state = LayerState::Sealed;
     h.seal_digest = digest;
@@ -170,7 +224,12 @@ pub fn seal(storage: &dyn Storage, path: &Path) -> Result<(Uuid, u32), OpenError
 
 /// Recomputes a sealed layer's digest from its map and stored block CRCs (no data
 /// reads, so open stays proportional to metadata).
-pub fn stored_digest(storage: &dyn Storage, path: &Path, header: &Header, map: &AllocMap) -> Result<u32, OpenError> {
+pub fn stored_digest(
+    storage: &dyn Storage,
+    path: &Path,
+    header: &Header,
+    map: &AllocMap,
+) -> Result<u32, OpenError> {
     let g = &header.geometry;
     let mut digest = DigestBuilder::new(&header.uuid, g);
     let per = PAGE_SIZE / 4;
@@ -187,7 +246,11 @@ pub fn stored_digest(storage: &dyn Storage, path: &Path, header: &Header, map: &
         }
         for b in first..first + n {
             let state = map.get(b);
-            let crc = if state == BlockState::Data { LE::read_u32(&crcs[((b - first) * 4) as usize..]) } else { 0 };
+            let crc = if state == BlockState::Data {
+                LE::read_u32(&crcs[((b - first) * 4) as usize..])
+            } else {
+                0
+            };
             digest.block(state, crc);
         }
     }

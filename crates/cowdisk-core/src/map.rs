@@ -11,7 +11,9 @@ use std::sync::Mutex;
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::FormatError;
-use crate::format::{self, BlockState, Geometry, PageSlot, ENTRIES_PER_PAGE, PAGE_HEADER, PAGE_SIZE};
+use crate::format::{
+    self, BlockState, Geometry, PageSlot, ENTRIES_PER_PAGE, PAGE_HEADER, PAGE_SIZE,
+};
 use crate::storage::Storage;
 
 const ENTRIES_PER_WORD: u64 = 32;
@@ -63,19 +65,32 @@ impl AllocMap {
         AllocMap {
             words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
             blocks: g.blocks,
-            dirty: (0..g.map_pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            pages: Mutex::new(vec![PageMeta { active: None, sequence: 0 }; g.map_pages as usize]),
+            dirty: (0..g.map_pages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            pages: Mutex::new(vec![
+                PageMeta {
+                    active: None,
+                    sequence: 0
+                };
+                g.map_pages as usize
+            ]),
         }
     }
 
     /// Reads and validates every page, choosing the newer valid slot of each.
-    pub fn load(storage: &dyn Storage, g: &Geometry) -> Result<(AllocMap, Vec<SlotFinding>), LoadError> {
+    pub fn load(
+        storage: &dyn Storage,
+        g: &Geometry,
+    ) -> Result<(AllocMap, Vec<SlotFinding>), LoadError> {
         let map = AllocMap::new(g);
         let mut findings = Vec::new();
         let mut buf = vec![0u8; 2 * PAGE_SIZE as usize];
         let mut metas = Vec::with_capacity(g.map_pages as usize);
         for p in 0..g.map_pages {
-            storage.read_at(&mut buf, g.page_offset(p, 0)).map_err(LoadError::Io)?;
+            storage
+                .read_at(&mut buf, g.page_offset(p, 0))
+                .map_err(LoadError::Io)?;
             let slots = [
                 format::decode_page(&buf[..PAGE_SIZE as usize], p),
                 format::decode_page(&buf[PAGE_SIZE as usize..], p),
@@ -88,7 +103,11 @@ impl AllocMap {
                             best = Some((s, *sequence));
                         }
                     }
-                    PageSlot::Invalid(reason) => findings.push(SlotFinding { page: p, slot: s, reason }),
+                    PageSlot::Invalid(reason) => findings.push(SlotFinding {
+                        page: p,
+                        slot: s,
+                        reason,
+                    }),
                     PageSlot::Empty => {}
                 }
             }
@@ -105,12 +124,19 @@ impl AllocMap {
                 let entries = &buf[start..start + (PAGE_SIZE as usize - PAGE_HEADER)];
                 for w in 0..WORDS_PER_PAGE {
                     let word = LE::read_u64(&entries[(w * 8) as usize..]);
-                    map.check_word(p * WORDS_PER_PAGE + w, word).map_err(LoadError::Format)?;
+                    map.check_word(p * WORDS_PER_PAGE + w, word)
+                        .map_err(LoadError::Format)?;
                     map.words[(p * WORDS_PER_PAGE + w) as usize].store(word, SeqCst);
                 }
-                metas.push(PageMeta { active: Some(s), sequence: seq });
+                metas.push(PageMeta {
+                    active: Some(s),
+                    sequence: seq,
+                });
             } else {
-                metas.push(PageMeta { active: None, sequence: 0 });
+                metas.push(PageMeta {
+                    active: None,
+                    sequence: 0,
+                });
             }
         }
         *map.pages.lock().unwrap_or_else(|e| e.into_inner()) = metas;
@@ -125,10 +151,16 @@ impl AllocMap {
             let v = (word >> (2 * j)) & 3;
             let block = widx * ENTRIES_PER_WORD + j;
             if v == 3 {
-                return Err(FormatError::MapEntry { block, reason: "reserved state 3" });
+                return Err(FormatError::MapEntry {
+                    block,
+                    reason: "reserved state 3",
+                });
             }
             if v != 0 && block >= self.blocks {
-                return Err(FormatError::MapEntry { block, reason: "beyond the last block" });
+                return Err(FormatError::MapEntry {
+                    block,
+                    reason: "beyond the last block",
+                });
             }
         }
         Ok(())
@@ -223,7 +255,12 @@ impl AllocMap {
 
     /// Writes pending pages into their inactive slots and syncs. On success the
     /// written slots become active.
-    pub fn write_back(&self, storage: &dyn Storage, g: &Geometry, pending: &PendingPages) -> std::io::Result<()> {
+    pub fn write_back(
+        &self,
+        storage: &dyn Storage,
+        g: &Geometry,
+        pending: &PendingPages,
+    ) -> std::io::Result<()> {
         if pending.pages.is_empty() {
             return Ok(());
         }
@@ -239,7 +276,13 @@ impl AllocMap {
             let seq = meta.sequence + 1;
             format::encode_page(&mut buf, *p, seq, entries);
             storage.write_at(&buf, g.page_offset(*p, slot))?;
-            next.push((*p, PageMeta { active: Some(slot), sequence: seq }));
+            next.push((
+                *p,
+                PageMeta {
+                    active: Some(slot),
+                    sequence: seq,
+                },
+            ));
         }
         storage.sync()?;
         for (p, m) in next {

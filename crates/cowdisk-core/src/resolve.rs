@@ -31,7 +31,8 @@ pub struct ResolvedMap {
 impl ResolvedMap {
     /// Builds the map from lower layers' allocation maps, top-most first.
     pub fn build(blocks: u64, maps: &[&AllocMap]) -> ResolvedMap {
-        let mut chunks: Vec<Option<Box<[u16]>>> = (0..blocks.div_ceil(CHUNK)).map(|_| None).collect();
+        let mut chunks: Vec<Option<Box<[u16]>>> =
+            (0..blocks.div_ceil(CHUNK)).map(|_| None).collect();
         for (i, map) in maps.iter().enumerate() {
             let code = (i + 1) as u16;
             for wi in 0..map.word_count() {
@@ -45,10 +46,15 @@ impl ResolvedMap {
                     if v == 0 || b >= blocks {
                         continue;
                     }
-                    let chunk = chunks[(b / CHUNK) as usize].get_or_insert_with(|| vec![0u16; CHUNK as usize].into());
+                    let chunk = chunks[(b / CHUNK) as usize]
+                        .get_or_insert_with(|| vec![0u16; CHUNK as usize].into());
                     let e = &mut chunk[(b % CHUNK) as usize];
                     if *e == 0 {
-                        *e = if v == BlockState::Data as u64 { code } else { code | WHITEOUT };
+                        *e = if v == BlockState::Data as u64 {
+                            code
+                        } else {
+                            code | WHITEOUT
+                        };
                     }
                 }
             }
@@ -114,8 +120,12 @@ pub fn block_kind(top: BlockState, lower: impl FnOnce() -> LowerOwner) -> Mappin
         BlockState::Zero => MappingKind::Zero { depth: 0 },
         BlockState::Absent => match lower() {
             LowerOwner::Nothing => MappingKind::Unallocated,
-            LowerOwner::Data(i) => MappingKind::Data { depth: i as u32 + 1 },
-            LowerOwner::Zero(i) => MappingKind::Zero { depth: i as u32 + 1 },
+            LowerOwner::Data(i) => MappingKind::Data {
+                depth: i as u32 + 1,
+            },
+            LowerOwner::Zero(i) => MappingKind::Zero {
+                depth: i as u32 + 1,
+            },
         },
     }
 }

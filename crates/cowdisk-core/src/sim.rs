@@ -95,8 +95,15 @@ impl SimWorld {
     /// Adds a file with durable contents `bytes`.
     pub fn from_bytes(self: &Arc<Self>, bytes: Vec<u8>) -> Arc<SimStorage> {
         let mut w = self.lock();
-        w.files.push(FileState { live: bytes.clone(), durable: bytes, pending: Vec::new() });
-        Arc::new(SimStorage { world: self.clone(), id: w.files.len() - 1 })
+        w.files.push(FileState {
+            live: bytes.clone(),
+            durable: bytes,
+            pending: Vec::new(),
+        });
+        Arc::new(SimStorage {
+            world: self.clone(),
+            id: w.files.len() - 1,
+        })
     }
     /// Power fails just before sync number `k` (0-based, over all files) takes effect.
     pub fn crash_before_sync(&self, k: u64) {
@@ -133,14 +140,26 @@ impl SimWorld {
         let mut files = Vec::new();
         for (i, f) in w.files.iter().enumerate() {
             let img = crash_image(f, mode, i as u64);
-            files.push(FileState { live: img.clone(), durable: img, pending: Vec::new() });
+            files.push(FileState {
+                live: img.clone(),
+                durable: img,
+                pending: Vec::new(),
+            });
         }
-        Arc::new(SimWorld { inner: Mutex::new(World { files, ..World::default() }) })
+        Arc::new(SimWorld {
+            inner: Mutex::new(World {
+                files,
+                ..World::default()
+            }),
+        })
     }
 
     /// Storage handle for file `id`.
     pub fn file(self: &Arc<Self>, id: usize) -> Arc<SimStorage> {
-        Arc::new(SimStorage { world: self.clone(), id })
+        Arc::new(SimStorage {
+            world: self.clone(),
+            id,
+        })
     }
 }
 
@@ -176,7 +195,13 @@ fn crash_image(f: &FileState, mode: CrashMode, salt: u64) -> Vec<u8> {
                     _ => {
                         if let Pending::Write { off, data } = p {
                             let garbage: Vec<u8> = (0..data.len()).map(|_| rng.gen()).collect();
-                            apply(&mut img, &Pending::Write { off: *off, data: garbage });
+                            apply(
+                                &mut img,
+                                &Pending::Write {
+                                    off: *off,
+                                    data: garbage,
+                                },
+                            );
                         } else {
                             apply(&mut img, p);
                         }
@@ -200,7 +225,13 @@ fn crash_image(f: &FileState, mode: CrashMode, salt: u64) -> Vec<u8> {
                     let b = (s + sector).min(end);
                     let piece = &data[(a - off) as usize..(b - off) as usize];
                     match rng.gen_range(0..3) {
-                        0 => apply(&mut img, &Pending::Write { off: a, data: piece.to_vec() }),
+                        0 => apply(
+                            &mut img,
+                            &Pending::Write {
+                                off: a,
+                                data: piece.to_vec(),
+                            },
+                        ),
                         1 => {}
                         _ => {
                             // Garbage over the whole sector, as a torn device write leaves it.
@@ -253,16 +284,27 @@ impl Storage for SimStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let w = self.enter(false)?;
         let live = &w.files[self.id].live;
-        let end = offset.checked_add(buf.len() as u64).ok_or_else(|| io::Error::from_raw_os_error(22))?;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(22))?;
         if end > live.len() as u64 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end of file",
+            ));
         }
         buf.copy_from_slice(&live[offset as usize..end as usize]);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut w = self.enter(false)?;
-        self.record(&mut w, Pending::Write { off: offset, data: buf.to_vec() });
+        self.record(
+            &mut w,
+            Pending::Write {
+                off: offset,
+                data: buf.to_vec(),
+            },
+        );
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {

@@ -17,7 +17,8 @@ fn copy_up_whiteout_and_reopen() {
     {
         let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
         disk.write(0, &[0xaa; 8192], WriteFlags::default()).unwrap();
-        disk.write(16384, &[0xbb; 4096], WriteFlags::default()).unwrap();
+        disk.write(16384, &[0xbb; 4096], WriteFlags::default())
+            .unwrap();
         disk.flush().unwrap();
     }
     create_child(&top, &base).unwrap();
@@ -39,14 +40,34 @@ fn copy_up_whiteout_and_reopen() {
         assert!(b.iter().all(|&x| x == 0));
         assert_eq!(disk.top_state(1), BlockState::Zero);
         // Partial write to an unheld block.
-        disk.write(40960 + 10, &[9], WriteFlags { fua: true }).unwrap();
+        disk.write(40960 + 10, &[9], WriteFlags { fua: true })
+            .unwrap();
         let mut ext = Vec::new();
         disk.block_status(0, 1 << 20, &mut ext).unwrap();
-        assert_eq!(ext[0], Extent { offset: 0, length: 4096, state: ExtentState::Data, depth: Some(0) });
-        assert_eq!(ext[1], Extent { offset: 4096, length: 4096, state: ExtentState::Zero, depth: Some(0) });
+        assert_eq!(
+            ext[0],
+            Extent {
+                offset: 0,
+                length: 4096,
+                state: ExtentState::Data,
+                depth: Some(0)
+            }
+        );
+        assert_eq!(
+            ext[1],
+            Extent {
+                offset: 4096,
+                length: 4096,
+                state: ExtentState::Zero,
+                depth: Some(0)
+            }
+        );
         disk.flush().unwrap();
         // Second writer refused.
-        assert!(matches!(Disk::open(&top, &OpenOptions::new()), Err(OpenError::Locked { .. })));
+        assert!(matches!(
+            Disk::open(&top, &OpenOptions::new()),
+            Err(OpenError::Locked { .. })
+        ));
     }
     let disk = Disk::open(&top, &OpenOptions::new().access(Access::ReadOnly)).unwrap();
     let mut b = vec![0u8; 4096];
@@ -59,11 +80,21 @@ fn copy_up_whiteout_and_reopen() {
     disk.read(40960, &mut b).unwrap();
     assert_eq!(b[10], 9);
     assert_eq!(b.iter().filter(|&&x| x != 0).count(), 1);
-    assert_eq!(std::fs::read(&base).unwrap(), base_bytes, "base must be untouched");
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_bytes,
+        "base must be untouched"
+    );
     // While a child is open the base's shared lock blocks writers (I14).
-    assert!(matches!(Disk::open(&base, &OpenOptions::new()), Err(OpenError::Locked { .. })));
+    assert!(matches!(
+        Disk::open(&base, &OpenOptions::new()),
+        Err(OpenError::Locked { .. })
+    ));
     drop(disk);
     // Base is sealed: writing it is refused.
-    assert!(matches!(Disk::open(&base, &OpenOptions::new()), Err(OpenError::Sealed { .. })));
+    assert!(matches!(
+        Disk::open(&base, &OpenOptions::new()),
+        Err(OpenError::Sealed { .. })
+    ));
     std::fs::remove_dir_all(&d).unwrap();
 }
