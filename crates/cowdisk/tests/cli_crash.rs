@@ -1,0 +1,176 @@
+//! Crash safety of snapshot, squash and reset: the binary is killed (failpoint,
+//! exit 137) after each step; the next command must recover, the chain must open
+//! with the old or the new content, `check` must be clean, and lower layers must be
+//! unchanged.
+
+mod cli_common;
+
+use std::path::Path;
+
+use cli_common::*;
+use Op::{Discard, Write};
+
+const K: u64 = 1024;
+const M: u64 = 1 << 20;
+
+/// base (sealed, with data) <- vm (writable, with data); reference raw alongside.
+fn setup(t: &Tmp) {
+    make_ref(&t.p("ref.raw"), 4 * M);
+    ok(&[
+        "create",
+        &t.s("base.cow"),
+        "--size",
+        "4M",
+        "--block-size",
+        "64K",
+    ]);
+    apply_both(
+        &t.p("base.cow"),
+        &t.p("ref.raw"),
+        &[Write(0, 200 * K, 0x11), Write(2 * M, 64 * K, 0x12)],
+    );
+    ok(&["create", &t.s("vm.cow"), "--backing", &t.s("base.cow")]);
+    apply_both(
+        &t.p("vm.cow"),
+        &t.p("ref.raw"),
+        &[
+            Write(100 * K, 10, 0x21),
+            Discard(2 * M, 64 * K),
+            Write(3 * M, 64 * K, 0x22),
+        ],
+    );
+}
+
+fn depth(t: &Tmp) -> u64 {
+    json(&["info", &t.s("vm.cow"), "--json"])["depth"]
+        .as_u64()
+        .unwrap()
+}
+
+fn no_temps(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!n.starts_with('.'), "stray temp file {n}");
+    }
+}
+
+fn still_writable(t: &Tmp) {
+    apply_both(
+        &t.p("vm.cow"),
+        &t.p("ref.raw"),
+        &[Write(M + 5, 70 * K, 0x99)],
+    );
+    assert_same(t, &t.p("vm.cow"), &t.p("ref.raw"), "after-write");
+    let o = run(&["check", &t.s("vm.cow")]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+}
+
+#[test]
+fn snapshot_killed_at_every_step() {
+    if !have("qemu-io") {
+        return;
+    }
+    for (fp, forward) in [
+        ("snapshot.after_pending", false),
+        ("snapshot.after_seal", true),
+        ("snapshot.after_link", true),
+        ("snapshot.after_rename", true),
+    ] {
+        let t = Tmp::new(&format!("crash-{fp}"));
+        setup(&t);
+        let base = hash(&t.p("base.cow"));
+        let o = run_env(
+            &["snapshot", &t.s("vm.cow"), &t.s("snap.cow")],
+            &[("COWDISK_FAILPOINT", fp)],
+        );
+        assert_eq!(code(&o), 137, "{fp}: {}", stderr(&o));
+        // The next command recovers.
+        let o = run(&["info", &t.s("vm.cow")]);
+        assert!(o.status.success(), "{fp}: {}", stderr(&o));
+        if fp != "snapshot.after_rename" {
+            assert!(
+                stderr(&o).contains(if forward { "completed" } else { "undid" }),
+                "{fp}: {}",
+                stderr(&o)
+            );
+        }
+        assert_eq!(depth(&t), if forward { 3 } else { 2 }, "{fp}");
+        assert_eq!(t.p("snap.cow").exists(), forward, "{fp}");
+        no_temps(&t.0);
+        assert_same(&t, &t.p("vm.cow"), &t.p("ref.raw"), fp);
+        let o = run(&["check", &t.s("vm.cow")]);
+        assert_eq!(code(&o), 0, "{fp}: {}", stdout(&o));
+        assert_eq!(hash(&t.p("base.cow")), base, "{fp}: base changed");
+        if !forward {
+            ok(&["snapshot", &t.s("vm.cow"), &t.s("snap.cow")]);
+            assert_eq!(depth(&t), 3);
+        }
+        let snap = hash(&t.p("snap.cow"));
+        still_writable(&t);
+        assert_eq!(hash(&t.p("snap.cow")), snap, "{fp}: snapshot changed");
+    }
+}
+
+#[test]
+fn squash_killed_at_every_step() {
+    if !have("qemu-io") {
+        return;
+    }
+    for fp in [
+        "squash.after_temp",
+        "squash.after_seal",
+        "squash.after_rename",
+        "squash.after_repoint",
+    ] {
+        let t = Tmp::new(&format!("crash-{fp}"));
+        setup(&t);
+        ok(&["snapshot", &t.s("vm.cow"), &t.s("s1.cow")]);
+        apply_both(
+            &t.p("vm.cow"),
+            &t.p("ref.raw"),
+            &[Write(64 * K, 64 * K, 0x31)],
+        );
+        let lowers = [hash(&t.p("base.cow")), hash(&t.p("s1.cow"))];
+        let o = run_env(&["squash", &t.s("vm.cow")], &[("COWDISK_FAILPOINT", fp)]);
+        assert_eq!(code(&o), 137, "{fp}: {}", stderr(&o));
+        let d = depth(&t);
+        assert_eq!(d, if fp == "squash.after_repoint" { 2 } else { 3 }, "{fp}");
+        if fp != "squash.after_rename" && fp != "squash.after_repoint" {
+            no_temps(&t.0);
+        }
+        assert_same(&t, &t.p("vm.cow"), &t.p("ref.raw"), fp);
+        let o = run(&["check", &t.s("vm.cow")]);
+        assert_eq!(code(&o), 0, "{fp}: {}", stdout(&o));
+        assert_eq!(
+            [hash(&t.p("base.cow")), hash(&t.p("s1.cow"))],
+            lowers,
+            "{fp}: lower layer changed"
+        );
+        // Squash again converges.
+        if d == 3 {
+            ok(&["squash", &t.s("vm.cow")]);
+            assert_eq!(depth(&t), 2);
+            assert_same(&t, &t.p("vm.cow"), &t.p("ref.raw"), "again");
+        }
+        still_writable(&t);
+    }
+}
+
+#[test]
+fn reset_killed_before_rename() {
+    if !have("qemu-io") {
+        return;
+    }
+    let t = Tmp::new("crash-reset");
+    setup(&t);
+    let o = run_env(
+        &["reset", &t.s("vm.cow")],
+        &[("COWDISK_FAILPOINT", "reset.after_temp")],
+    );
+    assert_eq!(code(&o), 137);
+    assert_same(&t, &t.p("vm.cow"), &t.p("ref.raw"), "old");
+    no_temps(&t.0);
+    ok(&["reset", &t.s("vm.cow")]);
+    ok(&["export", &t.s("base.cow"), &t.s("base.raw")]);
+    assert_same(&t, &t.p("vm.cow"), &t.p("base.raw"), "reset");
+}
