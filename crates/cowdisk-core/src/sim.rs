@@ -58,6 +58,10 @@ pub enum CrashMode {
     KeepAll,
     /// Each unsynced write is kept, dropped, or replaced by garbage.
     RandomSubset(u64),
+    /// Each unsynced write, punch or length change is independently kept or dropped,
+    /// never garbled: the device reordered its cache. Every sector then holds a value
+    /// that was written to it, which lets an oracle check sectors exactly.
+    Reorder(u64),
     /// Each sector touched by an unsynced write is old, new or garbage.
     Torn {
         /// Sector size (512 or 4096).
@@ -194,6 +198,14 @@ fn crash_image(f: &FileState, mode: CrashMode, salt: u64) -> Vec<u8> {
     match mode {
         CrashMode::DropAll => {}
         CrashMode::KeepAll => f.pending.iter().for_each(|p| apply(&mut img, p)),
+        CrashMode::Reorder(seed) => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ salt.wrapping_mul(0x9e37_79b9));
+            for p in &f.pending {
+                if rng.gen_bool(0.5) {
+                    apply(&mut img, p);
+                }
+            }
+        }
         CrashMode::RandomSubset(seed) => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ salt.wrapping_mul(0x9e37_79b9));
             for p in &f.pending {
