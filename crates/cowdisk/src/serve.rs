@@ -10,7 +10,9 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cowdisk_core::{Access, Disk, ExtentState, IoError, IoErrorKind, LowerCache, OpenOptions, WriteFlags};
+use cowdisk_core::{
+    Access, Disk, ExtentState, IoError, IoErrorKind, LowerCache, OpenOptions, WriteFlags,
+};
 use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, Server, ZeroFlags};
 
 /// Default TCP address: loopback only unless told otherwise.
@@ -18,8 +20,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
 /// Arguments of `cowdisk serve`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  cowdisk serve disk.cow --socket /tmp/disk.sock\n  \
-nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0")]
+#[command(
+    after_help = "Examples:\n  cowdisk serve disk.cow --socket /tmp/disk.sock\n  \
+nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0"
+)]
 pub struct ServeArgs {
     /// Images to export (each as an export named after its file name).
     #[arg(required = true)]
@@ -75,23 +79,40 @@ impl Backend for DiskBackend {
         self.disk.read(offset, buf).map_err(nbd_err)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        self.disk.write(offset, data, WriteFlags { fua }).map_err(nbd_err)
+        self.disk
+            .write(offset, data, WriteFlags { fua })
+            .map_err(nbd_err)
     }
     fn flush(&self) -> Result<(), BackendError> {
         self.disk.flush().map_err(nbd_err)
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
-        self.disk.discard(offset, len, WriteFlags { fua }).map_err(nbd_err)
+        self.disk
+            .discard(offset, len, WriteFlags { fua })
+            .map_err(nbd_err)
     }
     fn write_zeroes(&self, offset: u64, len: u64, f: ZeroFlags) -> Result<(), BackendError> {
-        let flags = cowdisk_core::ZeroFlags { fua: f.fua, no_hole: f.no_hole, fast: f.fast };
+        let flags = cowdisk_core::ZeroFlags {
+            fua: f.fua,
+            no_hole: f.no_hole,
+            fast: f.fast,
+        };
         self.disk.write_zeroes(offset, len, flags).map_err(nbd_err)
     }
-    fn block_status(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BackendError> {
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), BackendError> {
         // Cap the work per request: clients (nbdinfo) ask for ~4 GiB and accept less.
-        let len = len.min(1 << 30).min(self.disk.size() - offset.min(self.disk.size()));
+        let len = len
+            .min(1 << 30)
+            .min(self.disk.size() - offset.min(self.disk.size()));
         let mut exts = Vec::new();
-        self.disk.block_status(offset, len, &mut exts).map_err(nbd_err)?;
+        self.disk
+            .block_status(offset, len, &mut exts)
+            .map_err(nbd_err)?;
         out.extend(exts.iter().map(|e| {
             let (zero, hole) = match e.state {
                 ExtentState::Data => (false, false),
@@ -99,20 +120,30 @@ impl Backend for DiskBackend {
                 ExtentState::Zero => (true, true),
                 ExtentState::Hole => (true, true),
             };
-            Extent { length: e.length, zero, hole, depth: e.depth.map_or(0, |d| d + 1) }
+            Extent {
+                length: e.length,
+                zero,
+                hole,
+                depth: e.depth.map_or(0, |d| d + 1),
+            }
         }));
         Ok(())
     }
 }
 
 fn export_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// Binds a unix socket with mode 0600, refusing an existing path.
 fn bind_unix(path: &Path) -> Result<UnixListener, String> {
     if path.symlink_metadata().is_ok() {
-        return Err(format!("{}: already exists (refusing to replace it)", path.display()));
+        return Err(format!(
+            "{}: already exists (refusing to replace it)",
+            path.display()
+        ));
     }
     // The umask makes the socket 0600 from the moment it exists (no chmod window).
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
@@ -126,17 +157,24 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
     if args.export_name.is_some() && args.images.len() != 1 {
         return Err("--export-name needs exactly one image".into());
     }
-    let access = if args.read_only { Access::ReadOnly } else { Access::ReadWrite };
+    let access = if args.read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
     let cache = Arc::new(LowerCache::new());
     let mut builder = Server::builder();
     let mut names = Vec::new();
     for img in &args.images {
         crate::ops::recover(img).map_err(|e| e.to_string())?;
-        let disk =
-            Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone())).map_err(|e| e.to_string())?;
+        let disk = Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone()))
+            .map_err(|e| e.to_string())?;
         let name = args.export_name.clone().unwrap_or_else(|| export_name(img));
         if names.contains(&name) {
-            return Err(format!("{}: export name {name:?} is used twice", img.display()));
+            return Err(format!(
+                "{}: export name {name:?} is used twice",
+                img.display()
+            ));
         }
         names.push(name.clone());
         builder = builder.export(name, Arc::new(DiskBackend::new(disk)));
@@ -147,21 +185,31 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
     let socket = args.socket.clone();
     let address = if let Some(path) = &socket {
         builder = builder.unix_listener(bind_unix(path)?);
-        format!("nbd+unix:///?socket={}", path.display())
+        format!(
+            "{} (nbd+unix:///?socket={})",
+            path.display(),
+            path.display()
+        )
     } else {
         let addr = args.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let l = TcpListener::bind(addr).map_err(|e| format!("{addr}: bind: {e}"))?;
         let local = l.local_addr().map_err(|e| format!("{addr}: {e}"))?;
         builder = builder.tcp_listener(l);
-        format!("nbd://{local}")
+        format!("{local} (nbd://{local}/)")
     };
     let server = builder.build().map_err(|e| e.to_string())?;
     let handle = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .map_err(|e| format!("signals: {e}"))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("signals: {e}"))?;
     // A write past RLIMIT_FSIZE must fail with EFBIG (mapped to ENOSPC), not kill us.
-    signal_hook::flag::register(signal_hook::consts::SIGXFSZ, Arc::new(std::sync::atomic::AtomicBool::new(false)))
-        .map_err(|e| format!("signals: {e}"))?;
+    signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .map_err(|e| format!("signals: {e}"))?;
     let sig_handle = handle.clone();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
@@ -170,7 +218,7 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
     });
     {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "cowdisk: serving {} on {address}", names.join(", "));
+        let _ = writeln!(out, "cowdisk: serving {} at {address}", names.join(", "));
         let _ = out.flush();
     }
     let res = server.serve().map_err(|e| e.to_string());
