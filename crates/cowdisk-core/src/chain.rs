@@ -309,7 +309,12 @@ fn open_lowers(
                 format!("chain too deep (more than {MAX_DEPTH} layers)"),
             ));
         }
-        let ppath = dir_display.join(&pref.path);
+        // Shown in messages and `info`: relative to the top's folder as the user named it.
+        let ppath = if dir_display == Path::new(".") {
+            PathBuf::from(&pref.path)
+        } else {
+            dir_display.join(&pref.path)
+        };
         let how = rustix::fs::ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
         let fd = rustix::fs::openat2(
             &dir_fd,
