@@ -98,3 +98,43 @@ fn copy_up_whiteout_and_reopen() {
     ));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn clones_share_one_resolved_lower_chain() {
+    let d = tmpdir("clones");
+    let base = d.join("base.cow");
+    create_image(&base, 1 << 20, 4096).unwrap();
+    {
+        let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
+        disk.write(0, &[7; 4096], WriteFlags::default()).unwrap();
+        disk.flush().unwrap();
+    }
+    let cache = std::sync::Arc::new(LowerCache::new());
+    let opts = OpenOptions::new().cache(cache.clone());
+    let mut disks = Vec::new();
+    for i in 0..4 {
+        let top = d.join(format!("c{i}.cow"));
+        create_child(&top, &base).unwrap();
+        disks.push(Disk::open(&top, &opts).unwrap());
+    }
+    for pair in disks.windows(2) {
+        assert!(
+            std::sync::Arc::ptr_eq(pair[0].lower(), pair[1].lower()),
+            "clones must share the base's chain"
+        );
+    }
+    // Without the cache each disk resolves its own copy.
+    let alone = Disk::open(
+        d.join("c0.cow"),
+        &OpenOptions::new().access(Access::ReadOnly),
+    );
+    assert!(
+        matches!(alone, Err(OpenError::Locked { .. })),
+        "c0 is open for writing"
+    );
+    disks[1].write(0, &[9; 10], WriteFlags::default()).unwrap();
+    let mut b = [0u8; 16];
+    disks[0].read(0, &mut b).unwrap();
+    assert_eq!(b, [7; 16], "a clone's write must not show in another clone");
+    std::fs::remove_dir_all(&d).unwrap();
+}
