@@ -3,7 +3,7 @@
 mod cli_common;
 
 use cli_common::*;
-use cowdisk_core::{Disk, OpenOptions, WriteFlags};
+use cowdisk_core::WriteFlags;
 
 #[test]
 fn help_has_examples_for_every_command() {
@@ -47,7 +47,7 @@ fn create_info_json_schema() {
     assert!(l["allocated_bytes"].is_u64());
     assert_eq!(l["uuid"].as_str().unwrap().len(), 36);
     {
-        let d = Disk::open(t.p("base.cow"), &OpenOptions::new()).unwrap();
+        let d = open_rw(&t.p("base.cow"));
         d.write(0, &[1; 8192], WriteFlags::default()).unwrap();
         d.flush().unwrap();
     }
@@ -168,7 +168,7 @@ fn map_json_schema_and_text() {
     let base = t.s("base.cow");
     ok(&["create", &base, "--size", "1M", "--block-size", "64K"]);
     {
-        let d = Disk::open(t.p("base.cow"), &OpenOptions::new()).unwrap();
+        let d = open_rw(&t.p("base.cow"));
         d.write(0, &[1; 131072], WriteFlags::default()).unwrap();
         d.write(5 * 65536, &[2; 10], WriteFlags::default()).unwrap();
         d.flush().unwrap();
@@ -176,7 +176,7 @@ fn map_json_schema_and_text() {
     let top = t.s("top.cow");
     ok(&["create", &top, "--backing", &base]);
     {
-        let d = Disk::open(t.p("top.cow"), &OpenOptions::new()).unwrap();
+        let d = open_rw(&t.p("top.cow"));
         d.write(65536, &[3; 100], WriteFlags::default()).unwrap();
         d.discard(5 * 65536, 65536, WriteFlags::default()).unwrap();
         d.flush().unwrap();
@@ -212,7 +212,7 @@ fn writer_lock_reports_in_use() {
     let t = Tmp::new("lock");
     let a = t.s("a.cow");
     ok(&["create", &a, "--size", "1M"]);
-    let _held = Disk::open(t.p("a.cow"), &OpenOptions::new()).unwrap();
+    let _held = open_rw(&t.p("a.cow"));
     let before = hash(&t.p("a.cow"));
     fails(&["snapshot", &a, &t.s("s.cow")], "in use");
     fails(&["reset", &a], "in use");

@@ -10,7 +10,7 @@ use std::path::Path;
 use cli_common::*;
 use cowdisk_core::format::FLAG_NEEDS_CHECK;
 use cowdisk_core::layer::{read_header, write_header};
-use cowdisk_core::{Disk, FileStorage, Geometry, OpenOptions, WriteFlags};
+use cowdisk_core::{FileStorage, Geometry, WriteFlags};
 
 const BS: u64 = 4096;
 const SIZE: u64 = 1 << 20;
@@ -44,12 +44,12 @@ fn chain(t: &Tmp) {
         "--block-size",
         "4K",
     ]);
-    let d = Disk::open(t.p("base.cow"), &OpenOptions::new()).unwrap();
+    let d = open_rw(&t.p("base.cow"));
     d.write(0, &[5; 8192], WriteFlags::default()).unwrap();
     d.flush().unwrap();
     drop(d);
     ok(&["create", &t.s("vm.cow"), "--backing", &t.s("base.cow")]);
-    let d = Disk::open(t.p("vm.cow"), &OpenOptions::new()).unwrap();
+    let d = open_rw(&t.p("vm.cow"));
     d.write(4 * BS, &[6; 4096], WriteFlags::default()).unwrap();
     d.flush().unwrap();
 }
@@ -60,11 +60,7 @@ fn poke(p: &Path, off: u64, bytes: &[u8]) {
 }
 
 fn content(p: &Path) -> Vec<u8> {
-    let d = Disk::open(
-        p,
-        &OpenOptions::new().access(cowdisk_core::Access::ReadOnly),
-    )
-    .unwrap();
+    let d = open_ro(p);
     let mut b = vec![0u8; SIZE as usize];
     d.read(0, &mut b).unwrap();
     b
@@ -92,7 +88,7 @@ fn could_not_run_exit_1() {
     let t = Tmp::new("check-1");
     fails(&["check", &t.s("missing.cow")], "missing.cow");
     chain(&t);
-    let _held = Disk::open(t.p("vm.cow"), &OpenOptions::new()).unwrap();
+    let _held = open_rw(&t.p("vm.cow"));
     fails(&["check", &t.s("vm.cow"), "--repair"], "in use");
 }
 

@@ -3,10 +3,10 @@
 mod cli_common;
 
 use cli_common::*;
-use cowdisk_core::{Disk, OpenOptions, WriteFlags};
+use cowdisk_core::WriteFlags;
 
 fn write(p: &std::path::Path, off: u64, byte: u8) {
-    let d = Disk::open(p, &OpenOptions::new()).unwrap();
+    let d = open_rw(p);
     d.write(off, &[byte; 4096], WriteFlags::default()).unwrap();
     d.flush().unwrap();
 }
@@ -56,7 +56,7 @@ fn reset_discards_top_changes() {
     let v = json(&["info", &t.s("vm.cow"), "--json"]);
     assert_eq!(v["layers"][0]["data_blocks"], 0);
     assert_eq!(v["depth"], 2);
-    let d = Disk::open(t.p("vm.cow"), &OpenOptions::new()).unwrap();
+    let d = open_rw(&t.p("vm.cow"));
     let mut b = [0u8; 4096];
     d.read(0, &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 1));
@@ -129,7 +129,7 @@ fn rebase_after_move() {
     ]);
     let v = json(&["info", &t.s("vm.cow"), "--json"]);
     assert_eq!(v["layers"][0]["parent"]["reference"], "images/base.cow");
-    let d = Disk::open(t.p("vm.cow"), &OpenOptions::new()).unwrap();
+    let d = open_rw(&t.p("vm.cow"));
     let mut b = [0u8; 8192];
     d.read(0, &mut b).unwrap();
     assert!(b[..4096].iter().all(|&x| x == 7) && b[4096..].iter().all(|&x| x == 8));

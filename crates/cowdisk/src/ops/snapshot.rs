@@ -12,9 +12,10 @@
 use std::path::Path;
 
 use cowdisk_core::create::{folder_of, reference_for, sync_folder};
-use cowdisk_core::layer::{commit_seal, create_on, prepare_seal, read_header, NewLayer};
+use cowdisk_core::layer::{commit_seal, create_on, read_header, NewLayer};
 use cowdisk_core::{Disk, FileStorage, OpenOptions, ParentRef};
 
+use super::seal::prepare_seal;
 use super::{exists, pending_snapshot_path, recover};
 use crate::error::{Error, Result};
 use crate::failpoint;

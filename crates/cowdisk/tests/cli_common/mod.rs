@@ -33,15 +33,29 @@ impl Drop for Tmp {
     }
 }
 
+/// Runs the binary. "in use" failures are retried for a moment: a child spawned by a
+/// parallel test may briefly hold an inherited descriptor (and so our flock) between
+/// its fork and exec. Tests that expect "in use" still see it after the retries.
 pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .stdin(Stdio::null())
-        .env_remove("COWDISK_FAILPOINT");
-    for (k, v) in env {
-        c.env(k, v);
+    let mut tries = 0;
+    loop {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .stdin(Stdio::null())
+            .env_remove("COWDISK_FAILPOINT");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().expect("run cowdisk");
+        tries += 1;
+        let busy =
+            o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("in use");
+        if busy && tries < 25 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
+        return o;
     }
-    c.output().expect("run cowdisk")
 }
 
 pub fn run(args: &[&str]) -> Output {
@@ -135,7 +149,7 @@ pub enum Op {
 
 /// Applies ops to the image through the engine and flushes.
 pub fn apply_image(image: &Path, ops: &[Op]) {
-    let disk = Disk::open(image, &OpenOptions::new()).unwrap();
+    let disk = open_rw(image);
     for op in ops {
         match *op {
             Op::Write(off, len, p) => disk
@@ -199,4 +213,28 @@ pub fn assert_same(t: &Tmp, image: &Path, reference: &Path, tag: &str) {
         String::from_utf8_lossy(&o.stdout)
     );
     std::fs::remove_file(&out).unwrap();
+}
+
+/// Opens a disk read-write, retrying briefly on `Locked`: a `cowdisk` child spawned
+/// by a parallel test can hold an inherited descriptor (and so our lock) between its
+/// fork and exec.
+pub fn open_rw(p: &Path) -> Disk {
+    open_with(p, OpenOptions::new())
+}
+
+/// Like [`open_rw`], read-only.
+pub fn open_ro(p: &Path) -> Disk {
+    open_with(p, OpenOptions::new().access(cowdisk_core::Access::ReadOnly))
+}
+
+fn open_with(p: &Path, o: OpenOptions) -> Disk {
+    for _ in 0..200 {
+        match Disk::open(p, &o) {
+            Err(cowdisk_core::OpenError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            r => return r.unwrap(),
+        }
+    }
+    panic!("{} stays locked", p.display());
 }
