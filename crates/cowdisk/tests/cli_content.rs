@@ -138,7 +138,9 @@ fn chain_with_snapshots_discards_squash_flatten_import_reset() {
         "already exists",
     );
 
-    // Import the reference: same content, sparse.
+    // Import the reference: same content, sparse; no progress bar when stderr is not a terminal.
+    let o = run(&["import", &t.s("ref.raw"), &t.s("quiet.cow")]);
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
     ok(&[
         "import",
         &reference.display().to_string(),
