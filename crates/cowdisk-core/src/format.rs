@@ -75,8 +75,9 @@ const H_CRC: usize = HEADER_SLOT as usize - 4;
 pub const SUPPORTED_INCOMPAT: u64 = 0;
 /// Compatible feature: the sealed layer carries per-block CRC32s of its data.
 pub const COMPAT_BLOCK_CRCS: u64 = 1;
-/// Names of known feature bits, for error messages.
-const FEATURE_NAMES: &[(u64, &str)] = &[(COMPAT_BLOCK_CRCS, "block_crcs")];
+/// Names of known incompatible feature bits, for error messages (none yet). Compatible
+/// bits have their own namespace: bit 0 here is not `COMPAT_BLOCK_CRCS`.
+const INCOMPAT_FEATURE_NAMES: &[(u64, &str)] = &[];
 
 /// Header flag: an inconsistency was detected; open read-only until `check --repair`.
 pub const FLAG_NEEDS_CHECK: u32 = 1;
@@ -315,7 +316,9 @@ impl Header {
         let incompat = LE::read_u64(&b[H_INCOMPAT..]);
         let unknown = incompat & !SUPPORTED_INCOMPAT;
         if unknown != 0 {
-            return Err(FormatError::UnknownIncompatFeatures(feature_names(unknown)));
+            return Err(FormatError::UnknownIncompatFeatures(
+                incompat_feature_names(unknown),
+            ));
         }
         let block_size = LE::read_u32(&b[H_BLOCK_SIZE..]);
         let virtual_size = LE::read_u64(&b[H_VIRTUAL_SIZE..]);
@@ -415,12 +418,12 @@ fn field(field: &'static str, value: u64, reason: &'static str) -> FormatError {
     }
 }
 
-fn feature_names(bits: u64) -> String {
+fn incompat_feature_names(bits: u64) -> String {
     let mut names = Vec::new();
     for i in 0..64 {
         let bit = 1u64 << i;
         if bits & bit != 0 {
-            match FEATURE_NAMES.iter().find(|(b, _)| *b == bit) {
+            match INCOMPAT_FEATURE_NAMES.iter().find(|(b, _)| *b == bit) {
                 Some((_, n)) => names.push((*n).to_string()),
                 None => names.push(format!("bit {i}")),
             }
@@ -594,6 +597,21 @@ mod tests {
         assert!(Geometry::new(1 << 20, 3).is_err());
         assert!(Geometry::new(1 << 20, 0).is_err());
         assert!(Geometry::new(u64::MAX, 4096).is_err());
+    }
+
+    #[test]
+    fn unknown_incompat_bit_is_named_by_number() {
+        // Regression: incompatible bit 0 was reported as "block_crcs", the name of
+        // compatible bit 0.
+        let g = Geometry::new(1 << 20, DEFAULT_BLOCK_SIZE).unwrap();
+        let mut b = Header::new(g, Uuid::random(), None).encode();
+        LE::write_u64(&mut b[H_INCOMPAT..], 1);
+        let crc = crc32fast::hash(&b[..H_CRC]);
+        LE::write_u32(&mut b[H_CRC..], crc);
+        assert_eq!(
+            Header::decode(&b),
+            Err(FormatError::UnknownIncompatFeatures("bit 0".into()))
+        );
     }
 
     #[test]

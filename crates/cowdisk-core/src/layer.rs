@@ -276,9 +276,17 @@ pub struct NewLayer {
 }
 
 impl NewLayer {
-    /// Builds the header for a new layer with a fresh UUID.
+    /// Builds the header for a new layer with a fresh UUID. The parent reference must
+    /// pass [`crate::format::validate_reference`] (it is what a reader will check, and
+    /// an overlong one would not fit the header slot).
     pub fn header(&self, path: &Path) -> Result<Header, OpenError> {
         let g = Geometry::new(self.virtual_size, self.block_size).map_err(|e| fmt_err(path, e))?;
+        if let Some(p) = &self.parent {
+            crate::format::validate_reference(&p.path).map_err(|why| OpenError::Invalid {
+                path: path.to_path_buf(),
+                reason: format!("parent reference {why}"),
+            })?;
+        }
         Ok(Header::new(g, Uuid::random(), self.parent.clone()))
     }
 }
