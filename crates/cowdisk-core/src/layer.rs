@@ -155,9 +155,12 @@ pub fn write_header(
     Ok(slot)
 }
 
-/// Computes each data block's CRC, writes the CRC area and syncs it, and returns the
-/// seal digest. Harmless on a writable layer (the area is only read once sealed), so
-/// a snapshot can record the digest in the new child before the seal is committed.
+/// Computes each data block's CRC, writes the CRC pages that cover data blocks, syncs,
+/// and returns the seal digest. Pages without data blocks are left as they are (holes):
+/// readers use the stored CRC of data blocks only, so sealing costs time in proportion
+/// to the data, not the virtual size. Harmless on a writable layer (the area is only
+/// read once sealed), so a snapshot can record the digest in the new child before the
+/// seal is committed.
 pub fn prepare_seal(
     storage: &dyn Storage,
     path: &Path,
@@ -168,27 +171,32 @@ pub fn prepare_seal(
     let mut digest = DigestBuilder::new(&header.uuid, g);
     let mut block = vec![0u8; g.block_size as usize];
     let mut crcs = vec![0u8; PAGE_SIZE as usize];
-    for b in 0..g.blocks {
-        let state = map.get(b);
-        let mut crc = 0;
-        if state == BlockState::Data {
-            let n = g.block_len(b);
-            let off = g.block_offset(b);
-            storage
-                .read_at(&mut block[..n], off)
-                .map_err(|e| OpenError::io(path, "read block", e))?;
-            crc = crc32fast::hash(&block[..n]);
+    let per = PAGE_SIZE / 4;
+    for chunk in 0..g.blocks.div_ceil(per) {
+        let first = chunk * per;
+        let n = (g.blocks - first).min(per);
+        if !map.any_data(first, n) {
+            map.digest_states(&mut digest, first, n);
+            continue;
         }
-        digest.block(state, crc);
-        let i = (b % (PAGE_SIZE / 4)) as usize;
-        LE::write_u32(&mut crcs[i * 4..], crc);
-        if i == crcs.len() / 4 - 1 || b + 1 == g.blocks {
-            let chunk_start = b - i as u64;
-            storage
-                .write_at(&crcs[..(i + 1) * 4], g.crc_offset + chunk_start * 4)
-                .map_err(|e| OpenError::io(path, "write block CRCs", e))?;
-            crcs.fill(0);
+        crcs.fill(0);
+        for b in first..first + n {
+            let state = map.get(b);
+            let mut crc = 0;
+            if state == BlockState::Data {
+                let len = g.block_len(b);
+                let off = g.block_offset(b);
+                storage
+                    .read_at(&mut block[..len], off)
+                    .map_err(|e| OpenError::io(path, "read block", e))?;
+                crc = crc32fast::hash(&block[..len]);
+            }
+            digest.block(state, crc);
+            LE::write_u32(&mut crcs[((b - first) * 4) as usize..], crc);
         }
+        storage
+            .write_at(&crcs[..(n * 4) as usize], g.crc_offset + first * 4)
+            .map_err(|e| OpenError::io(path, "write block CRCs", e))?;
     }
     storage.sync().map_err(|e| OpenError::io(path, "sync", e))?;
     Ok(digest.finish())
@@ -237,13 +245,13 @@ pub fn stored_digest(
     for chunk in 0..g.blocks.div_ceil(per) {
         let first = chunk * per;
         let n = (g.blocks - first).min(per);
-        // Skip reading CRC pages for chunks without data.
-        let any_data = (first..first + n).any(|b| map.get(b) == BlockState::Data);
-        if any_data {
-            storage
-                .read_at(&mut crcs[..(n * 4) as usize], g.crc_offset + first * 4)
-                .map_err(|e| OpenError::io(path, "read block CRCs", e))?;
+        if !map.any_data(first, n) {
+            map.digest_states(&mut digest, first, n);
+            continue;
         }
+        storage
+            .read_at(&mut crcs[..(n * 4) as usize], g.crc_offset + first * 4)
+            .map_err(|e| OpenError::io(path, "read block CRCs", e))?;
         for b in first..first + n {
             let state = map.get(b);
             let crc = if state == BlockState::Data {

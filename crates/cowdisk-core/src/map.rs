@@ -187,6 +187,35 @@ impl AllocMap {
         self.words.get(i).map_or(0, |w| w.load(SeqCst))
     }
 
+    /// True if any block in `[first, first + n)` holds data (`first` word-aligned).
+    pub fn any_data(&self, first: u64, n: u64) -> bool {
+        let words =
+            (first / ENTRIES_PER_WORD) as usize..(first + n).div_ceil(ENTRIES_PER_WORD) as usize;
+        // The low bit of each 2-bit entry is set only for data.
+        words
+            .into_iter()
+            .any(|w| self.word(w) & 0x5555_5555_5555_5555 != 0)
+    }
+
+    /// Feeds the states of blocks `[first, first + n)` (none of them data) to a digest,
+    /// a whole word at a time where all 32 are absent.
+    pub fn digest_states(&self, digest: &mut crate::format::DigestBuilder, first: u64, n: u64) {
+        let end = first + n;
+        let mut b = first;
+        while b < end {
+            if b % ENTRIES_PER_WORD == 0
+                && end - b >= ENTRIES_PER_WORD
+                && self.word((b / ENTRIES_PER_WORD) as usize) == 0
+            {
+                digest.absent(ENTRIES_PER_WORD);
+                b += ENTRIES_PER_WORD;
+            } else {
+                digest.block(self.get(b), 0);
+                b += 1;
+            }
+        }
+    }
+
     /// Number of words.
     pub fn word_count(&self) -> usize {
         self.words.len()

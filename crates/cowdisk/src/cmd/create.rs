@@ -15,8 +15,6 @@ pub fn run(a: &CreateArgs) -> Result<()> {
             }
             // Refuse a parent outside IMAGE's folder before writing anything.
             cowdisk_core::create::reference_for(&a.image, parent)?;
-            // Seal a writable parent in time proportional to its data, not its size.
-            crate::ops::seal::seal_file(parent)?;
             create_child(&a.image, parent)?
         }
         (None, Some(size)) => {

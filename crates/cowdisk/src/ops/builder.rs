@@ -11,9 +11,9 @@ use cowdisk_core::map::AllocMap;
 use cowdisk_core::{BlockState, FileStorage, Header, Storage};
 
 use super::exists;
-use super::seal::prepare_seal;
 use crate::error::{Error, Result};
 use crate::failpoint;
+use cowdisk_core::layer::prepare_seal;
 
 /// A new layer being written.
 pub struct LayerBuilder {

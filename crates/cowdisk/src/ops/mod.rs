@@ -8,7 +8,6 @@ pub mod builder;
 pub mod rebase;
 pub mod recover;
 pub mod reset;
-pub mod seal;
 pub mod snapshot;
 pub mod squash;
 

@@ -15,10 +15,10 @@ use cowdisk_core::create::{folder_of, reference_for, sync_folder};
 use cowdisk_core::layer::{commit_seal, create_on, read_header, NewLayer};
 use cowdisk_core::{Disk, FileStorage, OpenOptions, ParentRef};
 
-use super::seal::prepare_seal;
 use super::{exists, pending_snapshot_path, recover};
 use crate::error::{Error, Result};
 use crate::failpoint;
+use cowdisk_core::layer::prepare_seal;
 
 /// Takes the snapshot. On failure the image is left as it was (or, after the commit
 /// point, the snapshot is completed by recovery).

@@ -50,8 +50,10 @@ pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         tries += 1;
         let busy =
             o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("in use");
-        if busy && tries < 25 {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        // Up to ~5 s: under full-suite load (fio, qemu, many children) a sibling's
+        // fork-to-exec window can outlast a shorter wait.
+        if busy && tries < 100 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
             continue;
         }
         return o;
