@@ -203,7 +203,7 @@ impl AllocMap {
         let end = first + n;
         let mut b = first;
         while b < end {
-            if b % ENTRIES_PER_WORD == 0
+            if b.is_multiple_of(ENTRIES_PER_WORD)
                 && end - b >= ENTRIES_PER_WORD
                 && self.word((b / ENTRIES_PER_WORD) as usize) == 0
             {
