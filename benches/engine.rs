@@ -3,6 +3,9 @@
 //!
 //! - `read/{4k_random,1m_seq}/depth`: reads over chains of depth 1, 8, 16, 64 whose
 //!   data is spread over every layer (block b lives in layer b % depth).
+//! - `read/4k_base_held/depth`: the same blocks, held by the base, read through chains of
+//!   depth 1, 8, 16, 64 whose upper layers each hold other scattered blocks: isolates
+//!   the cost of resolution from the spread of data over files.
 //! - `copy_up/block_size`: first partial write (512 B) into blocks held only by the
 //!   sealed base, 4 KiB, 64 KiB, 1 MiB blocks; a fresh top per batch.
 //! - `rewrite_4k`: 4 KiB random writes into blocks the top already holds.
@@ -145,6 +148,69 @@ fn read_by_depth(c: &mut Criterion) {
     }
     g.finish();
     drop(dir);
+}
+
+/// A filled base under `depth - 1` layers; layer `i` holds blocks `b % 64 == i`, so
+/// blocks `b % 64 == 0` stay with the base at every depth.
+fn build_base_held(dir: &TempDir, depth: usize, size: u64, bs: u32) -> PathBuf {
+    let blocks = size / u64::from(bs);
+    let buf = vec![0x5au8; bs as usize];
+    let mut prev = dir.p("l0.cow");
+    create_image(&prev, size, bs).expect("create base");
+    {
+        let d = Disk::open(&prev, &rw()).expect("open base");
+        for b in 0..blocks {
+            d.write(b * u64::from(bs), &buf, WriteFlags::default())
+                .expect("write");
+        }
+        d.flush().expect("flush");
+    }
+    for i in 1..depth {
+        let p = dir.p(&format!("l{i}.cow"));
+        create_child(&p, &prev).expect("create child");
+        let d = Disk::open(&p, &rw()).expect("open layer");
+        for b in (i as u64 % 64..blocks).step_by(64) {
+            d.write(b * u64::from(bs), &buf, WriteFlags::default())
+                .expect("write");
+        }
+        d.flush().expect("flush");
+        prev = p;
+    }
+    prev
+}
+
+fn read_base_held_by_depth(c: &mut Criterion) {
+    let size = 64 << 20;
+    let bs = 64 * 1024;
+    let mut chains = Vec::new();
+    for depth in [1usize, 8, 16, 64] {
+        let sub = TempDir::new(&format!("base-held-{depth}"));
+        let top = build_base_held(&sub, depth, size, bs);
+        chains.push((depth, sub, top));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let per_block = u64::from(bs) / 4096;
+    let offsets: Vec<u64> = (0..4096)
+        .map(|_| {
+            let b = rng.gen_range(0..size / u64::from(bs) / 64) * 64;
+            (b * per_block + rng.gen_range(0..per_block)) * 4096
+        })
+        .collect();
+    let mut g = quick(c, "read/4k_base_held");
+    g.throughput(Throughput::Bytes(4096));
+    for (depth, _, top) in &chains {
+        let d = Disk::open(top, &ro()).expect("open");
+        assert_eq!(d.depth(), *depth);
+        let mut buf = vec![0u8; 4096];
+        let mut i = 0;
+        g.bench_with_input(BenchmarkId::from_parameter(depth), depth, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % offsets.len();
+                d.read(offsets[i], &mut buf).expect("read");
+            })
+        });
+    }
+    g.finish();
 }
 
 /// A sealed base filled with data, and the identity a new top needs.
@@ -351,6 +417,7 @@ fn open_deep(c: &mut Criterion) {
 criterion_group!(
     benches,
     read_by_depth,
+    read_base_held_by_depth,
     copy_up,
     rewrite_in_place,
     whiteouts,

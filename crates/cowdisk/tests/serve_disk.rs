@@ -617,3 +617,61 @@ fn ext4_on_the_attached_disk_through_nbdfuse_and_loop() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// Builds a minimal fixed-newstyle handshake (NO_ZEROES, EXPORT_NAME "") and returns
+/// the stream in transmission phase.
+#[allow(clippy::big_endian_bytes)] // NBD's wire format is big-endian
+fn raw_connect(sock: &Path) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let mut st = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    st.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut greet = [0u8; 18];
+    st.read_exact(&mut greet).expect("greeting");
+    st.write_all(&3u32.to_be_bytes()).expect("flags"); // FIXED_NEWSTYLE | NO_ZEROES
+    let mut opt = Vec::new();
+    opt.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
+    opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
+    opt.extend_from_slice(&0u32.to_be_bytes()); // empty name: the default export
+    st.write_all(&opt).expect("option");
+    let mut info = [0u8; 10];
+    st.read_exact(&mut info).expect("export info");
+    st
+}
+
+#[test]
+#[allow(clippy::big_endian_bytes)] // NBD's wire format is big-endian
+fn client_dying_mid_write_changes_nothing() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    use std::io::Write;
+    let d = TempDir::new();
+    let img = d.0.join("m.cow");
+    cowdisk_ok(&["create", s(&img), "--size", "8M"]);
+    let sock = d.0.join("m.sock");
+    let srv = Serve::start(&[&img], &sock, &[]);
+    for _ in 0..20 {
+        let mut st = raw_connect(&sock);
+        let mut req = Vec::new();
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes()); // flags
+        req.extend_from_slice(&1u16.to_be_bytes()); // WRITE
+        req.extend_from_slice(&7u64.to_be_bytes()); // cookie
+        req.extend_from_slice(&(1u64 << 20).to_be_bytes()); // offset 1 MiB
+        req.extend_from_slice(&65536u32.to_be_bytes());
+        req.extend_from_slice(&[0xee; 32768]); // half the payload, then the client dies
+        st.write_all(&req).expect("send");
+        drop(st);
+    }
+    // The server still serves, and the half-sent writes were not applied.
+    qemu_io(
+        &srv.uri(""),
+        &[
+            "read -P 0 1M 64k",
+            "write -P 0x42 0 4k",
+            "read -P 0x42 0 4k",
+        ],
+    );
+    srv.stop();
+}
