@@ -277,6 +277,112 @@ impl Disk {
     }
 }
 
+/// Follows parent references from a top layer, each resolved against its child's
+/// folder with `openat2(RESOLVE_BENEATH)`: the one place that turns a reference from an
+/// untrusted header into an open file. Used to open chains and by `check`.
+pub struct ParentWalker {
+    dir_fd: rustix::fd::OwnedFd,
+    dir_display: PathBuf,
+}
+
+/// A parent opened by [`ParentWalker::open_parent`]: not yet checked or locked.
+pub struct OpenedParent {
+    /// The file, opened read-only and non-blocking.
+    pub file: File,
+    /// Its path for messages (relative to the top's folder as the user named it).
+    pub path: PathBuf,
+    /// (device, inode), for loop detection.
+    pub id: (u64, u64),
+}
+
+impl ParentWalker {
+    /// Starts at the folder of `top_path`.
+    pub fn new(top_path: &Path) -> Result<ParentWalker, OpenError> {
+        let top_dir = match top_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let dir_fd = rustix::fs::open(
+            &top_dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| OpenError::io(&top_dir, "open folder", e.into()))?;
+        Ok(ParentWalker {
+            dir_fd,
+            dir_display: top_dir,
+        })
+    }
+
+    /// The display path `reference` would have.
+    pub fn display(&self, reference: &str) -> PathBuf {
+        if self.dir_display == Path::new(".") {
+            PathBuf::from(reference)
+        } else {
+            self.dir_display.join(reference)
+        }
+    }
+
+    /// Opens the parent that `child_path` names by `reference`, then moves into the
+    /// parent's folder, since the parent's own reference is relative to it. Fails on
+    /// an escaping reference, a missing file, or anything but a regular file.
+    pub fn open_parent(
+        &mut self,
+        child_path: &Path,
+        reference: &str,
+    ) -> Result<OpenedParent, OpenError> {
+        let path = self.display(reference);
+        let how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        let fd = rustix::fs::openat2(
+            &self.dir_fd,
+            reference,
+            open_flags(Access::ReadOnly),
+            Mode::empty(),
+            how,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::XDEV => OpenError::chain(
+                child_path,
+                format!("parent reference {reference:?} escapes the folder"),
+            ),
+            e => OpenError::ParentMissing {
+                child: child_path.to_path_buf(),
+                parent: path.clone(),
+                source: e.into(),
+            },
+        })?;
+        let file = File::from(fd);
+        let meta = file
+            .metadata()
+            .map_err(|e| OpenError::io(&path, "stat", e))?;
+        if !meta.file_type().is_file() {
+            return Err(OpenError::NotRegular { path });
+        }
+        if let Some((sub, _)) = reference.rsplit_once('/') {
+            let dir = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            self.dir_fd = rustix::fs::openat2(&self.dir_fd, sub, dir, Mode::empty(), how)
+                .map_err(|e| OpenError::io(self.display(sub), "open folder", e.into()))?;
+            self.dir_display = self.dir_display.join(sub);
+        }
+        Ok(OpenedParent {
+            file,
+            path,
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+}
+
+/// Takes the shared lock every lower layer holds while it is in use.
+pub fn lock_shared(file: &File, path: &Path) -> Result<(), OpenError> {
+    match file.try_lock_shared() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(OpenError::io(path, "lock", e)),
+    }
+}
+
 /// Walks parent references from `top`, validating each link.
 fn open_lowers(
     top_path: &Path,
@@ -284,17 +390,7 @@ fn open_lowers(
     top_id: (u64, u64),
     cache: Option<&LowerCache>,
 ) -> Result<Arc<Lower>, OpenError> {
-    let top_dir = match top_path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut dir_fd = rustix::fs::open(
-        &top_dir,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| OpenError::io(&top_dir, "open folder", e.into()))?;
-    let mut dir_display = top_dir;
+    let mut walker = ParentWalker::new(top_path)?;
     let mut seen_ids = HashSet::from([top_id]);
     let mut seen_uuids = HashSet::from([top.uuid]);
     let mut child = top.clone();
@@ -309,36 +405,11 @@ fn open_lowers(
                 format!("chain too deep (more than {MAX_DEPTH} layers)"),
             ));
         }
-        // Shown in messages and `info`: relative to the top's folder as the user named it.
-        let ppath = if dir_display == Path::new(".") {
-            PathBuf::from(&pref.path)
-        } else {
-            dir_display.join(&pref.path)
-        };
-        let how = rustix::fs::ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
-        let fd = rustix::fs::openat2(
-            &dir_fd,
-            pref.path.as_str(),
-            open_flags(Access::ReadOnly),
-            Mode::empty(),
-            how,
-        )
-        .map_err(|e| match e {
-            rustix::io::Errno::XDEV => OpenError::chain(
-                &child_path,
-                format!("parent reference {:?} escapes the folder", pref.path),
-            ),
-            e => OpenError::ParentMissing {
-                child: child_path.clone(),
-                parent: ppath.clone(),
-                source: e.into(),
-            },
-        })?;
-        let file = File::from(fd);
-        let meta = file
-            .metadata()
-            .map_err(|e| OpenError::io(&ppath, "stat", e))?;
-        let id = (meta.dev(), meta.ino());
+        let OpenedParent {
+            file,
+            path: ppath,
+            id,
+        } = walker.open_parent(&child_path, &pref.path)?;
         if !seen_ids.insert(id) {
             return Err(OpenError::chain(
                 &child_path,
@@ -359,7 +430,7 @@ fn open_lowers(
                 }
             }
         }
-        let (file, _) = check_and_lock(file, &ppath, false)?;
+        lock_shared(&file, &ppath)?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let (l, m) = load_lower(storage, &ppath, &child, &child_path)?;
         if !seen_uuids.insert(l.header.uuid) {
@@ -367,18 +438,6 @@ fn open_lowers(
                 &ppath,
                 "chain loop: the same layer UUID appears twice",
             ));
-        }
-        // The next reference is relative to this parent's own folder.
-        if let Some((sub, _)) = pref.path.rsplit_once('/') {
-            dir_fd = rustix::fs::openat2(
-                &dir_fd,
-                sub,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-                how,
-            )
-            .map_err(|e| OpenError::io(dir_display.join(sub), "open folder", e.into()))?;
-            dir_display = dir_display.join(sub);
         }
         child = l.header.clone();
         child_path = ppath;

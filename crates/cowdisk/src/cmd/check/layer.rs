@@ -2,17 +2,16 @@
 //! seal digest and block CRCs, and each link's identity.
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cowdisk_core::chain::open_layer_file;
-use cowdisk_core::create::folder_of;
+use cowdisk_core::chain::{lock_shared, open_layer_file, ParentWalker};
 use cowdisk_core::format::{ENTRIES_PER_PAGE, FLAG_NEEDS_CHECK};
 use cowdisk_core::layer::{load_map, read_header, stored_block_crc, stored_digest, write_header};
 use cowdisk_core::map::AllocMap;
-use cowdisk_core::{Access, BlockState, FileStorage, Header, LayerState, Storage, MAX_DEPTH};
-use rustix::fs::{Mode, OFlags, ResolveFlags, SeekFrom};
+use cowdisk_core::{
+    Access, BlockState, FileStorage, Header, LayerState, OpenError, Storage, MAX_DEPTH,
+};
+use rustix::fs::SeekFrom;
 
 use super::{Finding, Report, Severity};
 use crate::error::{Error, Result};
@@ -54,14 +53,7 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
         Access::ReadOnly
     };
     let (top_file, top_id) = open_layer_file(image, top_access)?;
-    let dir = folder_of(image);
-    let mut dir_fd = rustix::fs::open(
-        &dir,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::os(&dir, "open folder", e.into()))?;
-    let mut dir_display = dir;
+    let mut walker = ParentWalker::new(image)?;
     let mut seen_ids = HashSet::from([top_id]);
     let mut seen_uuids = HashSet::new();
     let mut file = top_file;
@@ -110,30 +102,24 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
             );
             break;
         }
-        let ppath = dir_display.join(&pref.path);
-        let how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
-        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
-        let f = match rustix::fs::openat2(&dir_fd, pref.path.as_str(), flags, Mode::empty(), how) {
-            Ok(fd) => File::from(fd),
-            Err(e) => {
+        let opened = match walker.open_parent(&path, &pref.path) {
+            Ok(o) => o,
+            Err(OpenError::NotRegular { path: ppath }) => {
                 ctx.add(
                     Severity::Error,
-                    "parent_missing",
-                    format!("parent {}: {}", ppath.display(), std::io::Error::from(e)),
+                    "parent_not_regular",
+                    format!("parent {} is not a regular file", ppath.display()),
                 );
                 break;
             }
+            Err(e) => {
+                ctx.add(Severity::Error, "parent_missing", e.to_string());
+                break;
+            }
         };
-        let meta = f.metadata().map_err(|e| Error::os(&ppath, "stat", e))?;
-        if !meta.file_type().is_file() {
-            ctx.add(
-                Severity::Error,
-                "parent_not_regular",
-                format!("parent {} is not a regular file", ppath.display()),
-            );
-            break;
-        }
-        if !seen_ids.insert((meta.dev(), meta.ino())) {
+        let ppath = opened.path;
+        let f = opened.file;
+        if !seen_ids.insert(opened.id) {
             ctx.add(
                 Severity::Error,
                 "chain_loop",
@@ -141,24 +127,7 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
             );
             break;
         }
-        match f.try_lock_shared() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(cowdisk_core::OpenError::Locked { path: ppath }.into())
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::os(&ppath, "lock", e)),
-        }
-        if let Some((sub, _)) = pref.path.rsplit_once('/') {
-            dir_fd = rustix::fs::openat2(
-                &dir_fd,
-                sub,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-                how,
-            )
-            .map_err(|e| Error::os(&dir_display.join(sub), "open folder", e.into()))?;
-            dir_display = dir_display.join(sub);
-        }
+        lock_shared(&f, &ppath)?;
         child = Some((header, path));
         file = f;
         path = ppath;
