@@ -54,6 +54,7 @@ impl LowerCache {
 pub struct OpenOptions {
     access: Access,
     cache: Option<Arc<LowerCache>>,
+    force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -61,6 +62,7 @@ impl Default for OpenOptions {
         OpenOptions {
             access: Access::ReadWrite,
             cache: None,
+            force_share: false,
         }
     }
 }
@@ -80,6 +82,17 @@ impl OpenOptions {
         self.cache = Some(cache);
         self
     }
+    /// Opens read-only without taking any lock, so an image in use by a writer can
+    /// be inspected (like `qemu-img -U`). Header and map updates are A/B-atomic, so
+    /// a concurrent flush is seen as before or after; data may be mid-write. Has no
+    /// effect on read-write opens, which always lock.
+    pub fn force_share(mut self) -> OpenOptions {
+        self.force_share = true;
+        self
+    }
+    fn locking(&self) -> bool {
+        !(self.force_share && self.access == Access::ReadOnly)
+    }
 }
 
 fn open_flags(access: Access) -> OFlags {
@@ -91,11 +104,12 @@ fn open_flags(access: Access) -> OFlags {
     rw | OFlags::CLOEXEC | OFlags::NONBLOCK
 }
 
-/// Opens a file already known by fd, checks it is regular and takes the lock.
+/// Opens a file already known by fd, checks it is regular and takes the lock (none
+/// when `lock` is `None`, exclusive for `Some(true)`).
 fn check_and_lock(
     file: File,
     path: &Path,
-    exclusive: bool,
+    lock: Option<bool>,
 ) -> Result<(File, (u64, u64)), OpenError> {
     let meta = file
         .metadata()
@@ -105,10 +119,10 @@ fn check_and_lock(
             path: path.to_path_buf(),
         });
     }
-    let res = if exclusive {
-        file.try_lock()
-    } else {
-        file.try_lock_shared()
+    let res = match lock {
+        None => return Ok((file, (meta.dev(), meta.ino()))),
+        Some(true) => file.try_lock(),
+        Some(false) => file.try_lock_shared(),
     };
     match res {
         Ok(()) => {}
@@ -126,7 +140,14 @@ fn check_and_lock(
 pub fn open_layer_file(path: &Path, access: Access) -> Result<(File, (u64, u64)), OpenError> {
     let fd = rustix::fs::open(path, open_flags(access), Mode::empty())
         .map_err(|e| OpenError::io(path, "open", e.into()))?;
-    check_and_lock(File::from(fd), path, access == Access::ReadWrite)
+    check_and_lock(File::from(fd), path, Some(access == Access::ReadWrite))
+}
+
+/// Opens a layer read-only without any lock (for `--force-share` inspection).
+pub fn open_layer_file_unlocked(path: &Path) -> Result<(File, (u64, u64)), OpenError> {
+    let fd = rustix::fs::open(path, open_flags(Access::ReadOnly), Mode::empty())
+        .map_err(|e| OpenError::io(path, "open", e.into()))?;
+    check_and_lock(File::from(fd), path, None)
 }
 
 /// Loads the top layer from storage.
@@ -233,12 +254,16 @@ impl Disk {
     /// Opens the chain whose top is `path`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Disk, OpenError> {
         let path = path.as_ref();
-        let (file, top_id) = open_layer_file(path, opts.access)?;
+        let (file, top_id) = if opts.locking() {
+            open_layer_file(path, opts.access)?
+        } else {
+            open_layer_file_unlocked(path)?
+        };
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let top = load_top(storage, path, opts.access)?;
         let lower = match &top.header.parent {
             None => Arc::new(Lower::empty()),
-            Some(_) => open_lowers(path, &top.header, top_id, opts.cache.as_deref())?,
+            Some(_) => open_lowers(path, &top.header, top_id, opts)?,
         };
         Ok(Disk::assemble(top, lower, opts.access))
     }
@@ -388,8 +413,9 @@ fn open_lowers(
     top_path: &Path,
     top: &Header,
     top_id: (u64, u64),
-    cache: Option<&LowerCache>,
+    opts: &OpenOptions,
 ) -> Result<Arc<Lower>, OpenError> {
+    let cache = opts.cache.as_deref();
     let mut walker = ParentWalker::new(top_path)?;
     let mut seen_ids = HashSet::from([top_id]);
     let mut seen_uuids = HashSet::from([top.uuid]);
@@ -430,7 +456,9 @@ fn open_lowers(
                 }
             }
         }
-        lock_shared(&file, &ppath)?;
+        if opts.locking() {
+            lock_shared(&file, &ppath)?;
+        }
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let (l, m) = load_lower(storage, &ppath, &child, &child_path)?;
         if !seen_uuids.insert(l.header.uuid) {

@@ -35,7 +35,7 @@ cowdisk create vm1.cow --backing base.cow   # seals base.cow if it was writable"
     Create(CreateArgs),
     /// Show every layer of an image's chain, top first.
     #[command(
-        after_help = "Example:\n  cowdisk info vm1.cow\n  cowdisk info vm1.cow --json | jq '.layers[0].data_blocks'"
+        after_help = "Example:\n  cowdisk info vm1.cow\n  cowdisk info vm1.cow --json | jq '.layers[0].data_blocks'\n  cowdisk info -U vm1.cow   # while it is being served"
     )]
     Info(ImageJson),
     /// Show how the virtual disk maps onto layers (like `qemu-img map`).
@@ -107,6 +107,10 @@ pub struct ImageJson {
     /// Machine-readable output (schema in README.md, "JSON output").
     #[arg(long)]
     pub json: bool,
+    /// Inspect without taking locks, e.g. an image being served (like `qemu-img -U`);
+    /// the view may lag writes that are not flushed yet.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
 }
 
 /// `check`.

@@ -331,6 +331,12 @@ fn writer_lock_socket_mode_and_existing_path() {
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
     let o = cowdisk(&["serve", s(&img), "--socket", s(&d.0.join("two.sock"))]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("in use"));
+    // Inspection of a served image: refused with locks, allowed with -U (force share).
+    let o = cowdisk(&["info", s(&img)]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("in use"));
+    let out = cowdisk_ok(&["info", "-U", s(&img), "--json"]);
+    assert!(out.contains("\"state\": \"writable\""), "{out}");
+    cowdisk_ok(&["map", "--force-share", s(&img)]);
     let other = d.0.join("other.cow");
     cowdisk_ok(&["create", s(&other), "--size", "8M"]);
     let o = cowdisk(&["serve", s(&other), "--socket", s(&sock)]);

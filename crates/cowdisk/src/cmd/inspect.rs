@@ -12,16 +12,17 @@ use crate::output::{extent_name, human_size, print_json, print_lines, state_name
 /// Extents are gathered this many blocks at a time (bounds memory on huge disks).
 const MAP_WINDOW_BLOCKS: u64 = 1 << 16;
 
-fn open_ro(image: &Path) -> Result<Disk> {
-    Ok(Disk::open(
-        image,
-        &OpenOptions::new().access(Access::ReadOnly),
-    )?)
+fn open_ro(image: &Path, force_share: bool) -> Result<Disk> {
+    let mut opts = OpenOptions::new().access(Access::ReadOnly);
+    if force_share {
+        opts = opts.force_share();
+    }
+    Ok(Disk::open(image, &opts)?)
 }
 
 /// `info`: every layer, top first.
-pub fn info(image: &Path, json_out: bool) -> Result<()> {
-    let disk = open_ro(image)?;
+pub fn info(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
+    let disk = open_ro(image, force_share)?;
     let layers = disk.layers();
     if json_out {
         let ls: Vec<_> = layers
@@ -142,8 +143,8 @@ pub fn for_each_extent(
 }
 
 /// `map`: extents of the virtual disk.
-pub fn map(image: &Path, json_out: bool) -> Result<()> {
-    let disk = open_ro(image)?;
+pub fn map(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
+    let disk = open_ro(image, force_share)?;
     let files: Vec<PathBuf> = disk.layers().into_iter().map(|l| l.path).collect();
     let file_of = |e: &Extent| {
         e.depth

@@ -41,11 +41,11 @@ pub fn dispatch(cli: &Cli) -> Result<i32> {
         }
         Command::Info(a) => {
             recover_noisy(&a.image)?;
-            inspect::info(&a.image, a.json)?;
+            inspect::info(&a.image, a.json, a.force_share)?;
         }
         Command::Map(a) => {
             recover_noisy(&a.image)?;
-            inspect::map(&a.image, a.json)?;
+            inspect::map(&a.image, a.json, a.force_share)?;
         }
         Command::Check(a) => {
             recover_noisy(&a.image)?;
