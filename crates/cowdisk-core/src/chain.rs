@@ -237,15 +237,9 @@ fn load_lower(
             },
         });
     }
-    let (data_blocks, zero_blocks) = map.counts();
+    let counts = map.counts();
     Ok((
-        LowerLayer {
-            storage,
-            path: path.to_path_buf(),
-            header,
-            data_blocks,
-            zero_blocks,
-        },
+        LowerLayer::new(storage, path.to_path_buf(), header, counts),
         map,
     ))
 }

@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::IoError;
@@ -38,6 +38,57 @@ pub struct LowerLayer {
     pub(crate) header: Header,
     pub(crate) data_blocks: u64,
     pub(crate) zero_blocks: u64,
+    /// One bit per block: its data was checked against its stored CRC once. Sealed
+    /// layers never change, so once is enough; shared by every disk using the layer.
+    pub(crate) verified: Box<[AtomicU64]>,
+}
+
+impl LowerLayer {
+    pub(crate) fn new(
+        storage: Arc<dyn Storage>,
+        path: PathBuf,
+        header: Header,
+        counts: (u64, u64),
+    ) -> LowerLayer {
+        let words = header.geometry.blocks.div_ceil(64) as usize;
+        // Without stored CRCs there is nothing to verify against.
+        let init = if header.compat & crate::format::COMPAT_BLOCK_CRCS != 0 {
+            0
+        } else {
+            u64::MAX
+        };
+        LowerLayer {
+            storage,
+            path,
+            header,
+            data_blocks: counts.0,
+            zero_blocks: counts.1,
+            verified: (0..words).map(|_| AtomicU64::new(init)).collect(),
+        }
+    }
+
+    fn is_verified(&self, b: u64) -> bool {
+        self.verified[(b / 64) as usize].load(SeqCst) & (1 << (b % 64)) != 0
+    }
+
+    /// Compares `data` (block `b`'s bytes, its virtual length) with the stored CRC.
+    /// A mismatch is an error, never bad bytes or a fall-through (RELIABILITY I5).
+    fn verify(&self, b: u64, data: &[u8]) -> Result<(), IoError> {
+        let g = &self.header.geometry;
+        let stored = crate::layer::stored_block_crc(&*self.storage, g, b)
+            .map_err(|e| Disk::io_err(&self.path, "read block CRC", g.crc_offset + b * 4, e))?;
+        let actual = crc32fast::hash(data);
+        if stored != actual {
+            return Err(IoError::Checksum {
+                path: self.path.clone(),
+                block: b,
+                stored,
+                actual,
+            });
+        }
+        self.verified[(b / 64) as usize].fetch_or(1 << (b % 64), SeqCst);
+        Ok(())
+    }
 }
 
 /// The sealed part of a chain, resolved once. Shared between disks with the same base
@@ -303,6 +354,9 @@ impl Disk {
             let out = &mut buf[s..s + m.len as usize];
             match m.kind {
                 MappingKind::Data { depth } => {
+                    if depth > 0 {
+                        self.verify_run(depth as usize - 1, m.offset, m.len)?;
+                    }
                     let (st, path, data_offset) = self.storage_at(depth);
                     let off = data_offset + m.offset;
                     st.read_at(out, off)
@@ -378,6 +432,32 @@ impl Disk {
 
     /// Copies block `b` from lower layer `i` into the top, with `chunk` applied. If the
     /// lower read fails nothing is written or allocated (RELIABILITY rule 3).
+    /// Checks every not-yet-verified block of lower layer `i` in a run against its CRC.
+    fn verify_run(&self, i: usize, offset: u64, len: u64) -> Result<(), IoError> {
+        let layer = &self.lower.layers[i];
+        let g = &layer.header.geometry;
+        let bs = u64::from(g.block_size);
+        for b in offset / bs..(offset + len).div_ceil(bs) {
+            if layer.is_verified(b) {
+                continue;
+            }
+            let n = g.block_len(b);
+            let off = g.block_offset(b);
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < n {
+                    s.resize(n, 0);
+                }
+                layer
+                    .storage
+                    .read_at(&mut s[..n], off)
+                    .map_err(|e| Self::io_err(&layer.path, "read", off, e))?;
+                layer.verify(b, &s[..n])
+            })?;
+        }
+        Ok(())
+    }
+
     fn copy_up(&self, b: u64, i: usize, within: usize, chunk: &[u8]) -> Result<(), IoError> {
         let blen = self.geometry.block_len(b);
         let off = self.geometry.block_offset(b);
@@ -395,6 +475,10 @@ impl Disk {
                 .storage
                 .read_at(buf, lower_off)
                 .map_err(|e| Self::io_err(&layer.path, "read for copy-up", lower_off, e))?;
+            if !layer.is_verified(b) {
+                // Bad lower data must not become "real" top data.
+                layer.verify(b, &buf[..layer.header.geometry.block_len(b)])?;
+            }
             buf[within..within + chunk.len()].copy_from_slice(chunk);
             self.top
                 .storage

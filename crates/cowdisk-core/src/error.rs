@@ -212,6 +212,18 @@ pub enum IoError {
         /// The top layer.
         path: PathBuf,
     },
+    /// A sealed layer's block does not match the CRC recorded when it was sealed.
+    #[error("{}: block {block} fails its checksum (stored {stored:#010x}, data gives {actual:#010x}); run `cowdisk check`", path.display())]
+    Checksum {
+        /// The sealed layer.
+        path: PathBuf,
+        /// Block index.
+        block: u64,
+        /// CRC recorded at seal time.
+        stored: u32,
+        /// CRC of the bytes now.
+        actual: u32,
+    },
     /// Storage I/O failed.
     #[error("{}: {op} at file offset {offset}: {source}", path.display())]
     Storage {
@@ -234,7 +246,7 @@ impl IoError {
             IoError::OutOfRange { .. } => IoErrorKind::Invalid,
             IoError::ReadOnly => IoErrorKind::ReadOnly,
             IoError::NotFast => IoErrorKind::NotSupported,
-            IoError::Poisoned { .. } => IoErrorKind::Io,
+            IoError::Poisoned { .. } | IoError::Checksum { .. } => IoErrorKind::Io,
             IoError::Storage { source, .. } => {
                 if is_no_space(source) {
                     IoErrorKind::NoSpace

@@ -138,3 +138,47 @@ fn clones_share_one_resolved_lower_chain() {
     assert_eq!(b, [7; 16], "a clone's write must not show in another clone");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn damaged_parent_block_is_eio_never_bad_bytes() {
+    use std::os::unix::fs::FileExt;
+    let d = tmpdir("crc");
+    let base = d.join("base.cow");
+    let top = d.join("top.cow");
+    create_image(&base, 1 << 20, 4096).unwrap();
+    {
+        let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
+        disk.write(0, &[1; 8192], WriteFlags::default()).unwrap();
+        disk.flush().unwrap();
+    }
+    create_child(&top, &base).unwrap();
+    // Flip one data byte of block 0 behind the engine's back.
+    let data_offset = Geometry::new(1 << 20, 4096).unwrap().data_offset;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .write_all_at(&[0xff], data_offset + 100)
+        .unwrap();
+    let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
+    let mut b = vec![0u8; 512];
+    let e = disk.read(0, &mut b).unwrap_err();
+    assert!(matches!(e, IoError::Checksum { block: 0, .. }), "{e}");
+    assert_eq!(e.kind(), IoErrorKind::Io);
+    // A copy-up of the damaged block fails too and allocates nothing.
+    assert!(matches!(
+        disk.write(10, &[2], WriteFlags::default()),
+        Err(IoError::Checksum { .. })
+    ));
+    assert_eq!(disk.top_state(0), BlockState::Absent);
+    // The intact block reads fine, twice (the second time from the verified bitmap).
+    for _ in 0..2 {
+        disk.read(4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 1));
+    }
+    // Overwriting the whole damaged block needs no lower data: allowed.
+    disk.write(0, &[3; 4096], WriteFlags::default()).unwrap();
+    disk.read(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 3));
+    std::fs::remove_dir_all(&d).unwrap();
+}
