@@ -33,8 +33,10 @@ pub struct Limits {
     /// Payload bytes in flight per connection (read buffers and write payloads). A single
     /// larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
-    /// Worker threads per connection running backend calls. Default 4.
-    pub workers_per_connection: usize,
+    /// Worker threads running backend calls, shared by every connection, so threads and
+    /// I/O buffers scale with the CPUs rather than with the clients. 0 (the default) means
+    /// two per CPU, at least 4.
+    pub workers: usize,
 }
 
 impl Default for Limits {
@@ -50,7 +52,7 @@ impl Default for Limits {
             reply_timeout: Duration::from_secs(60),
             max_in_flight: 64,
             max_in_flight_bytes: 64 * MIB as usize,
-            workers_per_connection: 4,
+            workers: 0,
         }
     }
 }

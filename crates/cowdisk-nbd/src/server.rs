@@ -272,7 +272,8 @@ impl Server {
     pub fn serve(self) -> Result<(), ServerError> {
         *self.shared.state() = RunState::Serving;
         let mut handles = Vec::new();
-        let result = self.accept_loop(&mut handles);
+        let workers = transmission::Workers::start(self.limits.workers);
+        let result = self.accept_loop(&mut handles, &workers);
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         // Reads end with EOF; replies to requests already received can still be written.
         for s in self.shared.conns().values() {
@@ -282,6 +283,7 @@ impl Server {
             // A panicking connection thread has already lost its connection; keep going.
             let _ = h.join();
         }
+        workers.stop();
         let flushed = self.flush_all();
         *self.shared.state() = RunState::Done;
         self.shared.finished.notify_all();
@@ -306,7 +308,11 @@ impl Server {
         result
     }
 
-    fn accept_loop(&self, handles: &mut Vec<JoinHandle<()>>) -> Result<(), ServerError> {
+    fn accept_loop(
+        &self,
+        handles: &mut Vec<JoinHandle<()>>,
+        workers: &Arc<transmission::Workers>,
+    ) -> Result<(), ServerError> {
         let mut ready = vec![false; self.listeners.len()];
         while !self.shared.shutting_down.load(Ordering::SeqCst) {
             {
@@ -336,7 +342,7 @@ impl Server {
                 loop {
                     match l.accept() {
                         Ok(s) => {
-                            if let Some(h) = self.spawn_connection(s) {
+                            if let Some(h) = self.spawn_connection(s, workers) {
                                 handles.push(h);
                             }
                         }
@@ -353,7 +359,11 @@ impl Server {
         Ok(())
     }
 
-    fn spawn_connection(&self, s: Stream) -> Option<JoinHandle<()>> {
+    fn spawn_connection(
+        &self,
+        s: Stream,
+        workers: &Arc<transmission::Workers>,
+    ) -> Option<JoinHandle<()>> {
         let shared = &self.shared;
         if shared.active.load(Ordering::SeqCst) >= self.limits.max_connections {
             return None; // Dropping closes it: the cap holds even under a connection flood.
@@ -364,10 +374,11 @@ impl Server {
         shared.conns().insert(id, s.try_clone().ok()?);
         shared.active.fetch_add(1, Ordering::SeqCst);
         let (exports, limits, sh) = (self.exports.clone(), self.limits.clone(), shared.clone());
+        let workers = workers.clone();
         let spawned = thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
-                connection(&s, &exports, &limits, &sh.shutting_down);
+                connection(&s, &exports, &limits, &sh.shutting_down, &workers);
                 s.shutdown(Shutdown::Both);
                 sh.conns().remove(&id);
                 sh.active.fetch_sub(1, Ordering::SeqCst);
@@ -383,7 +394,13 @@ impl Server {
     }
 }
 
-fn connection(s: &Stream, exports: &Exports, limits: &Limits, shutting_down: &AtomicBool) {
+fn connection(
+    s: &Stream,
+    exports: &Exports,
+    limits: &Limits,
+    shutting_down: &AtomicBool,
+    workers: &transmission::Workers,
+) {
     if shutting_down.load(Ordering::SeqCst) {
         return;
     }
@@ -403,5 +420,5 @@ fn connection(s: &Stream, exports: &Exports, limits: &Limits, shutting_down: &At
     }
     let export = exports.get(session.export);
     let abort = || s.shutdown(Shutdown::Both);
-    transmission::serve(s, s, session, export, limits, &abort);
+    transmission::serve(s, s, session, export, limits, &abort, workers);
 }

@@ -1,19 +1,25 @@
-//! Transmission phase: a reader parses requests and payloads, a few workers run them against the
-//! backend, and replies go out under one mutex so each is written atomically and out of order.
+//! Transmission phase. Per connection, the connection's thread reads and validates requests
+//! (and write payloads) and a writer thread sends replies; a server-wide pool of workers runs
+//! the backend calls for every connection. Threads and I/O buffers thus scale with the CPUs,
+//! not with the number of clients, and since workers never touch sockets, a client that stops
+//! reading replies stalls only its own writer.
 //!
-//! Memory is bounded by an in-flight budget (request count and payload bytes) acquired before
-//! a payload is read or a read buffer is allocated.
+//! Memory is bounded by a per-connection in-flight budget (request count and payload bytes)
+//! taken before a payload is read or a request is queued, and given back once its reply has
+//! been written.
 
 use std::io::{self, Read, Write};
-use std::sync::{mpsc, Condvar, Mutex};
-use std::thread;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
 
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::handshake::Session;
-use crate::reply::{BufPool, Replier, READ_HEADROOM};
+use crate::reply::{self, BufPool, Bytes, Msg, READ_HEADROOM};
 use crate::validate::{validate, Geometry, Op, Verdict};
 use crate::wire::{self, cmd, state, Request};
-use crate::{BackendError, BackendErrorKind, Extent, Limits};
+use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits};
 
 /// Most extents sent per context in one reply; the client asks again for the rest.
 const MAX_EXTENTS: usize = 1 << 16;
@@ -49,15 +55,110 @@ impl Budget {
         u.1 = u.1.saturating_sub(bytes);
         self.freed.notify_all();
     }
+    /// Waits until every accepted request has been answered.
+    fn wait_idle(&self) {
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while u.0 > 0 {
+            u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
-/// Shared per-connection state used by the reader and the workers.
-struct Conn<'a, W: Write> {
-    export: &'a Export,
+type Task = Box<dyn FnOnce() + Send + 'static>;
+
+/// The server-wide worker pool and the buffers its tasks use.
+pub(crate) struct Workers {
+    tx: Mutex<Option<mpsc::Sender<Task>>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    pool: Arc<BufPool>,
+}
+
+impl Workers {
+    /// Starts `n` workers (0 = two per CPU, at least 4).
+    pub fn start(n: usize) -> Arc<Workers> {
+        let n = if n == 0 {
+            thread::available_parallelism()
+                .map_or(2, |p| p.get())
+                .saturating_mul(2)
+                .max(4)
+        } else {
+            n
+        };
+        let (tx, rx) = mpsc::channel::<Task>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut handles = Vec::new();
+        for _ in 0..n {
+            let rx = rx.clone();
+            let spawned = thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn(move || loop {
+                    let task = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match task {
+                        // A panicking backend call still gets its reply (see `Answer`); the worker lives on.
+                        Ok(task) => drop(panic::catch_unwind(AssertUnwindSafe(task))),
+                        Err(_) => return,
+                    }
+                });
+            if let Ok(h) = spawned {
+                handles.push(h);
+            }
+        }
+        // Without any worker, tasks run inline on the connection's thread.
+        let tx = if handles.is_empty() { None } else { Some(tx) };
+        Arc::new(Workers {
+            tx: Mutex::new(tx),
+            handles: Mutex::new(handles),
+            pool: Arc::new(BufPool::new(2 * n + 8)),
+        })
+    }
+
+    fn submit(&self, task: Task) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        match &*tx {
+            Some(tx) => {
+                if let Err(mpsc::SendError(task)) = tx.send(task) {
+                    task();
+                }
+            }
+            None => {
+                drop(tx);
+                let _ = panic::catch_unwind(AssertUnwindSafe(task));
+            }
+        }
+    }
+
+    /// Lets queued tasks finish and joins the workers.
+    pub fn stop(&self) {
+        drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let handles: Vec<_> = self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What a connection's tasks share: owned, since tasks outlive no connection but run on
+/// threads that are not the connection's.
+struct Conn {
+    backend: Arc<dyn Backend>,
     session: Session,
-    out: Replier<'a, W>,
-    budget: Budget,
-    pool: BufPool,
+    tx: mpsc::Sender<Msg>,
+    pool: Arc<BufPool>,
+}
+
+impl Conn {
+    fn push(&self, bytes: Bytes, cost: usize) {
+        // The writer outlives every sender, so this cannot fail while tasks exist.
+        let _ = self.tx.send(Msg {
+            bytes,
+            release: cost,
+        });
+    }
 }
 
 /// Serves requests until `DISC`, EOF, a protocol violation or a dead socket, then waits for
@@ -70,19 +171,22 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
     export: &Export,
     limits: &Limits,
     abort: &(dyn Fn() + Sync),
+    workers: &Workers,
 ) {
-    let conn = Conn {
-        export,
-        session,
-        out: Replier::new(w, session.structured, abort),
-        budget: Budget {
-            used: Mutex::new((0, 0)),
-            freed: Condvar::new(),
-            max_count: limits.max_in_flight.max(1),
-            max_bytes: limits.max_in_flight_bytes,
-        },
-        pool: BufPool::default(),
+    let budget = Budget {
+        used: Mutex::new((0, 0)),
+        freed: Condvar::new(),
+        max_count: limits.max_in_flight.max(1),
+        max_bytes: limits.max_in_flight_bytes,
     };
+    let failed = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let conn = Arc::new(Conn {
+        backend: export.backend.clone(),
+        session,
+        tx,
+        pool: workers.pool.clone(),
+    });
     let geo = Geometry {
         size: export.backend.size(),
         read_only: export.backend.is_read_only(),
@@ -91,50 +195,35 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
         max_payload: limits.max_payload,
         max_drain: limits.max_drain.max(limits.max_payload),
     };
-    let (tx, rx) = mpsc::sync_channel::<Job>(limits.max_in_flight.max(1));
-    let rx = Mutex::new(rx);
-    thread::scope(|sc| {
-        let mut workers = 0;
-        for _ in 0..limits.workers_per_connection.max(1) {
-            let spawned = thread::Builder::new()
-                .name("nbd-worker".into())
-                .spawn_scoped(sc, || worker(&conn, &rx));
-            if spawned.is_ok() {
-                workers += 1;
-            }
+    let (budget, failed) = (&budget, &failed);
+    thread::scope(move |sc| {
+        let pool = &*workers.pool;
+        let release = |cost| budget.release(cost);
+        let spawned = thread::Builder::new()
+            .name("nbd-writer".into())
+            .spawn_scoped(sc, move || {
+                reply::writer(w, rx, failed, abort, pool, &release)
+            });
+        if spawned.is_err() {
+            return;
         }
-        let inline = workers == 0;
-        reader(&mut r, &conn, &geo, |job| {
-            if inline {
-                run(&conn, job);
-                Ok(())
-            } else {
-                tx.send(job).map_err(|_| ())
-            }
-        });
-        // Closing the queue lets the workers finish what was accepted, then exit.
-        drop(tx);
+        reader(&mut r, &conn, budget, failed, &geo, workers);
+        budget.wait_idle();
+        // The last sender goes with `conn` once no task holds it: the writer then ends.
+        drop(conn);
     });
 }
 
-fn worker<W: Write + Send>(conn: &Conn<'_, W>, rx: &Mutex<mpsc::Receiver<Job>>) {
-    loop {
-        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        match job {
-            Ok(job) => run(conn, job),
-            Err(_) => return,
-        }
-    }
-}
-
-fn reader<R: Read, W: Write>(
+fn reader<R: Read>(
     r: &mut R,
-    conn: &Conn<'_, W>,
+    conn: &Arc<Conn>,
+    budget: &Budget,
+    failed: &AtomicBool,
     geo: &Geometry,
-    mut dispatch: impl FnMut(Job) -> Result<(), ()>,
+    workers: &Workers,
 ) {
     let mut hdr = [0u8; wire::REQUEST_LEN];
-    while !conn.out.failed() {
+    while !failed.load(Ordering::SeqCst) {
         if r.read_exact(&mut hdr).is_err() {
             return;
         }
@@ -147,7 +236,10 @@ fn reader<R: Read, W: Write>(
                 if req.kind == cmd::WRITE && drain(r, u64::from(req.length)).is_err() {
                     return;
                 }
-                conn.out.error(&req, e, "");
+                // Error replies count against the budget too, so a client that never reads
+                // cannot make them pile up.
+                budget.acquire(0);
+                conn.push(reply::error(conn.session.structured, &req, e, ""), 0);
                 continue;
             }
             Verdict::Run(op) => op,
@@ -156,13 +248,14 @@ fn reader<R: Read, W: Write>(
             Op::Read { len, .. } | Op::Write { len, .. } => len as usize,
             _ => 0,
         };
-        conn.budget.acquire(cost);
+        budget.acquire(cost);
         let mut payload = Vec::new();
         if let Op::Write { len, .. } = op {
             payload = conn.pool.get(len as usize);
             if r.read_exact(&mut payload).is_err() {
                 // Half a payload is never applied (the client went away).
-                conn.budget.release(cost);
+                conn.pool.put(payload);
+                budget.release(cost);
                 return;
             }
         }
@@ -172,10 +265,8 @@ fn reader<R: Read, W: Write>(
             payload,
             cost,
         };
-        if dispatch(job).is_err() {
-            conn.budget.release(cost);
-            return;
-        }
+        let c = conn.clone();
+        workers.submit(Box::new(move || run(&c, job)));
     }
 }
 
@@ -189,58 +280,101 @@ fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
     }
 }
 
-fn run<W: Write>(conn: &Conn<'_, W>, job: Job) {
-    let b = &*conn.export.backend;
-    let req = &job.req;
-    let res = match job.op {
+/// Guarantees every accepted request exactly one reply, even if the backend panics.
+struct Answer<'a> {
+    conn: &'a Conn,
+    req: Request,
+    cost: usize,
+    done: bool,
+}
+
+impl Answer<'_> {
+    fn send(mut self, bytes: Bytes) {
+        self.done = true;
+        self.conn.push(bytes, self.cost);
+    }
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let e = reply::error(
+                self.conn.session.structured,
+                &self.req,
+                wire::errno::EIO,
+                "internal error",
+            );
+            self.conn.push(e, self.cost);
+        }
+    }
+}
+
+fn run(conn: &Conn, job: Job) {
+    let Job {
+        req,
+        op,
+        payload,
+        cost,
+    } = job;
+    let answer = Answer {
+        conn,
+        req,
+        cost,
+        done: false,
+    };
+    let b = &*conn.backend;
+    let sr = conn.session.structured;
+    let req = &answer.req;
+    let bytes = match op {
         Op::Read { offset, len } => {
             let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
             match b.read(offset, &mut buf[READ_HEADROOM..]) {
-                Ok(()) => conn.out.read_data(req, offset, &mut buf),
-                Err(e) => conn.out.backend_error(req, &e),
+                Ok(()) => reply::read_data(sr, req, offset, buf),
+                Err(e) => {
+                    conn.pool.put(buf);
+                    reply::backend_error(sr, req, &e)
+                }
             }
-            conn.pool.put(buf);
-            Ok(())
         }
-        Op::Write { offset, fua, .. } => b.write(offset, &job.payload, fua),
-        Op::Flush if conn.export.backend.is_read_only() => Ok(()),
-        Op::Flush => b.flush(),
-        Op::Trim { offset, len, fua } => b.trim(offset, u64::from(len), fua),
-        Op::Cache | Op::Disc => Ok(()),
-        Op::WriteZeroes { offset, len, flags } => b.write_zeroes(offset, u64::from(len), flags),
         Op::BlockStatus {
             offset,
             len,
             req_one,
-        } => {
-            match block_status(conn, req, offset, len, req_one) {
-                Ok(chunks) => conn.out.send(&chunks),
-                Err(e) => conn.out.backend_error(req, &e),
+        } => match block_status(conn, req, offset, len, req_one) {
+            Ok(chunks) => Bytes::Buf(chunks, 0),
+            Err(e) => reply::backend_error(sr, req, &e),
+        },
+        op => {
+            let res = match op {
+                Op::Write { offset, fua, .. } => b.write(offset, &payload, fua),
+                Op::Flush if b.is_read_only() => Ok(()),
+                Op::Flush => b.flush(),
+                Op::Trim { offset, len, fua } => b.trim(offset, u64::from(len), fua),
+                Op::WriteZeroes { offset, len, flags } => {
+                    b.write_zeroes(offset, u64::from(len), flags)
+                }
+                _ => Ok(()),
+            };
+            match res {
+                Ok(()) => reply::ok(req),
+                Err(e) => reply::backend_error(sr, req, &e),
             }
-            Ok(())
         }
     };
-    if !matches!(job.op, Op::Read { .. } | Op::BlockStatus { .. }) {
-        match res {
-            Ok(()) => conn.out.ok(req),
-            Err(e) => conn.out.backend_error(req, &e),
-        }
-    }
-    conn.pool.put(job.payload);
-    conn.budget.release(job.cost);
+    conn.pool.put(payload);
+    answer.send(bytes);
 }
 
 /// Builds one `BLOCK_STATUS` chunk per selected context from one backend query.
-fn block_status<W: Write>(
-    conn: &Conn<'_, W>,
+fn block_status(
+    conn: &Conn,
     req: &Request,
     offset: u64,
     len: u32,
     req_one: bool,
 ) -> Result<Vec<u8>, BackendError> {
     let mut raw = Vec::new();
-    conn.export
-        .backend
+    conn.backend
         .block_status(offset, u64::from(len), &mut raw)?;
     let extents = clamp_extents(&raw, u64::from(len));
     if extents.is_empty() {
