@@ -21,6 +21,9 @@ use crate::validate::{validate, Geometry, Op, Verdict};
 use crate::wire::{self, cmd, state, Request};
 use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits};
 
+/// Request bytes read from the socket at once.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// Most extents sent per context in one reply; the client asks again for the rest.
 const MAX_EXTENTS: usize = 1 << 16;
 
@@ -207,6 +210,8 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
         if spawned.is_err() {
             return;
         }
+        // Pipelined requests arrive back to back: read them in as few syscalls as possible.
+        let mut r = io::BufReader::with_capacity(READ_BUFFER, &mut r);
         reader(&mut r, &conn, budget, failed, &geo, workers);
         budget.wait_idle();
         // The last sender goes with `conn` once no task holds it: the writer then ends.
