@@ -140,7 +140,9 @@ serve_contender() {  # serve_contender NAME MODE(ro|rw) [IMAGE]: starts the serv
     qcow2-*) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f qcow2 "$img" ;;
     qemu-nbd-raw) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f raw "$img" ;;
     nbdkit-file) start_server "${NBDKIT[@]}" "${ro[@]}" file "file=$img" ;;
-    nbdkit-cow) start_server "${NBDKIT[@]}" --filter=cow file "file=$img" ;;
+    # the cow filter keeps its overlay in $TMPDIR: put it on the same file system as the tops
+    nbdkit-cow) mkdir -p "$BENCH_DIR/tmp"
+      start_server env TMPDIR="$BENCH_DIR/tmp" "${NBDKIT[@]}" --filter=cow file "file=$img" ;;
     *) die "unknown contender $name" ;;
   esac
   URI=$(export_uri 0)
@@ -305,7 +307,7 @@ write_round() {  # write_round REP
     # A first-write pass is short (one write per block), so each repetition makes
     # FW_PASSES fresh tops (a fresh server each) and keeps every pass as a sample.
     # Pass 0 is a warm-up and is dropped: on this VM the first pass after the read
-    # rounds ran 2-5x slower for every contender (fresh guest pages for the new data).
+    # rounds ran 2-5x slower for every contender (probably first-touch cost of memory in the VM).
     for ((k = 0; k <= FW_PASSES; k++)); do
       top=$DATA/cow/top   # cowdisk wants the parent in the child's folder or below
       rm -f "$top".*
