@@ -33,10 +33,12 @@ pub struct Limits {
     /// Payload bytes in flight per connection (read buffers and write payloads). A single
     /// larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
-    /// Worker threads running backend calls, shared by every connection, so threads and
-    /// I/O buffers scale with the CPUs rather than with the clients. 0 (the default) means
-    /// two per CPU, at least 4.
-    pub workers: usize,
+    /// Payload and read-buffer bytes in flight across all connections; one connection may
+    /// use at most half. A single larger request still runs, alone. Default 4 MiB per CPU,
+    /// at least 8 MiB: server memory follows the CPUs that process requests, not the clients.
+    pub max_total_in_flight_bytes: usize,
+    /// Worker threads per connection running backend calls. Default 4.
+    pub workers_per_connection: usize,
 }
 
 impl Default for Limits {
@@ -52,7 +54,11 @@ impl Default for Limits {
             reply_timeout: Duration::from_secs(60),
             max_in_flight: 64,
             max_in_flight_bytes: 64 * MIB as usize,
-            workers: 0,
+            max_total_in_flight_bytes: std::thread::available_parallelism()
+                .map_or(2, |p| p.get())
+                .saturating_mul(4 * MIB as usize)
+                .max(8 * MIB as usize),
+            workers_per_connection: 4,
         }
     }
 }

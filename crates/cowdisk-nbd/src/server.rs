@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::export::{Export, Exports};
 use crate::handshake::{self, Outcome};
+use crate::reply::BufPool;
 use crate::stream::{Deadline, Stream};
 use crate::{transmission, Backend, BackendError, Limits};
 
@@ -151,7 +152,13 @@ impl ServerBuilder {
         let (wake_tx, wake_rx) = UnixStream::pair().map_err(ServerError::Io)?;
         wake_tx.set_nonblocking(true).map_err(ServerError::Io)?;
         wake_rx.set_nonblocking(true).map_err(ServerError::Io)?;
+        let io = Arc::new(transmission::ServerIo {
+            // Enough free buffers for every worker of a few busy connections.
+            pool: BufPool::new(4 * self.limits.workers_per_connection.max(1) + 8),
+            bytes: transmission::GlobalBytes::new(self.limits.max_total_in_flight_bytes),
+        });
         Ok(Server {
+            io,
             exports: Arc::new(Exports::new(self.exports, default)),
             listeners: self.listeners,
             limits: Arc::new(self.limits),
@@ -240,6 +247,7 @@ pub struct Server {
     listeners: Vec<Listener>,
     limits: Arc<Limits>,
     shared: Arc<Shared>,
+    io: Arc<transmission::ServerIo>,
 }
 
 impl Server {
@@ -272,8 +280,7 @@ impl Server {
     pub fn serve(self) -> Result<(), ServerError> {
         *self.shared.state() = RunState::Serving;
         let mut handles = Vec::new();
-        let workers = transmission::Workers::start(self.limits.workers);
-        let result = self.accept_loop(&mut handles, &workers);
+        let result = self.accept_loop(&mut handles);
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         // Reads end with EOF; replies to requests already received can still be written.
         for s in self.shared.conns().values() {
@@ -283,7 +290,6 @@ impl Server {
             // A panicking connection thread has already lost its connection; keep going.
             let _ = h.join();
         }
-        workers.stop();
         let flushed = self.flush_all();
         *self.shared.state() = RunState::Done;
         self.shared.finished.notify_all();
@@ -308,11 +314,7 @@ impl Server {
         result
     }
 
-    fn accept_loop(
-        &self,
-        handles: &mut Vec<JoinHandle<()>>,
-        workers: &Arc<transmission::Workers>,
-    ) -> Result<(), ServerError> {
+    fn accept_loop(&self, handles: &mut Vec<JoinHandle<()>>) -> Result<(), ServerError> {
         let mut ready = vec![false; self.listeners.len()];
         while !self.shared.shutting_down.load(Ordering::SeqCst) {
             {
@@ -342,7 +344,7 @@ impl Server {
                 loop {
                     match l.accept() {
                         Ok(s) => {
-                            if let Some(h) = self.spawn_connection(s, workers) {
+                            if let Some(h) = self.spawn_connection(s) {
                                 handles.push(h);
                             }
                         }
@@ -359,11 +361,7 @@ impl Server {
         Ok(())
     }
 
-    fn spawn_connection(
-        &self,
-        s: Stream,
-        workers: &Arc<transmission::Workers>,
-    ) -> Option<JoinHandle<()>> {
+    fn spawn_connection(&self, s: Stream) -> Option<JoinHandle<()>> {
         let shared = &self.shared;
         if shared.active.load(Ordering::SeqCst) >= self.limits.max_connections {
             return None; // Dropping closes it: the cap holds even under a connection flood.
@@ -374,11 +372,11 @@ impl Server {
         shared.conns().insert(id, s.try_clone().ok()?);
         shared.active.fetch_add(1, Ordering::SeqCst);
         let (exports, limits, sh) = (self.exports.clone(), self.limits.clone(), shared.clone());
-        let workers = workers.clone();
+        let io = self.io.clone();
         let spawned = thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
-                connection(&s, &exports, &limits, &sh.shutting_down, &workers);
+                connection(&s, &exports, &limits, &sh.shutting_down, &io);
                 s.shutdown(Shutdown::Both);
                 sh.conns().remove(&id);
                 sh.active.fetch_sub(1, Ordering::SeqCst);
@@ -399,7 +397,7 @@ fn connection(
     exports: &Exports,
     limits: &Limits,
     shutting_down: &AtomicBool,
-    workers: &transmission::Workers,
+    io: &transmission::ServerIo,
 ) {
     if shutting_down.load(Ordering::SeqCst) {
         return;
@@ -420,5 +418,5 @@ fn connection(
     }
     let export = exports.get(session.export);
     let abort = || s.shutdown(Shutdown::Both);
-    transmission::serve(s, s, session, export, limits, &abort, workers);
+    transmission::serve(s, s, session, export, limits, &abort, io);
 }

@@ -1,28 +1,24 @@
-//! Transmission phase. Per connection, the connection's thread reads and validates requests
-//! (and write payloads) and a writer thread sends replies; a server-wide pool of workers runs
-//! the backend calls for every connection. Threads and I/O buffers thus scale with the CPUs,
-//! not with the number of clients, and since workers never touch sockets, a client that stops
-//! reading replies stalls only its own writer.
+//! Transmission phase: a reader parses requests and payloads, a few workers run them against the
+//! backend, and replies go out under one mutex so each is written atomically and out of order.
 //!
-//! Memory is bounded by a per-connection in-flight budget (request count and payload bytes)
-//! taken before a payload is read or a request is queued, and given back once its reply has
-//! been written.
+//! Memory is bounded by in-flight budgets acquired before a payload is read or a read buffer is
+//! allocated: per connection (request count and bytes) and server-wide (bytes, shared with
+//! every connection, as are the buffers), so I/O memory does not grow with the clients.
 
 use std::io::{self, Read, Write};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::{mpsc, Condvar, Mutex};
+use std::thread;
 
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::handshake::Session;
-use crate::reply::{self, BufPool, Bytes, Msg, READ_HEADROOM};
+use crate::reply::{BufPool, Replier, READ_HEADROOM};
 use crate::validate::{validate, Geometry, Op, Verdict};
 use crate::wire::{self, cmd, state, Request};
-use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits};
+use crate::{BackendError, BackendErrorKind, Extent, Limits};
 
 /// Request bytes read from the socket at once.
-const READ_BUFFER: usize = 64 * 1024;
+const READ_BUFFER: usize = 16 * 1024;
 
 /// Most extents sent per context in one reply; the client asks again for the rest.
 const MAX_EXTENTS: usize = 1 << 16;
@@ -58,109 +54,66 @@ impl Budget {
         u.1 = u.1.saturating_sub(bytes);
         self.freed.notify_all();
     }
-    /// Waits until every accepted request has been answered.
-    fn wait_idle(&self) {
+}
+
+/// Payload and read-buffer bytes in flight across all connections.
+pub(crate) struct GlobalBytes {
+    used: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+impl GlobalBytes {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> GlobalBytes {
+        GlobalBytes {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            max: max.max(1),
+        }
+    }
+    fn acquire(&self, bytes: usize) {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while u.0 > 0 {
+        // A single request larger than the budget may run alone.
+        while *u > 0 && *u + bytes > self.max {
             u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
         }
+        *u += bytes;
+    }
+    fn release(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *u = u.saturating_sub(bytes);
+        self.freed.notify_all();
     }
 }
 
-type Task = Box<dyn FnOnce() + Send + 'static>;
-
-/// The server-wide worker pool and the buffers its tasks use.
-pub(crate) struct Workers {
-    tx: Mutex<Option<mpsc::Sender<Task>>>,
-    handles: Mutex<Vec<JoinHandle<()>>>,
-    pool: Arc<BufPool>,
+/// What every connection shares: the buffer pool and the byte budget.
+pub(crate) struct ServerIo {
+    pub pool: BufPool,
+    pub bytes: GlobalBytes,
 }
 
-impl Workers {
-    /// Starts `n` workers (0 = two per CPU, at least 4).
-    pub fn start(n: usize) -> Arc<Workers> {
-        let n = if n == 0 {
-            thread::available_parallelism()
-                .map_or(2, |p| p.get())
-                .saturating_mul(2)
-                .max(4)
-        } else {
-            n
-        };
-        let (tx, rx) = mpsc::channel::<Task>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut handles = Vec::new();
-        for _ in 0..n {
-            let rx = rx.clone();
-            let spawned = thread::Builder::new()
-                .name("nbd-worker".into())
-                .spawn(move || loop {
-                    let task = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    match task {
-                        // A panicking backend call still gets its reply (see `Answer`); the worker lives on.
-                        Ok(task) => drop(panic::catch_unwind(AssertUnwindSafe(task))),
-                        Err(_) => return,
-                    }
-                });
-            if let Ok(h) = spawned {
-                handles.push(h);
-            }
-        }
-        // Without any worker, tasks run inline on the connection's thread.
-        let tx = if handles.is_empty() { None } else { Some(tx) };
-        Arc::new(Workers {
-            tx: Mutex::new(tx),
-            handles: Mutex::new(handles),
-            pool: Arc::new(BufPool::new(2 * n + 8)),
-        })
-    }
-
-    fn submit(&self, task: Task) {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        match &*tx {
-            Some(tx) => {
-                if let Err(mpsc::SendError(task)) = tx.send(task) {
-                    task();
-                }
-            }
-            None => {
-                drop(tx);
-                let _ = panic::catch_unwind(AssertUnwindSafe(task));
-            }
-        }
-    }
-
-    /// Lets queued tasks finish and joins the workers.
-    pub fn stop(&self) {
-        drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
-        let handles: Vec<_> = self
-            .handles
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        for h in handles {
-            let _ = h.join();
-        }
-    }
-}
-
-/// What a connection's tasks share: owned, since tasks outlive no connection but run on
-/// threads that are not the connection's.
-struct Conn {
-    backend: Arc<dyn Backend>,
+/// Shared per-connection state used by the reader and the workers.
+struct Conn<'a, W: Write> {
+    export: &'a Export,
     session: Session,
-    tx: mpsc::Sender<Msg>,
-    pool: Arc<BufPool>,
+    out: Replier<'a, W>,
+    budget: Budget,
+    pool: &'a BufPool,
+    global: &'a GlobalBytes,
 }
 
-impl Conn {
-    fn push(&self, bytes: Bytes, cost: usize) {
-        // The writer outlives every sender, so this cannot fail while tasks exist.
-        let _ = self.tx.send(Msg {
-            bytes,
-            release: cost,
-        });
+impl<W: Write> Conn<'_, W> {
+    fn acquire(&self, cost: usize) {
+        self.budget.acquire(cost);
+        self.global.acquire(cost);
+    }
+    fn release(&self, cost: usize) {
+        self.global.release(cost);
+        self.budget.release(cost);
     }
 }
 
@@ -174,22 +127,26 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
     export: &Export,
     limits: &Limits,
     abort: &(dyn Fn() + Sync),
-    workers: &Workers,
+    io_shared: &ServerIo,
 ) {
-    let budget = Budget {
-        used: Mutex::new((0, 0)),
-        freed: Condvar::new(),
-        max_count: limits.max_in_flight.max(1),
-        max_bytes: limits.max_in_flight_bytes,
-    };
-    let failed = AtomicBool::new(false);
-    let (tx, rx) = mpsc::channel::<Msg>();
-    let conn = Arc::new(Conn {
-        backend: export.backend.clone(),
+    let conn = Conn {
+        export,
         session,
-        tx,
-        pool: workers.pool.clone(),
-    });
+        out: Replier::new(w, session.structured, abort),
+        budget: Budget {
+            used: Mutex::new((0, 0)),
+            freed: Condvar::new(),
+            max_count: limits.max_in_flight.max(1),
+            // One connection holds at most half the server's bytes, so a client that stops
+            // reading its replies cannot starve the others.
+            max_bytes: limits
+                .max_in_flight_bytes
+                .min(io_shared.bytes.max / 2)
+                .max(1),
+        },
+        pool: &io_shared.pool,
+        global: &io_shared.bytes,
+    };
     let geo = Geometry {
         size: export.backend.size(),
         read_only: export.backend.is_read_only(),
@@ -198,37 +155,52 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
         max_payload: limits.max_payload,
         max_drain: limits.max_drain.max(limits.max_payload),
     };
-    let (budget, failed) = (&budget, &failed);
-    thread::scope(move |sc| {
-        let pool = &*workers.pool;
-        let release = |cost| budget.release(cost);
-        let spawned = thread::Builder::new()
-            .name("nbd-writer".into())
-            .spawn_scoped(sc, move || {
-                reply::writer(w, rx, failed, abort, pool, &release)
-            });
-        if spawned.is_err() {
-            return;
+    let (tx, rx) = mpsc::sync_channel::<Job>(limits.max_in_flight.max(1));
+    let rx = Mutex::new(rx);
+    thread::scope(|sc| {
+        let mut workers = 0;
+        for _ in 0..limits.workers_per_connection.max(1) {
+            let spawned = thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn_scoped(sc, || worker(&conn, &rx));
+            if spawned.is_ok() {
+                workers += 1;
+            }
         }
+        let inline = workers == 0;
         // Pipelined requests arrive back to back: read them in as few syscalls as possible.
         let mut r = io::BufReader::with_capacity(READ_BUFFER, &mut r);
-        reader(&mut r, &conn, budget, failed, &geo, workers);
-        budget.wait_idle();
-        // The last sender goes with `conn` once no task holds it: the writer then ends.
-        drop(conn);
+        reader(&mut r, &conn, &geo, |job| {
+            if inline {
+                run_guarded(&conn, job);
+                Ok(())
+            } else {
+                tx.send(job).map_err(|_| ())
+            }
+        });
+        // Closing the queue lets the workers finish what was accepted, then exit.
+        drop(tx);
     });
 }
 
-fn reader<R: Read>(
+fn worker<W: Write + Send>(conn: &Conn<'_, W>, rx: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        match job {
+            Ok(job) => run_guarded(conn, job),
+            Err(_) => return,
+        }
+    }
+}
+
+fn reader<R: Read, W: Write>(
     r: &mut R,
-    conn: &Arc<Conn>,
-    budget: &Budget,
-    failed: &AtomicBool,
+    conn: &Conn<'_, W>,
     geo: &Geometry,
-    workers: &Workers,
+    mut dispatch: impl FnMut(Job) -> Result<(), ()>,
 ) {
     let mut hdr = [0u8; wire::REQUEST_LEN];
-    while !failed.load(Ordering::SeqCst) {
+    while !conn.out.failed() {
         if r.read_exact(&mut hdr).is_err() {
             return;
         }
@@ -241,10 +213,7 @@ fn reader<R: Read>(
                 if req.kind == cmd::WRITE && drain(r, u64::from(req.length)).is_err() {
                     return;
                 }
-                // Error replies count against the budget too, so a client that never reads
-                // cannot make them pile up.
-                budget.acquire(0);
-                conn.push(reply::error(conn.session.structured, &req, e, ""), 0);
+                conn.out.error(&req, e, "");
                 continue;
             }
             Verdict::Run(op) => op,
@@ -253,14 +222,14 @@ fn reader<R: Read>(
             Op::Read { len, .. } | Op::Write { len, .. } => len as usize,
             _ => 0,
         };
-        budget.acquire(cost);
+        conn.acquire(cost);
         let mut payload = Vec::new();
         if let Op::Write { len, .. } = op {
             payload = conn.pool.get(len as usize);
             if r.read_exact(&mut payload).is_err() {
                 // Half a payload is never applied (the client went away).
                 conn.pool.put(payload);
-                budget.release(cost);
+                conn.release(cost);
                 return;
             }
         }
@@ -270,8 +239,10 @@ fn reader<R: Read>(
             payload,
             cost,
         };
-        let c = conn.clone();
-        workers.submit(Box::new(move || run(&c, job)));
+        if dispatch(job).is_err() {
+            conn.release(cost);
+            return;
+        }
     }
 }
 
@@ -285,101 +256,67 @@ fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
     }
 }
 
-/// Guarantees every accepted request exactly one reply, even if the backend panics.
-struct Answer<'a> {
-    conn: &'a Conn,
-    req: Request,
-    cost: usize,
-    done: bool,
-}
-
-impl Answer<'_> {
-    fn send(mut self, bytes: Bytes) {
-        self.done = true;
-        self.conn.push(bytes, self.cost);
+/// Runs a job; a panicking backend call still gets an `EIO` reply and frees its budget.
+fn run_guarded<W: Write>(conn: &Conn<'_, W>, job: Job) {
+    let (req, cost) = (job.req, job.cost);
+    if panic::catch_unwind(AssertUnwindSafe(|| run(conn, job))).is_err() {
+        conn.out.error(&req, wire::errno::EIO, "internal error");
+        conn.release(cost);
     }
 }
 
-impl Drop for Answer<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let e = reply::error(
-                self.conn.session.structured,
-                &self.req,
-                wire::errno::EIO,
-                "internal error",
-            );
-            self.conn.push(e, self.cost);
-        }
-    }
-}
-
-fn run(conn: &Conn, job: Job) {
-    let Job {
-        req,
-        op,
-        payload,
-        cost,
-    } = job;
-    let answer = Answer {
-        conn,
-        req,
-        cost,
-        done: false,
-    };
-    let b = &*conn.backend;
-    let sr = conn.session.structured;
-    let req = &answer.req;
-    let bytes = match op {
+fn run<W: Write>(conn: &Conn<'_, W>, job: Job) {
+    let b = &*conn.export.backend;
+    let req = &job.req;
+    let res = match job.op {
         Op::Read { offset, len } => {
             let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
             match b.read(offset, &mut buf[READ_HEADROOM..]) {
-                Ok(()) => reply::read_data(sr, req, offset, buf),
-                Err(e) => {
-                    conn.pool.put(buf);
-                    reply::backend_error(sr, req, &e)
-                }
+                Ok(()) => conn.out.read_data(req, offset, &mut buf),
+                Err(e) => conn.out.backend_error(req, &e),
             }
+            conn.pool.put(buf);
+            Ok(())
         }
+        Op::Write { offset, fua, .. } => b.write(offset, &job.payload, fua),
+        Op::Flush if conn.export.backend.is_read_only() => Ok(()),
+        Op::Flush => b.flush(),
+        Op::Trim { offset, len, fua } => b.trim(offset, u64::from(len), fua),
+        Op::Cache | Op::Disc => Ok(()),
+        Op::WriteZeroes { offset, len, flags } => b.write_zeroes(offset, u64::from(len), flags),
         Op::BlockStatus {
             offset,
             len,
             req_one,
-        } => match block_status(conn, req, offset, len, req_one) {
-            Ok(chunks) => Bytes::Buf(chunks, 0),
-            Err(e) => reply::backend_error(sr, req, &e),
-        },
-        op => {
-            let res = match op {
-                Op::Write { offset, fua, .. } => b.write(offset, &payload, fua),
-                Op::Flush if b.is_read_only() => Ok(()),
-                Op::Flush => b.flush(),
-                Op::Trim { offset, len, fua } => b.trim(offset, u64::from(len), fua),
-                Op::WriteZeroes { offset, len, flags } => {
-                    b.write_zeroes(offset, u64::from(len), flags)
-                }
-                _ => Ok(()),
-            };
-            match res {
-                Ok(()) => reply::ok(req),
-                Err(e) => reply::backend_error(sr, req, &e),
+        } => {
+            match block_status(conn, req, offset, len, req_one) {
+                Ok(chunks) => conn.out.send(&chunks),
+                Err(e) => conn.out.backend_error(req, &e),
             }
+            Ok(())
         }
     };
-    conn.pool.put(payload);
-    answer.send(bytes);
+    if !matches!(job.op, Op::Read { .. } | Op::BlockStatus { .. }) {
+        match res {
+            Ok(()) => conn.out.ok(req),
+            Err(e) => conn.out.backend_error(req, &e),
+        }
+    }
+    conn.pool.put(job.payload);
+    conn.release(job.cost);
 }
 
 /// Builds one `BLOCK_STATUS` chunk per selected context from one backend query.
-fn block_status(
-    conn: &Conn,
+fn block_status<W: Write>(
+    conn: &Conn<'_, W>,
     req: &Request,
     offset: u64,
     len: u32,
     req_one: bool,
 ) -> Result<Vec<u8>, BackendError> {
     let mut raw = Vec::new();
-    conn.backend
+    conn.export
+        .backend
         .block_status(offset, u64::from(len), &mut raw)?;
     let extents = clamp_extents(&raw, u64::from(len));
     if extents.is_empty() {

@@ -1,6 +1,6 @@
-//! The server-wide worker pool must not couple clients: one that stops reading its replies
-//! stalls only itself, and a backend call that panics is still answered (EIO) without
-//! losing a worker.
+//! Server-wide memory bounds must not couple clients: one that stops reading its replies
+//! stalls only itself, and a backend call that panics is still answered (EIO) while the
+//! connection keeps working.
 
 mod client;
 
@@ -20,7 +20,7 @@ fn a_client_that_never_reads_replies_does_not_stall_others() {
     let mem: Arc<dyn Backend> = Arc::new(MemBackend::new(64 * MIB));
     // Few workers, so a coupling bug would show at once.
     let mut limits = Limits::default();
-    limits.workers = 2;
+    limits.workers_per_connection = 2;
     let srv = TestServer::start(vec![("m", mem)], limits);
     let mut stuck = Client::connect(srv.addr);
     stuck.handshake("m", true, &[]);
@@ -114,6 +114,6 @@ fn a_panicking_backend_call_is_answered_eio_and_workers_survive() {
 
 fn one_worker() -> Limits {
     let mut l = Limits::default();
-    l.workers = 1;
+    l.workers_per_connection = 1;
     l
 }
