@@ -33,9 +33,9 @@ pub struct Limits {
     /// Payload bytes in flight per connection (read buffers and write payloads). A single
     /// larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
-    /// Payload and read-buffer bytes in flight across all connections; one connection may
-    /// use at most half. A single larger request still runs, alone. Default 4 MiB per CPU,
-    /// at least 8 MiB: server memory follows the CPUs that process requests, not the clients.
+    /// Read-buffer bytes in flight across all connections; one connection may use at most
+    /// half. A single larger read still runs, alone. Default 4 MiB per CPU, at least 8 MiB:
+    /// read memory follows the CPUs that process requests, not the number of clients.
     pub max_total_in_flight_bytes: usize,
     /// Worker threads per connection running backend calls. Default 4.
     pub workers_per_connection: usize,

@@ -1,13 +1,15 @@
 //! Transmission phase: a reader parses requests and payloads, a few workers run them against the
 //! backend, and replies go out under one mutex so each is written atomically and out of order.
 //!
-//! Memory is bounded by in-flight budgets acquired before a payload is read or a read buffer is
-//! allocated: per connection (request count and bytes) and server-wide (bytes, shared with
-//! every connection, as are the buffers), so I/O memory does not grow with the clients.
+//! Memory is bounded by in-flight budgets acquired before a payload is read or a read is
+//! queued: per connection (request count and bytes), and for read buffers server-wide too
+//! (shared, as are the buffers), so many clients reading at once do not multiply memory.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::{mpsc, Condvar, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::thread;
 
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
@@ -28,6 +30,8 @@ struct Job {
     op: Op,
     payload: Vec<u8>,
     cost: usize,
+    /// Server-wide read-buffer bytes taken (reads only).
+    read_bytes: usize,
 }
 
 /// Counts requests and bytes in flight; `acquire` blocks while the budget is used up.
@@ -56,7 +60,9 @@ impl Budget {
     }
 }
 
-/// Payload and read-buffer bytes in flight across all connections.
+/// Read-buffer bytes in flight across all connections: what many clients reading at once
+/// would otherwise multiply. A connection may hold at most half, so one that stops reading
+/// its replies cannot starve the others.
 pub(crate) struct GlobalBytes {
     used: Mutex<usize>,
     freed: Condvar,
@@ -72,20 +78,31 @@ impl GlobalBytes {
             max: max.max(1),
         }
     }
-    fn acquire(&self, bytes: usize) {
+    /// Takes `bytes` for a connection whose share is `held` (only changed under our lock, so
+    /// waiting here never blocks that connection's releases).
+    fn acquire(&self, bytes: usize, held: &AtomicUsize) {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
         // A single request larger than the budget may run alone.
-        while *u > 0 && *u + bytes > self.max {
+        loop {
+            let h = held.load(Ordering::SeqCst);
+            let over_all = *u > 0 && *u + bytes > self.max;
+            let over_share = h > 0 && h + bytes > self.max / 2;
+            if !over_all && !over_share {
+                break;
+            }
             u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
         }
         *u += bytes;
+        held.fetch_add(bytes, Ordering::SeqCst);
     }
-    fn release(&self, bytes: usize) {
+    fn release(&self, bytes: usize, held: &AtomicUsize) {
         if bytes == 0 {
             return;
         }
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
         *u = u.saturating_sub(bytes);
+        held.fetch_sub(bytes.min(held.load(Ordering::SeqCst)), Ordering::SeqCst);
+        drop(u);
         self.freed.notify_all();
     }
 }
@@ -104,15 +121,22 @@ struct Conn<'a, W: Write> {
     budget: Budget,
     pool: &'a BufPool,
     global: &'a GlobalBytes,
+    /// This connection's share of `global` (only changed under `global`'s lock).
+    global_held: AtomicUsize,
 }
 
 impl<W: Write> Conn<'_, W> {
-    fn acquire(&self, cost: usize) {
+    /// Takes budget for a request; reads also take server-wide read-buffer bytes.
+    fn acquire(&self, cost: usize, read_bytes: usize) {
         self.budget.acquire(cost);
-        self.global.acquire(cost);
+        if read_bytes > 0 {
+            self.global.acquire(read_bytes, &self.global_held);
+        }
     }
-    fn release(&self, cost: usize) {
-        self.global.release(cost);
+    fn release(&self, cost: usize, read_bytes: usize) {
+        if read_bytes > 0 {
+            self.global.release(read_bytes, &self.global_held);
+        }
         self.budget.release(cost);
     }
 }
@@ -137,15 +161,11 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
             used: Mutex::new((0, 0)),
             freed: Condvar::new(),
             max_count: limits.max_in_flight.max(1),
-            // One connection holds at most half the server's bytes, so a client that stops
-            // reading its replies cannot starve the others.
-            max_bytes: limits
-                .max_in_flight_bytes
-                .min(io_shared.bytes.max / 2)
-                .max(1),
+            max_bytes: limits.max_in_flight_bytes,
         },
         pool: &io_shared.pool,
         global: &io_shared.bytes,
+        global_held: AtomicUsize::new(0),
     };
     let geo = Geometry {
         size: export.backend.size(),
@@ -155,14 +175,14 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
         max_payload: limits.max_payload,
         max_drain: limits.max_drain.max(limits.max_payload),
     };
-    let (tx, rx) = mpsc::sync_channel::<Job>(limits.max_in_flight.max(1));
-    let rx = Mutex::new(rx);
+    // Bounded by the budget (at most `max_in_flight` jobs), so the queue needs no cap.
+    let queue = Queue::default();
     thread::scope(|sc| {
         let mut workers = 0;
         for _ in 0..limits.workers_per_connection.max(1) {
             let spawned = thread::Builder::new()
                 .name("nbd-worker".into())
-                .spawn_scoped(sc, || worker(&conn, &rx));
+                .spawn_scoped(sc, || worker(&conn, &queue));
             if spawned.is_ok() {
                 workers += 1;
             }
@@ -175,21 +195,54 @@ pub(crate) fn serve<R: Read, W: Write + Send>(
                 run_guarded(&conn, job);
                 Ok(())
             } else {
-                tx.send(job).map_err(|_| ())
+                queue.push(job);
+                Ok(())
             }
         });
         // Closing the queue lets the workers finish what was accepted, then exit.
-        drop(tx);
+        queue.close();
     });
 }
 
-fn worker<W: Write + Send>(conn: &Conn<'_, W>, rx: &Mutex<mpsc::Receiver<Job>>) {
-    loop {
-        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        match job {
-            Ok(job) => run_guarded(conn, job),
-            Err(_) => return,
+/// The connection's job queue. Workers wait on the condvar without holding the lock, so a
+/// job costs one wake-up (a shared `Mutex<Receiver>` made idle workers queue on the mutex).
+#[derive(Default)]
+struct Queue {
+    state: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn push(&self, job: Job) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push_back(job);
+        self.ready.notify_one();
+    }
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.ready.notify_all();
+    }
+    /// The next job, or `None` once the queue is closed and empty.
+    fn pop(&self) -> Option<Job> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(job) = st.0.pop_front() {
+                return Some(job);
+            }
+            if st.1 {
+                return None;
+            }
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+    }
+}
+
+fn worker<W: Write + Send>(conn: &Conn<'_, W>, queue: &Queue) {
+    while let Some(job) = queue.pop() {
+        run_guarded(conn, job);
     }
 }
 
@@ -222,14 +275,19 @@ fn reader<R: Read, W: Write>(
             Op::Read { len, .. } | Op::Write { len, .. } => len as usize,
             _ => 0,
         };
-        conn.acquire(cost);
+        let read_bytes = if matches!(op, Op::Read { .. }) {
+            cost
+        } else {
+            0
+        };
+        conn.acquire(cost, read_bytes);
         let mut payload = Vec::new();
         if let Op::Write { len, .. } = op {
             payload = conn.pool.get(len as usize);
             if r.read_exact(&mut payload).is_err() {
                 // Half a payload is never applied (the client went away).
                 conn.pool.put(payload);
-                conn.release(cost);
+                conn.release(cost, read_bytes);
                 return;
             }
         }
@@ -238,9 +296,10 @@ fn reader<R: Read, W: Write>(
             op,
             payload,
             cost,
+            read_bytes,
         };
         if dispatch(job).is_err() {
-            conn.release(cost);
+            conn.release(cost, read_bytes);
             return;
         }
     }
@@ -258,10 +317,10 @@ fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
 
 /// Runs a job; a panicking backend call still gets an `EIO` reply and frees its budget.
 fn run_guarded<W: Write>(conn: &Conn<'_, W>, job: Job) {
-    let (req, cost) = (job.req, job.cost);
+    let (req, cost, read_bytes) = (job.req, job.cost, job.read_bytes);
     if panic::catch_unwind(AssertUnwindSafe(|| run(conn, job))).is_err() {
         conn.out.error(&req, wire::errno::EIO, "internal error");
-        conn.release(cost);
+        conn.release(cost, read_bytes);
     }
 }
 
@@ -303,7 +362,7 @@ fn run<W: Write>(conn: &Conn<'_, W>, job: Job) {
         }
     }
     conn.pool.put(job.payload);
-    conn.release(job.cost);
+    conn.release(job.cost, job.read_bytes);
 }
 
 /// Builds one `BLOCK_STATUS` chunk per selected context from one backend query.
