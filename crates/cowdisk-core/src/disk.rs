@@ -12,7 +12,6 @@
 //! map pages, syncs the data, writes the pages into their inactive A/B slots and
 //! syncs again: a map entry is never durable before its data (FORMAT.md §Crash).
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,9 +25,28 @@ use crate::storage::Storage;
 /// Lock stripes serialising writers per block (copy-up must not race a write).
 const STRIPES: usize = 1024;
 
-thread_local! {
-    /// Copy-up scratch buffer, reused so requests do not allocate.
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+/// Block-sized buffers for copy-up and verification, shared by every thread, so requests
+/// do not allocate and memory follows how many run at once, not how many threads a server
+/// has (a thread-local buffer per NBD worker multiplied with every connection).
+struct ScratchPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    len: usize,
+}
+
+/// Free scratch buffers kept (about the number of CPUs that copy at once).
+const SCRATCH_KEPT: usize = 8;
+
+impl ScratchPool {
+    fn with<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let taken = lock(&self.free).pop();
+        let mut buf = taken.unwrap_or_else(|| vec![0u8; self.len]);
+        let r = f(&mut buf);
+        let mut free = lock(&self.free);
+        if free.len() < SCRATCH_KEPT {
+            free.push(buf);
+        }
+        r
+    }
 }
 
 /// A sealed layer below the top, kept open for reads.
@@ -189,6 +207,7 @@ pub struct Disk {
     flush_lock: Mutex<()>,
     poisoned: AtomicBool,
     zeros: Box<[u8]>,
+    scratch: ScratchPool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -208,6 +227,10 @@ impl Disk {
             flush_lock: Mutex::new(()),
             poisoned: AtomicBool::new(false),
             zeros: vec![0u8; geometry.block_size as usize].into_boxed_slice(),
+            scratch: ScratchPool {
+                free: Mutex::new(Vec::new()),
+                len: geometry.block_size as usize,
+            },
         }
     }
 
@@ -443,11 +466,7 @@ impl Disk {
             }
             let n = g.block_len(b);
             let off = g.block_offset(b);
-            SCRATCH.with(|s| {
-                let mut s = s.borrow_mut();
-                if s.len() < n {
-                    s.resize(n, 0);
-                }
+            self.scratch.with(|s| {
                 layer
                     .storage
                     .read_at(&mut s[..n], off)
@@ -463,11 +482,7 @@ impl Disk {
         let off = self.geometry.block_offset(b);
         let layer = &self.lower.layers[i];
         let lower_off = layer.header.geometry.block_offset(b);
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < blen {
-                s.resize(blen, 0);
-            }
+        self.scratch.with(|s| {
             let buf = &mut s[..blen];
             // A smaller parent's last block is short in its virtual size but whole in its
             // file (zeros past the end), so reading a full block there is in bounds.
