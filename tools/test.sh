@@ -8,5 +8,8 @@ bash tools/install-deps.sh
 export CI="${CI:-true}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The NBD client tests spawn the memserve example; --all-targets builds examples only as
+# test binaries, so build the real ones first.
+cargo build --workspace --examples
 cargo test --workspace --all-targets
 cargo test --workspace --doc
