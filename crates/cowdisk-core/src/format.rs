@@ -498,7 +498,7 @@ pub enum PageSlot {
     Invalid(&'static str),
 }
 
-/// Classifies a page slot. `entries` receives the packed entry bytes when valid.
+/// Classifies a page slot; when valid, its entries are the bytes after [`PAGE_HEADER`].
 pub fn decode_page(b: &[u8], index: u64) -> PageSlot {
     debug_assert_eq!(b.len(), PAGE_SIZE as usize);
     if b.iter().all(|&x| x == 0) {

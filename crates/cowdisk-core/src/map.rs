@@ -319,14 +319,6 @@ impl AllocMap {
         }
         Ok(())
     }
-
-    /// Writes every page (for new layers built in bulk: flatten, squash, import).
-    pub fn mark_all_dirty(&self) {
-        let pages = self.pages.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
-        for p in 0..pages {
-            self.dirty[(p / 64) as usize].fetch_or(1 << (p % 64), SeqCst);
-        }
-    }
 }
 
 /// Why a map could not be loaded.

@@ -77,11 +77,6 @@ impl ResolvedMap {
             LowerOwner::Data(usize::from(e) - 1)
         }
     }
-
-    /// True if no block in `[first, first + n)` has a lower owner (fast skip).
-    pub fn chunk_is_empty(&self, b: u64) -> bool {
-        !matches!(self.chunks.get((b / CHUNK) as usize), Some(Some(_)))
-    }
 }
 
 /// What a range of the virtual disk reads as.
