@@ -12,6 +12,7 @@
 //! map pages, syncs the data, writes the pages into their inactive A/B slots and
 //! syncs again: a map entry is never durable before its data (FORMAT.md §Crash).
 
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,28 +26,62 @@ use crate::storage::Storage;
 /// Lock stripes serialising writers per block (copy-up must not race a write).
 const STRIPES: usize = 1024;
 
-/// Block-sized buffers for copy-up and verification, shared by every thread, so requests
-/// do not allocate and memory follows how many run at once, not how many threads a server
-/// has (a thread-local buffer per NBD worker multiplied with every connection).
+/// Block-sized buffers for copy-up and verification, shared by every thread and every disk
+/// in the process, so requests do not allocate and memory follows how many copies run at
+/// once, not how many threads or clones a server has (a pool per disk kept a few blocks per
+/// clone: 8 clones reading a fresh base held 8 times the buffers of one).
 struct ScratchPool {
     free: Mutex<Vec<Vec<u8>>>,
-    len: usize,
 }
 
 /// Free scratch buffers kept (about the number of CPUs that copy at once).
 const SCRATCH_KEPT: usize = 8;
 
+/// Bytes read at once when verifying a block without keeping it.
+const VERIFY_PIECE: usize = 16 * 1024;
+
+/// Zeros to write, as large as the largest block. Static and never written, so its pages
+/// are the kernel's shared zero page: no memory per disk (a zeroed buffer per clone was
+/// most of what an idle clone cost).
+static ZERO_BLOCK: [u8; crate::format::MAX_BLOCK_SIZE as usize] =
+    [0; crate::format::MAX_BLOCK_SIZE as usize];
+
+static SCRATCH: ScratchPool = ScratchPool {
+    free: Mutex::new(Vec::new()),
+};
+
 impl ScratchPool {
-    fn with<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        let taken = lock(&self.free).pop();
-        let mut buf = taken.unwrap_or_else(|| vec![0u8; self.len]);
-        let r = f(&mut buf);
+    /// Runs `f` with a zero-initialised-once buffer of exactly `len` bytes.
+    fn with<R>(&self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let taken = {
+            let mut free = lock(&self.free);
+            let pos = free.iter().position(|b| b.len() >= len);
+            pos.map(|i| free.swap_remove(i))
+        };
+        let mut buf = taken.unwrap_or_else(|| vec![0u8; len]);
+        let r = f(&mut buf[..len]);
         let mut free = lock(&self.free);
         if free.len() < SCRATCH_KEPT {
             free.push(buf);
         }
         r
     }
+}
+
+/// Where part of a read comes from (see [`Disk::read_pieces`]).
+#[derive(Debug, Clone, Copy)]
+pub enum ReadPiece<'a> {
+    /// This many bytes of zeros.
+    Zeros(u64),
+    /// `len` bytes of an open layer file at file offset `offset`.
+    File {
+        /// The layer file.
+        fd: BorrowedFd<'a>,
+        /// Offset in the file.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 /// A sealed layer below the top, kept open for reads.
@@ -92,10 +127,14 @@ impl LowerLayer {
     /// Compares `data` (block `b`'s bytes, its virtual length) with the stored CRC.
     /// A mismatch is an error, never bad bytes or a fall-through (RELIABILITY I5).
     fn verify(&self, b: u64, data: &[u8]) -> Result<(), IoError> {
+        self.verify_crc(b, crc32fast::hash(data))
+    }
+
+    /// As [`LowerLayer::verify`], with the CRC of the block's bytes already computed.
+    fn verify_crc(&self, b: u64, actual: u32) -> Result<(), IoError> {
         let g = &self.header.geometry;
         let stored = crate::layer::stored_block_crc(&*self.storage, g, b)
             .map_err(|e| Disk::io_err(&self.path, "read block CRC", g.crc_offset + b * 4, e))?;
-        let actual = crc32fast::hash(data);
         if stored != actual {
             return Err(IoError::Checksum {
                 path: self.path.clone(),
@@ -206,8 +245,6 @@ pub struct Disk {
     stripes: Box<[Mutex<()>]>,
     flush_lock: Mutex<()>,
     poisoned: AtomicBool,
-    zeros: Box<[u8]>,
-    scratch: ScratchPool,
     /// Serialises copy-up writes. The kernel serialises buffered writes to one file anyway
     /// (the inode lock), and its waiters spin while the owner allocates and copies a block;
     /// waiting here instead leaves the CPU to threads reading and verifying the next blocks
@@ -231,11 +268,6 @@ impl Disk {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             flush_lock: Mutex::new(()),
             poisoned: AtomicBool::new(false),
-            zeros: vec![0u8; geometry.block_size as usize].into_boxed_slice(),
-            scratch: ScratchPool {
-                free: Mutex::new(Vec::new()),
-                len: geometry.block_size as usize,
-            },
             copy_lock: Mutex::new(()),
         }
     }
@@ -399,6 +431,49 @@ impl Disk {
         })
     }
 
+    /// Plans a read of `[offset, offset + len)` as pieces of layer files and zeros, for
+    /// callers that send the bytes without copying them through memory (`sendfile`). Checks
+    /// the range and verifies sealed blocks exactly as [`Disk::read`] does, so a piece is
+    /// only ever good data. Returns `false` if a layer has no file
+    /// descriptor (simulated storage): discard the pieces `f` got and use `read` then.
+    ///
+    /// The pieces stay valid while the disk lives: lower layers never change, and a top
+    /// block keeps its file offset, so a concurrent write or discard of the same range is
+    /// seen whole or not at all per block, as with `read`.
+    pub fn read_pieces<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(ReadPiece<'a>),
+    ) -> Result<bool, IoError> {
+        let mut complete = true;
+        self.resolve(offset, len, |m| {
+            let piece = match m.kind {
+                MappingKind::Data { depth } => {
+                    if depth > 0 {
+                        self.verify_run(depth as usize - 1, m.offset, m.len)?;
+                    }
+                    let (st, _, data_offset) = self.storage_at(depth);
+                    match st.fd() {
+                        Some(fd) => ReadPiece::File {
+                            fd,
+                            offset: data_offset + m.offset,
+                            len: m.len,
+                        },
+                        None => {
+                            complete = false;
+                            return Ok(());
+                        }
+                    }
+                }
+                _ => ReadPiece::Zeros(m.len),
+            };
+            f(piece);
+            Ok::<(), IoError>(())
+        })?;
+        Ok(complete)
+    }
+
     /// Writes `data` at `offset`, copying up partially written blocks from below.
     pub fn write(&self, offset: u64, data: &[u8], flags: WriteFlags) -> Result<(), IoError> {
         self.check_writable()?;
@@ -459,9 +534,9 @@ impl Disk {
         Ok(())
     }
 
-    /// Copies block `b` from lower layer `i` into the top, with `chunk` applied. If the
-    /// lower read fails nothing is written or allocated (RELIABILITY rule 3).
     /// Checks every not-yet-verified block of lower layer `i` in a run against its CRC.
+    /// Reads go through a small buffer in pieces: a zero-copy read needs the bytes only for
+    /// their CRC, so it should not cost a block-sized buffer per thread.
     fn verify_run(&self, i: usize, offset: u64, len: u64) -> Result<(), IoError> {
         let layer = &self.lower.layers[i];
         let g = &layer.header.geometry;
@@ -472,24 +547,35 @@ impl Disk {
             }
             let n = g.block_len(b);
             let off = g.block_offset(b);
-            self.scratch.with(|s| {
-                layer
-                    .storage
-                    .read_at(&mut s[..n], off)
-                    .map_err(|e| Self::io_err(&layer.path, "read", off, e))?;
-                layer.verify(b, &s[..n])
+            let piece = n.min(VERIFY_PIECE);
+            let crc = SCRATCH.with(piece, |s| {
+                let mut h = crc32fast::Hasher::new();
+                let mut done = 0;
+                while done < n {
+                    let k = piece.min(n - done);
+                    let o = off + done as u64;
+                    layer
+                        .storage
+                        .read_at(&mut s[..k], o)
+                        .map_err(|e| Self::io_err(&layer.path, "read", o, e))?;
+                    h.update(&s[..k]);
+                    done += k;
+                }
+                Ok::<u32, IoError>(h.finalize())
             })?;
+            layer.verify_crc(b, crc)?;
         }
         Ok(())
     }
 
+    /// Copies block `b` from lower layer `i` into the top, with `chunk` applied. If the
+    /// lower read fails nothing is written or allocated (RELIABILITY rule 3).
     fn copy_up(&self, b: u64, i: usize, within: usize, chunk: &[u8]) -> Result<(), IoError> {
         let blen = self.geometry.block_len(b);
         let off = self.geometry.block_offset(b);
         let layer = &self.lower.layers[i];
         let lower_off = layer.header.geometry.block_offset(b);
-        self.scratch.with(|s| {
-            let buf = &mut s[..blen];
+        SCRATCH.with(blen, |buf| {
             // A smaller parent's last block is short in its virtual size but whole in its
             // file (zeros past the end), so reading a full block there is in bounds.
             layer
@@ -587,7 +673,7 @@ impl Disk {
         if reads_zero && n < self.geometry.block_len(b) {
             return Ok(());
         }
-        self.write_block(b, within, &self.zeros[..n])
+        self.write_block(b, within, &ZERO_BLOCK[..n])
     }
 
     /// Makes every write completed before this call durable. After a failed sync the

@@ -33,7 +33,7 @@ pub mod storage;
 
 pub use chain::{LowerCache, OpenOptions, MAX_DEPTH};
 pub use create::{create_child, create_image};
-pub use disk::{Access, Disk, Extent, ExtentState, LayerInfo, WriteFlags, ZeroFlags};
+pub use disk::{Access, Disk, Extent, ExtentState, LayerInfo, ReadPiece, WriteFlags, ZeroFlags};
 pub use error::{FormatError, IoError, IoErrorKind, OpenError};
 pub use format::{BlockState, Geometry, Header, LayerState, ParentRef, Uuid, DEFAULT_BLOCK_SIZE};
 pub use storage::{FileStorage, Storage};

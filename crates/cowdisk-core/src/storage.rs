@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 
 /// Positional, exact I/O on one layer file.
@@ -25,6 +26,11 @@ pub trait Storage: Send + Sync {
     /// Bytes actually allocated (for `info`); 0 where unknown.
     fn allocated_bytes(&self) -> u64 {
         0
+    }
+    /// The open file, for callers that move bytes without copying them (`sendfile`);
+    /// `None` where there is no real file.
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
 }
 
@@ -87,5 +93,8 @@ impl Storage for FileStorage {
     fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
     }
 }
