@@ -1,5 +1,7 @@
 //! The storage interface the server drives: one shared object per export.
 
+use std::os::fd::BorrowedFd;
+
 use thiserror::Error;
 
 /// What a backend failure means to the client; each kind maps to one NBD errno.
@@ -77,6 +79,22 @@ pub struct Extent {
     pub depth: u32,
 }
 
+/// Where part of a read's bytes are (see [`Backend::read_pieces`]).
+#[derive(Debug, Clone, Copy)]
+pub enum ReadPiece<'a> {
+    /// This many bytes of zeros.
+    Zeros(u64),
+    /// `len` bytes of an open file at file offset `offset`.
+    File {
+        /// The file.
+        fd: BorrowedFd<'a>,
+        /// Offset in the file.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
 /// A block device exported over NBD.
 ///
 /// One object serves every connection to its export, concurrently, so `flush` must make every
@@ -97,6 +115,20 @@ pub trait Backend: Send + Sync {
     fn is_read_only(&self) -> bool;
     /// Fills `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
+    /// Zero-copy reads (optional): fills `out` with where the `len` bytes at `offset` are,
+    /// after every check `read` makes, and returns `true`; the server then sends file ranges
+    /// with `sendfile(2)` and needs no buffer. The pieces must stay readable and, for data the
+    /// client did not change meanwhile, unchanged until the reply is sent. The default returns
+    /// `false`: the server calls `read`.
+    fn read_pieces<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<ReadPiece<'a>>,
+    ) -> Result<bool, BackendError> {
+        let _ = (offset, len, out);
+        Ok(false)
+    }
     /// Writes `data` at `offset`; with `fua` it is durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
     /// Makes every completed write durable.

@@ -47,6 +47,6 @@ mod transmission;
 mod validate;
 pub mod wire;
 
-pub use backend::{Backend, BackendError, BackendErrorKind, Extent, ZeroFlags};
+pub use backend::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, ZeroFlags};
 pub use limits::Limits;
 pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle};

@@ -1,12 +1,13 @@
 //! Reply writing (one mutex, one `write_all` per reply so replies never interleave) and a small
 //! buffer pool so steady-state I/O does not allocate per request.
 
-use std::io::Write;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::wire::{self, chunk, cmd, Request};
-use crate::BackendError;
+use crate::{BackendError, ReadPiece};
 
 /// Space reserved in front of read data for the largest reply header (chunk header + offset),
 /// so header and data go out in one write.
@@ -113,6 +114,85 @@ impl<'a, W: Write> Replier<'a, W> {
             self.send(&buf[start..]);
         }
     }
+}
+
+impl<W: Write + AsFd> Replier<'_, W> {
+    /// Successful READ reply sent from files with `sendfile(2)`: the header, then every piece,
+    /// holding the writer throughout. A failure after the header can no longer be answered
+    /// with an error, so the connection is dropped: the client never takes part of a reply
+    /// for data.
+    pub fn read_pieces(&self, req: &Request, offset: u64, len: u32, pieces: &[ReadPiece<'_>]) {
+        if self.failed() {
+            return;
+        }
+        let mut hdr = [0u8; READ_HEADROOM];
+        let head = if self.structured {
+            let mut h = [0u8; wire::CHUNK_HEADER_LEN];
+            // len is a validated payload length, far below u32::MAX - 8.
+            let plen = len.saturating_add(8);
+            wire::chunk_header(
+                &mut h,
+                chunk::FLAG_DONE,
+                chunk::OFFSET_DATA,
+                req.cookie,
+                plen,
+            );
+            hdr[..wire::CHUNK_HEADER_LEN].copy_from_slice(&h);
+            let mut o = [0u8; 8];
+            wire::write_u64(&mut o, offset);
+            hdr[wire::CHUNK_HEADER_LEN..].copy_from_slice(&o);
+            &hdr[..]
+        } else {
+            let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
+            wire::simple_reply(&mut h, 0, req.cookie);
+            hdr[..wire::SIMPLE_REPLY_LEN].copy_from_slice(&h);
+            &hdr[..wire::SIMPLE_REPLY_LEN]
+        };
+        let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = w
+            .write_all(head)
+            .and_then(|()| send_pieces(&mut *w, pieces));
+        if sent.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+            drop(w);
+            (self.abort)();
+        }
+    }
+}
+
+/// Zeros for `ReadPiece::Zeros`, from a static so they cost no allocation.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+fn send_pieces<W: Write + AsFd>(w: &mut W, pieces: &[ReadPiece<'_>]) -> io::Result<()> {
+    for p in pieces {
+        match *p {
+            ReadPiece::Zeros(mut n) => {
+                while n > 0 {
+                    let k = n.min(ZEROS.len() as u64) as usize;
+                    w.write_all(&ZEROS[..k])?;
+                    n -= k as u64;
+                }
+            }
+            ReadPiece::File {
+                fd,
+                mut offset,
+                len,
+            } => {
+                let mut left = len;
+                while left > 0 {
+                    let chunk = left.min(1 << 30) as usize;
+                    match rustix::fs::sendfile(w.as_fd(), fd, Some(&mut offset), chunk) {
+                        // The file is shorter than the backend said: never pad with garbage.
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => left -= n as u64,
+                        Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> &str {

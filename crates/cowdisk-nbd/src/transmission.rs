@@ -7,6 +7,7 @@
 //! (shared, as are the buffers), so many clients reading at once do not multiply memory.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -17,10 +18,14 @@ use crate::handshake::Session;
 use crate::reply::{BufPool, Replier, READ_HEADROOM};
 use crate::validate::{validate, Geometry, Op, Verdict};
 use crate::wire::{self, cmd, state, Request};
-use crate::{BackendError, BackendErrorKind, Extent, Limits};
+use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits, ReadPiece};
 
 /// Request bytes read from the socket at once.
 const READ_BUFFER: usize = 16 * 1024;
+
+/// Read pieces a worker has room for without allocating (a request spanning more grows it):
+/// worker threads that never allocate never get a malloc arena of their own.
+const PIECES: usize = 64;
 
 /// Most extents sent per context in one reply; the client asks again for the rest.
 const MAX_EXTENTS: usize = 1 << 16;
@@ -144,7 +149,7 @@ impl<W: Write> Conn<'_, W> {
 /// Serves requests until `DISC`, EOF, a protocol violation or a dead socket, then waits for
 /// every accepted request to be answered. `abort` must make blocked reads on `r` return (it is
 /// called when a reply cannot be written).
-pub(crate) fn serve<R: Read + Send, W: Write + Send>(
+pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
     r: R,
     w: W,
     session: Session,
@@ -184,11 +189,12 @@ pub(crate) fn serve<R: Read + Send, W: Write + Send>(
         // This thread serves too, so a connection costs `workers_per_connection` threads and
         // still works if none can be spawned.
         for _ in 1..limits.workers_per_connection.max(1) {
+            let pieces = Vec::with_capacity(PIECES);
             let _ = thread::Builder::new()
                 .name("nbd-worker".into())
-                .spawn_scoped(sc, || follower(&conn, &input, &geo));
+                .spawn_scoped(sc, || follower(&conn, &input, &geo, pieces));
         }
-        follower(&conn, &input, &geo);
+        follower(&conn, &input, &geo, Vec::with_capacity(PIECES));
     });
 }
 
@@ -203,7 +209,12 @@ struct Input<R> {
 /// input to the next waiting thread and runs the request itself. A request never changes
 /// threads, so it costs no wake-up on its path (a reader handing jobs to workers cost one
 /// context switch per request, a third of small-write throughput on 2 CPUs).
-fn follower<R: Read, W: Write>(conn: &Conn<'_, W>, input: &Input<R>, geo: &Geometry) {
+fn follower<'a, R: Read, W: Write + AsFd>(
+    conn: &Conn<'a, W>,
+    input: &Input<R>,
+    geo: &Geometry,
+    mut pieces: Vec<ReadPiece<'a>>,
+) {
     loop {
         let job = {
             let mut r = input.r.lock().unwrap_or_else(|e| e.into_inner());
@@ -218,7 +229,7 @@ fn follower<R: Read, W: Write>(conn: &Conn<'_, W>, input: &Input<R>, geo: &Geome
                 }
             }
         };
-        run_guarded(conn, job);
+        run_guarded(conn, job, &mut pieces);
     }
 }
 
@@ -284,25 +295,33 @@ fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
 }
 
 /// Runs a job; a panicking backend call still gets an `EIO` reply and frees its budget.
-fn run_guarded<W: Write>(conn: &Conn<'_, W>, job: Job) {
+fn run_guarded<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job, pieces: &mut Vec<ReadPiece<'a>>) {
     let (req, cost, read_bytes) = (job.req, job.cost, job.read_bytes);
-    if panic::catch_unwind(AssertUnwindSafe(|| run(conn, job))).is_err() {
+    if panic::catch_unwind(AssertUnwindSafe(|| run(conn, job, pieces))).is_err() {
         conn.out.error(&req, wire::errno::EIO, "internal error");
         conn.release(cost, read_bytes);
     }
 }
 
-fn run<W: Write>(conn: &Conn<'_, W>, job: Job) {
-    let b = &*conn.export.backend;
+fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job, pieces: &mut Vec<ReadPiece<'a>>) {
+    let b: &'a dyn Backend = &*conn.export.backend;
     let req = &job.req;
     let res = match job.op {
         Op::Read { offset, len } => {
-            let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
-            match b.read(offset, &mut buf[READ_HEADROOM..]) {
-                Ok(()) => conn.out.read_data(req, offset, &mut buf),
+            pieces.clear();
+            match b.read_pieces(offset, u64::from(len), pieces) {
+                // Zero-copy: no buffer, one copy fewer.
+                Ok(true) => conn.out.read_pieces(req, offset, len, pieces),
+                Ok(false) => {
+                    let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
+                    match b.read(offset, &mut buf[READ_HEADROOM..]) {
+                        Ok(()) => conn.out.read_data(req, offset, &mut buf),
+                        Err(e) => conn.out.backend_error(req, &e),
+                    }
+                    conn.pool.put(buf);
+                }
                 Err(e) => conn.out.backend_error(req, &e),
             }
-            conn.pool.put(buf);
             Ok(())
         }
         Op::Write { offset, fua, .. } => b.write(offset, &job.payload, fua),

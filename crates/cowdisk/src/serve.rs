@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cowdisk_core::{
     Access, Disk, ExtentState, IoError, IoErrorKind, LowerCache, OpenOptions, WriteFlags,
 };
-use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, Server, ZeroFlags};
+use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, Server, ZeroFlags};
 
 /// Default TCP address: loopback only unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -77,6 +77,28 @@ impl Backend for DiskBackend {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         self.disk.read(offset, buf).map_err(nbd_err)
+    }
+    fn read_pieces<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<ReadPiece<'a>>,
+    ) -> Result<bool, BackendError> {
+        let complete = self
+            .disk
+            .read_pieces(offset, len, |p| {
+                out.push(match p {
+                    cowdisk_core::ReadPiece::Zeros(n) => ReadPiece::Zeros(n),
+                    cowdisk_core::ReadPiece::File { fd, offset, len } => {
+                        ReadPiece::File { fd, offset, len }
+                    }
+                })
+            })
+            .map_err(nbd_err)?;
+        if !complete {
+            out.clear();
+        }
+        Ok(complete)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         self.disk

@@ -160,6 +160,12 @@ impl Client {
     }
 
     /// Connects and sends client flags `FIXED_NEWSTYLE | NO_ZEROES`.
+    /// The socket, for tests that read what the server sends raw.
+    #[allow(dead_code)]
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.s
+    }
+
     pub fn connect(addr: SocketAddr) -> Self {
         let mut c = Self::connect_raw(addr);
         c.s.write_all(&3u32.to_be_bytes()).unwrap();
