@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// Export name (only with a single image).
     #[arg(long, value_name = "NAME")]
     pub export_name: Option<String>,
+    /// Threads per connection that read and run requests (1-64). Requests of one connection
+    /// run in parallel up to this many; more help only when the storage itself waits.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
 }
 
 /// Adapts an open [`Disk`] to the NBD server's backend trait.
@@ -185,7 +190,9 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
         Access::ReadWrite
     };
     let cache = Arc::new(LowerCache::new());
-    let mut builder = Server::builder();
+    let mut limits = cowdisk_nbd::Limits::default();
+    limits.workers_per_connection = usize::from(args.threads);
+    let mut builder = Server::builder().limits(limits);
     let mut names = Vec::new();
     for img in &args.images {
         crate::ops::recover(img).map_err(|e| e.to_string())?;

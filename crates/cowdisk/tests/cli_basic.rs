@@ -26,6 +26,8 @@ fn usage_errors_exit_1() {
     assert_eq!(code(&o), 1);
     let o = run(&["frobnicate"]);
     assert_eq!(code(&o), 1);
+    let o = run(&["serve", "x.cow", "--threads", "0"]);
+    assert_eq!(code(&o), 1);
 }
 
 #[test]

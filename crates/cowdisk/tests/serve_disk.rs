@@ -249,7 +249,8 @@ fn clones_of_one_base_served_together() {
     cowdisk_ok(&["create", s(&c1), "--backing", s(&mid)]);
     cowdisk_ok(&["create", s(&c2), "--backing", s(&mid)]);
     let (b0, m0) = (sha(&base), sha(&mid));
-    let srv = Serve::start(&[&c1, &c2], &d.0.join("clones.sock"), &[]);
+    // One thread per connection: it alone reads and runs every request.
+    let srv = Serve::start(&[&c1, &c2], &d.0.join("clones.sock"), &["--threads", "1"]);
     let list = run_ok("nbdinfo", &["--list", &srv.uri("")], 30);
     assert!(list.contains("c1.cow") && list.contains("c2.cow"), "{list}");
     qemu_io(&srv.uri("c1.cow"), &["write -P 0xc1 100k 8k", "flush"]);
