@@ -336,6 +336,14 @@ write_round() {  # write_round REP
     [[ $c == psync-raw ]] || stop_server
   done
   rm -f "$DATA"/cow/top.*
+  # For scale: what the file system alone charges for the 64 KiB a first write must allocate
+  # (fio psync, 64 KiB writes into a fresh sparse file on the same file system, one job, each
+  # block once, nothing read, no NBD). Every copy-on-write contender pays at least this.
+  local floor=$DATA/floor.raw
+  rm -f "$floor"; truncate -s "${SIZE_MB}m" "$floor"
+  run_fio firstwrite-floor psync-fresh64k "$rep" write --name=psync-fresh64k --ioengine=psync \
+    --invalidate=0 "--filename=$floor" "--size=${SIZE_MB}m" --rw=randwrite --bs=64k
+  rm -f "$floor"
 }
 # After the first-write pass the top must hold every block (each write was a copy-up).
 check_first_writes() {
@@ -538,6 +546,11 @@ report() {
     echo "### firstwrite — \`${WL_ARGS[firstwrite]}\` (one 4 KiB write into each 64 KiB block of a fresh top)"
     echo
     workload_table firstwrite "${WRITERS[@]}"; echo
+    if has firstwrite-floor psync-fresh64k; then
+      local fl; fl=$(med firstwrite-floor psync-fresh64k 5)
+      echo "For scale, the file system's own cost of the 64 KiB each first write allocates: fio psync writing 64 KiB blocks into a fresh sparse file on the same file system (one job, nothing read, no NBD) ran at **$(fmt "$fl" 0) IOPS** (median of $(nreps firstwrite-floor psync-fresh64k)). Twice qemu-nbd+qcow2 would be $(fmt "$(awk -v q="$(med firstwrite qcow2-top 5)" 'BEGIN {print 2 * q}')" 0) IOPS, $(awk -v q="$(med firstwrite qcow2-top 5)" -v f="$fl" 'BEGIN {if (f > 0) printf "%.0f", 200 * q / f; else print "–"}') % of that floor; cowdisk's first writes reach $(awk -v c="$(med firstwrite cowdisk-top 5)" -v f="$fl" 'BEGIN {if (f > 0) printf "%.0f", 100 * c / f; else print "–"}') % of it."
+      echo
+    fi
     for wl in rewrite seqwrite; do
       echo "### $wl — \`${WL_ARGS[$wl]}\` (same top, after firstwrite)"; echo
       workload_table "$wl" "${WRITERS[@]}"; echo

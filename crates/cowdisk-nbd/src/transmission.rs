@@ -2,9 +2,10 @@
 //! each runs the request it read against the backend; replies go out under one mutex so each
 //! is written atomically and out of order.
 //!
-//! Memory is bounded by in-flight budgets acquired before a payload is read or a read is
-//! queued: per connection (request count and bytes), and for read buffers server-wide too
-//! (shared, as are the buffers), so many clients reading at once do not multiply memory.
+//! Memory is bounded by in-flight budgets: per connection (request count and bytes, taken
+//! before a payload is read), and server-wide for read buffers (taken before one is filled;
+//! shared, as are the buffers), so many clients reading at once do not multiply memory. Reads
+//! a backend serves zero-copy (`sendfile`) need no buffer and take no read-buffer bytes.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
@@ -35,8 +36,6 @@ struct Job {
     op: Op,
     payload: Vec<u8>,
     cost: usize,
-    /// Server-wide read-buffer bytes taken (reads only).
-    read_bytes: usize,
 }
 
 /// Counts requests and bytes in flight; `acquire` blocks while the budget is used up.
@@ -131,18 +130,35 @@ struct Conn<'a, W: Write> {
 }
 
 impl<W: Write> Conn<'_, W> {
-    /// Takes budget for a request; reads also take server-wide read-buffer bytes.
-    fn acquire(&self, cost: usize, read_bytes: usize) {
+    /// Takes per-connection budget for a request.
+    fn acquire(&self, cost: usize) {
         self.budget.acquire(cost);
-        if read_bytes > 0 {
-            self.global.acquire(read_bytes, &self.global_held);
+    }
+    fn release(&self, cost: usize) {
+        self.budget.release(cost);
+    }
+    /// Takes server-wide read-buffer bytes, given back when the guard drops (also on a
+    /// panic). Only reads that need a buffer take them: zero-copy reads hold no memory.
+    fn read_buffer_bytes(&self, bytes: usize) -> ReadBytes<'_> {
+        self.global.acquire(bytes, &self.global_held);
+        ReadBytes {
+            global: self.global,
+            held: &self.global_held,
+            bytes,
         }
     }
-    fn release(&self, cost: usize, read_bytes: usize) {
-        if read_bytes > 0 {
-            self.global.release(read_bytes, &self.global_held);
-        }
-        self.budget.release(cost);
+}
+
+/// Server-wide read-buffer bytes held by one request.
+struct ReadBytes<'a> {
+    global: &'a GlobalBytes,
+    held: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl Drop for ReadBytes<'_> {
+    fn drop(&mut self) {
+        self.global.release(self.bytes, self.held);
     }
 }
 
@@ -256,20 +272,15 @@ fn next_job<R: Read, W: Write>(r: &mut R, conn: &Conn<'_, W>, geo: &Geometry) ->
             Op::Read { len, .. } | Op::Write { len, .. } => len as usize,
             _ => 0,
         };
-        let read_bytes = if matches!(op, Op::Read { .. }) {
-            cost
-        } else {
-            0
-        };
         // Waiting here holds the input, which is what a full budget should do: stop reading.
-        conn.acquire(cost, read_bytes);
+        conn.acquire(cost);
         let mut payload = Vec::new();
         if let Op::Write { len, .. } = op {
             payload = conn.pool.get(len as usize);
             if r.read_exact(&mut payload).is_err() {
                 // Half a payload is never applied (the client went away).
                 conn.pool.put(payload);
-                conn.release(cost, read_bytes);
+                conn.release(cost);
                 return None;
             }
         }
@@ -278,7 +289,6 @@ fn next_job<R: Read, W: Write>(r: &mut R, conn: &Conn<'_, W>, geo: &Geometry) ->
             op,
             payload,
             cost,
-            read_bytes,
         });
     }
     None
@@ -296,10 +306,10 @@ fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
 
 /// Runs a job; a panicking backend call still gets an `EIO` reply and frees its budget.
 fn run_guarded<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job, pieces: &mut Vec<ReadPiece<'a>>) {
-    let (req, cost, read_bytes) = (job.req, job.cost, job.read_bytes);
+    let (req, cost) = (job.req, job.cost);
     if panic::catch_unwind(AssertUnwindSafe(|| run(conn, job, pieces))).is_err() {
         conn.out.error(&req, wire::errno::EIO, "internal error");
-        conn.release(cost, read_bytes);
+        conn.release(cost);
     }
 }
 
@@ -313,6 +323,7 @@ fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job, pieces: &mut Vec<ReadP
                 // Zero-copy: no buffer, one copy fewer.
                 Ok(true) => conn.out.read_pieces(req, offset, len, pieces),
                 Ok(false) => {
+                    let _held = conn.read_buffer_bytes(len as usize);
                     let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
                     match b.read(offset, &mut buf[READ_HEADROOM..]) {
                         Ok(()) => conn.out.read_data(req, offset, &mut buf),
@@ -349,7 +360,7 @@ fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job, pieces: &mut Vec<ReadP
         }
     }
     conn.pool.put(job.payload);
-    conn.release(job.cost, job.read_bytes);
+    conn.release(job.cost);
 }
 
 /// Builds one `BLOCK_STATUS` chunk per selected context from one backend query.
