@@ -8,6 +8,8 @@
 #   nbdkit-file   nbdkit file base.raw               (raw over NBD: the NBD ceiling)
 #   qemu-nbd-raw  qemu-nbd -f raw base.raw           (raw over NBD)
 #   psync-raw     fio ioengine=psync on base.raw     (no NBD: the machine's limit)
+#   psync-fresh64k  fio psync, 64 KiB writes into a fresh sparse file (first writes' floor:
+#                 what the file system charges for the 64 KiB a copy-up allocates)
 #
 # Usage: tools/bench-peers.sh [--quick] [--no-cowdisk] [--rebuild] [--no-report]
 #                             [--only-report] [--help]
