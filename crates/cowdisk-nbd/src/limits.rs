@@ -34,10 +34,12 @@ pub struct Limits {
     /// larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
     /// Read-buffer bytes in flight across all connections; one connection may use at most
-    /// half. A single larger read still runs, alone. Default 4 MiB per CPU, at least 8 MiB:
+    /// half. A single larger read still runs, alone. Zero-copy reads
+    /// ([`crate::Backend::read_pieces`]) need no buffer and take none. Default 4 MiB per CPU, at least 8 MiB:
     /// read memory follows the CPUs that process requests, not the number of clients.
     pub max_total_in_flight_bytes: usize,
-    /// Worker threads per connection running backend calls. Default 4.
+    /// Threads per connection, the connection's own included, that take turns reading the
+    /// next request and each run the request they read. Default 4.
     pub workers_per_connection: usize,
 }
 
