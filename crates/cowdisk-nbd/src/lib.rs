@@ -4,7 +4,8 @@
 //!   listeners (TCP, Unix) ── server: accept, connection cap, shutdown
 //!        │ per connection
 //!        ▼
-//!   handshake (fixed newstyle options) ──► transmission: reader ─► workers ─► replier
+//!   handshake (fixed newstyle options) ──► transmission: N threads take turns reading;
+//!                                          each runs what it read ─► replier (write/sendfile)
 //!                                               │ validate (pure)     │
 //!                                               ▼                     ▼
 //!                                          wire (pure codec)     Backend (one per export)
