@@ -242,3 +242,72 @@ fn needs_check_flag_cleared_by_repair() {
     assert_eq!(check(&t.s("vm.cow"), false).0, 0);
     ok(&["snapshot", &t.s("vm.cow"), &t.s("s.cow")]);
 }
+
+/// RELIABILITY P10: `check --repair` killed after each of its writes. Content never changes,
+/// the base is never written, and running it again converges to a clean image.
+#[test]
+fn repair_killed_at_every_step_converges() {
+    for fp in [
+        "check.repair.after_header",
+        "check.repair.after_map",
+        "check.repair.after_truncate",
+        "check.repair.after_first_punch",
+        "check.repair.after_flag",
+    ] {
+        let t = Tmp::new(&format!("check-kill-{fp}"));
+        chain(&t);
+        let vm = t.p("vm.cow");
+        let before = content(&vm);
+        let base = hash(&t.p("base.cow"));
+        // Every repairable finding at once: needs-check flag, a damaged inactive header slot,
+        // a damaged inactive map slot, an unreferenced block and trailing bytes.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&vm)
+            .unwrap();
+        let st = FileStorage::new(f);
+        let loaded = read_header(&st, &vm).unwrap();
+        let mut h = loaded.header.clone();
+        h.flags |= FLAG_NEEDS_CHECK;
+        write_header(&st, &vm, &loaded, &h).unwrap();
+        let active = read_header(&st, &vm).unwrap().slot as u64;
+        drop(st);
+        poke(&vm, (1 - active) * 4096 + 100, b"garbage");
+        poke(&vm, 8192 + 4096, b"CDMPxxxxxxxxxxxxxxxxxxxx");
+        let g = Geometry::new(SIZE, BS as u32).unwrap();
+        poke(&vm, g.block_offset(9), &[0xee; 4096]);
+        poke(&vm, g.file_len() + 100, b"tail");
+        let (c, v) = check(&t.s("vm.cow"), false);
+        assert_eq!(c, 2, "{fp}: {v}");
+        let mut k = kinds(&v);
+        k.sort();
+        assert_eq!(
+            k,
+            [
+                "header_slot",
+                "map_slot",
+                "needs_check",
+                "trailing_bytes",
+                "unreferenced_blocks"
+            ],
+            "{fp}"
+        );
+
+        let o = run_env(
+            &["check", &t.s("vm.cow"), "--repair"],
+            &[("COWDISK_FAILPOINT", fp)],
+        );
+        assert_eq!(code(&o), 137, "{fp}: the failpoint did not fire");
+        assert_eq!(content(&vm), before, "{fp}: content changed");
+        // No new kind of finding: what is left is a subset of what was there.
+        let (_, v) = check(&t.s("vm.cow"), false);
+        assert!(kinds(&v).iter().all(|x| k.contains(x)), "{fp}: {v}");
+        let (c, v) = check(&t.s("vm.cow"), true);
+        assert!(c == 3 || c == 0, "{fp}: rerun exit {c}: {v}");
+        let (c, v) = check(&t.s("vm.cow"), false);
+        assert_eq!(c, 0, "{fp}: not clean after the rerun: {v}");
+        assert_eq!(content(&vm), before, "{fp}: content changed");
+        assert_eq!(hash(&t.p("base.cow")), base, "{fp}: base written");
+    }
+}

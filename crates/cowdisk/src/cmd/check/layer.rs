@@ -15,6 +15,7 @@ use rustix::fs::SeekFrom;
 
 use super::{Finding, Report, Severity};
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::progress::Progress;
 
 /// Most CRC mismatches reported one by one per layer; the rest are summarised.
@@ -146,6 +147,7 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
             let mut h = loaded.header.clone();
             h.flags &= !FLAG_NEEDS_CHECK;
             write_header(st, image, &loaded, &h)?;
+            failpoint::hit("check.repair.after_flag");
             report.findings[i].repaired = true;
         }
     }
@@ -188,6 +190,7 @@ fn check_layer(
         );
         if ctx.repairable {
             write_header(st, &path, &loaded, &h)?;
+            failpoint::hit("check.repair.after_header");
             ctx.repaired(i);
         }
     }
@@ -218,6 +221,7 @@ fn check_layer(
             let pending = map.take_dirty();
             map.write_back(st, &g, &pending)
                 .map_err(|e| Error::os(&path, "rewrite map slots", e))?;
+            failpoint::hit("check.repair.after_map");
             idx.into_iter().for_each(|i| ctx.repaired(i));
         }
     }
@@ -232,6 +236,7 @@ fn check_layer(
             st.set_len(g.file_len())
                 .and_then(|()| st.sync())
                 .map_err(|e| Error::os(&path, "truncate", e))?;
+            failpoint::hit("check.repair.after_truncate");
             ctx.repaired(i);
         }
     }
@@ -337,6 +342,7 @@ fn check_allocation(ctx: &mut Ctx<'_>, st: &FileStorage, h: &Header, map: &Alloc
         for b in &leaked {
             st.punch_hole(g.block_offset(*b), bs)
                 .map_err(|e| Error::os(&ctx.file, "punch hole", e))?;
+            failpoint::hit("check.repair.after_first_punch");
         }
         st.sync().map_err(|e| Error::os(&ctx.file, "sync", e))?;
         ctx.repaired(i);
