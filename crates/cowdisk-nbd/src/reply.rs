@@ -41,15 +41,47 @@ impl<'a, W: Write> Replier<'a, W> {
 
     /// Writes one complete reply.
     pub fn send(&self, bytes: &[u8]) {
+        self.write_reply(|w| w.write_all(bytes).and_then(|()| w.flush()));
+    }
+
+    /// Runs `f` with the writer held, so one reply goes out whole; if it fails, the
+    /// connection is marked failed and the reader woken, so no more work is accepted.
+    fn write_reply(&self, f: impl FnOnce(&mut W) -> io::Result<()>) {
         if self.failed() {
             return;
         }
         let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
-        if w.write_all(bytes).and_then(|()| w.flush()).is_err() {
+        if f(&mut w).is_err() {
             self.failed.store(true, Ordering::Relaxed);
             drop(w);
-            // Wake the reader so the connection ends instead of accepting more work.
             (self.abort)();
+        }
+    }
+
+    /// Writes the header of a successful READ reply of `len` bytes at `offset` at the end of
+    /// `head` ([`READ_HEADROOM`] bytes) and returns where it starts.
+    fn read_header(&self, req: &Request, offset: u64, len: u32, head: &mut [u8]) -> usize {
+        if self.structured {
+            let mut h = [0u8; wire::CHUNK_HEADER_LEN];
+            // len is a validated payload length, far below u32::MAX - 8.
+            wire::chunk_header(
+                &mut h,
+                chunk::FLAG_DONE,
+                chunk::OFFSET_DATA,
+                req.cookie,
+                len.saturating_add(8),
+            );
+            let mut o = [0u8; 8];
+            wire::write_u64(&mut o, offset);
+            head[..wire::CHUNK_HEADER_LEN].copy_from_slice(&h);
+            head[wire::CHUNK_HEADER_LEN..READ_HEADROOM].copy_from_slice(&o);
+            0
+        } else {
+            let start = READ_HEADROOM - wire::SIMPLE_REPLY_LEN;
+            let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
+            wire::simple_reply(&mut h, 0, req.cookie);
+            head[start..READ_HEADROOM].copy_from_slice(&h);
+            start
         }
     }
 
@@ -89,30 +121,10 @@ impl<'a, W: Write> Replier<'a, W> {
 
     /// Successful READ reply; `buf` holds [`READ_HEADROOM`] spare bytes followed by the data.
     pub fn read_data(&self, req: &Request, offset: u64, buf: &mut [u8]) {
-        let data_len = buf.len().saturating_sub(READ_HEADROOM);
-        if self.structured {
-            let mut h = [0u8; wire::CHUNK_HEADER_LEN];
-            // data_len ≤ the payload limit (validated), far below u32::MAX.
-            let plen = u32::try_from(8 + data_len).unwrap_or(u32::MAX);
-            wire::chunk_header(
-                &mut h,
-                chunk::FLAG_DONE,
-                chunk::OFFSET_DATA,
-                req.cookie,
-                plen,
-            );
-            buf[..wire::CHUNK_HEADER_LEN].copy_from_slice(&h);
-            let mut o = [0u8; 8];
-            wire::write_u64(&mut o, offset);
-            buf[wire::CHUNK_HEADER_LEN..READ_HEADROOM].copy_from_slice(&o);
-            self.send(buf);
-        } else {
-            let start = READ_HEADROOM - wire::SIMPLE_REPLY_LEN;
-            let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
-            wire::simple_reply(&mut h, 0, req.cookie);
-            buf[start..READ_HEADROOM].copy_from_slice(&h);
-            self.send(&buf[start..]);
-        }
+        // The data length is a validated payload length, far below u32::MAX.
+        let len = u32::try_from(buf.len().saturating_sub(READ_HEADROOM)).unwrap_or(u32::MAX);
+        let start = self.read_header(req, offset, len, &mut buf[..READ_HEADROOM]);
+        self.send(&buf[start..]);
     }
 }
 
@@ -122,41 +134,12 @@ impl<W: Write + AsFd> Replier<'_, W> {
     /// with an error, so the connection is dropped: the client never takes part of a reply
     /// for data.
     pub fn read_pieces(&self, req: &Request, offset: u64, len: u32, pieces: &[ReadPiece<'_>]) {
-        if self.failed() {
-            return;
-        }
-        let mut hdr = [0u8; READ_HEADROOM];
-        let head = if self.structured {
-            let mut h = [0u8; wire::CHUNK_HEADER_LEN];
-            // len is a validated payload length, far below u32::MAX - 8.
-            let plen = len.saturating_add(8);
-            wire::chunk_header(
-                &mut h,
-                chunk::FLAG_DONE,
-                chunk::OFFSET_DATA,
-                req.cookie,
-                plen,
-            );
-            hdr[..wire::CHUNK_HEADER_LEN].copy_from_slice(&h);
-            let mut o = [0u8; 8];
-            wire::write_u64(&mut o, offset);
-            hdr[wire::CHUNK_HEADER_LEN..].copy_from_slice(&o);
-            &hdr[..]
-        } else {
-            let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
-            wire::simple_reply(&mut h, 0, req.cookie);
-            hdr[..wire::SIMPLE_REPLY_LEN].copy_from_slice(&h);
-            &hdr[..wire::SIMPLE_REPLY_LEN]
-        };
-        let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = w
-            .write_all(head)
-            .and_then(|()| send_pieces(&mut *w, pieces));
-        if sent.is_err() {
-            self.failed.store(true, Ordering::Relaxed);
-            drop(w);
-            (self.abort)();
-        }
+        let mut head = [0u8; READ_HEADROOM];
+        let start = self.read_header(req, offset, len, &mut head);
+        self.write_reply(|w| {
+            w.write_all(&head[start..])?;
+            send_pieces(w, pieces)
+        });
     }
 }
 
