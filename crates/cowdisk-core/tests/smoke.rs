@@ -139,10 +139,11 @@ fn clones_share_one_resolved_lower_chain() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-#[test]
-fn damaged_parent_block_is_eio_never_bad_bytes() {
+/// A sealed base with blocks 0-1 (4 KiB) full of 1s, a top over it, and the base's data
+/// byte at `damaged` flipped behind the engine's back. Returns the folder and the top.
+fn damaged_parent(name: &str, damaged: u64) -> (std::path::PathBuf, std::path::PathBuf) {
     use std::os::unix::fs::FileExt;
-    let d = tmpdir("crc");
+    let d = tmpdir(name);
     let base = d.join("base.cow");
     let top = d.join("top.cow");
     create_image(&base, 1 << 20, 4096).unwrap();
@@ -152,14 +153,19 @@ fn damaged_parent_block_is_eio_never_bad_bytes() {
         disk.flush().unwrap();
     }
     create_child(&top, &base).unwrap();
-    // Flip one data byte of block 0 behind the engine's back.
     let data_offset = Geometry::new(1 << 20, 4096).unwrap().data_offset;
     std::fs::OpenOptions::new()
         .write(true)
         .open(&base)
         .unwrap()
-        .write_all_at(&[0xff], data_offset + 100)
+        .write_all_at(&[0xff], data_offset + damaged)
         .unwrap();
+    (d, top)
+}
+
+#[test]
+fn damaged_parent_block_is_eio_never_bad_bytes() {
+    let (d, top) = damaged_parent("crc", 100);
     let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
     let mut b = vec![0u8; 512];
     let e = disk.read(0, &mut b).unwrap_err();
@@ -254,33 +260,14 @@ fn read_pieces_name_the_same_bytes_as_read() {
 
 #[test]
 fn read_pieces_verify_parent_blocks_first() {
-    use std::os::unix::fs::FileExt;
-    let d = tmpdir("pieces-crc");
-    let base = d.join("base.cow");
-    let top = d.join("top.cow");
-    create_image(&base, 1 << 20, 4096).unwrap();
-    {
-        let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
-        disk.write(0, &[1; 8192], WriteFlags::default()).unwrap();
-        disk.flush().unwrap();
-    }
-    create_child(&top, &base).unwrap();
-    let data_offset = Geometry::new(1 << 20, 4096).unwrap().data_offset;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&base)
-        .unwrap()
-        .write_all_at(&[0xff], data_offset + 4096 + 7)
-        .unwrap();
+    let (d, top) = damaged_parent("pieces-crc", 4096 + 7);
     let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
-    let mut pieces = 0;
-    let e = disk.read_pieces(0, 8192, |_| pieces += 1).unwrap_err();
+    let e = disk.read_pieces(0, 8192, |_| {}).unwrap_err();
     assert!(matches!(e, IoError::Checksum { block: 1, .. }), "{e}");
     // Pieces before the bad block may have been planned; the caller sends none of them
     // because the call failed. The intact block alone plans fine.
     let mut got = Vec::new();
     assert!(disk.read_pieces(0, 4096, |p| got.push(p)).unwrap());
     assert_eq!(assemble(&got), vec![1u8; 4096]);
-    let _ = pieces;
     std::fs::remove_dir_all(&d).unwrap();
 }
