@@ -59,6 +59,22 @@ fn poke(p: &Path, off: u64, bytes: &[u8]) {
     f.write_all_at(bytes, off).unwrap();
 }
 
+/// Sets the top's needs-check flag (a new header in the inactive slot); returns the slot now
+/// active.
+fn set_needs_check(p: &Path) -> u64 {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let st = FileStorage::new(f);
+    let loaded = read_header(&st, p).unwrap();
+    let mut h = loaded.header.clone();
+    h.flags |= FLAG_NEEDS_CHECK;
+    write_header(&st, p, &loaded, &h).unwrap();
+    read_header(&st, p).unwrap().slot as u64
+}
+
 fn content(p: &Path) -> Vec<u8> {
     let d = open_ro(p);
     let mut b = vec![0u8; SIZE as usize];
@@ -215,18 +231,7 @@ fn broken_chain_and_headers_exit_2() {
 fn needs_check_flag_cleared_by_repair() {
     let t = Tmp::new("check-flag");
     chain(&t);
-    {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(t.p("vm.cow"))
-            .unwrap();
-        let st = FileStorage::new(f);
-        let loaded = read_header(&st, &t.p("vm.cow")).unwrap();
-        let mut h = loaded.header.clone();
-        h.flags |= FLAG_NEEDS_CHECK;
-        write_header(&st, &t.p("vm.cow"), &loaded, &h).unwrap();
-    }
+    set_needs_check(&t.p("vm.cow"));
     fails(
         &["snapshot", &t.s("vm.cow"), &t.s("s.cow")],
         "check --repair",
@@ -261,18 +266,7 @@ fn repair_killed_at_every_step_converges() {
         let base = hash(&t.p("base.cow"));
         // Every repairable finding at once: needs-check flag, a damaged inactive header slot,
         // a damaged inactive map slot, an unreferenced block and trailing bytes.
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&vm)
-            .unwrap();
-        let st = FileStorage::new(f);
-        let loaded = read_header(&st, &vm).unwrap();
-        let mut h = loaded.header.clone();
-        h.flags |= FLAG_NEEDS_CHECK;
-        write_header(&st, &vm, &loaded, &h).unwrap();
-        let active = read_header(&st, &vm).unwrap().slot as u64;
-        drop(st);
+        let active = set_needs_check(&vm);
         poke(&vm, (1 - active) * 4096 + 100, b"garbage");
         poke(&vm, 8192 + 4096, b"CDMPxxxxxxxxxxxxxxxxxxxx");
         let g = Geometry::new(SIZE, BS as u32).unwrap();
