@@ -131,7 +131,8 @@ pub struct CheckArgs {
 pub struct SnapshotArgs {
     /// The image to snapshot (stays the writable top).
     pub image: PathBuf,
-    /// The new sealed layer file (must not exist; in IMAGE's folder or below it).
+    /// The new sealed layer file (must not exist; in IMAGE's folder, or below it if IMAGE
+    /// has no parent).
     pub snapshot: PathBuf,
 }
 

@@ -35,6 +35,16 @@ fn snapshot_refusals() {
         "sub/s.cow"
     );
     assert_eq!(std::fs::read_dir(&t.0).unwrap().count(), 4);
+    // With a parent, a snapshot in a subfolder would carry a parent reference that is
+    // relative to the image's folder, and neither file would open: refused, nothing written.
+    let hc = hash(&t.p("c.cow"));
+    fails(
+        &["snapshot", &t.s("c.cow"), &t.s("sub/c1.cow")],
+        "same folder",
+    );
+    assert_eq!(hash(&t.p("c.cow")), hc);
+    assert!(!t.p("sub/c1.cow").exists());
+    ok(&["info", &t.s("c.cow")]);
 }
 
 #[test]

@@ -29,6 +29,14 @@ pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
     let reference = reference_for(image, snap)?;
     let pending = pending_snapshot_path(image);
     let disk = Disk::open(image, &OpenOptions::new())?;
+    if disk.depth() > 1 && reference.contains('/') {
+        // SNAP is a hard link of IMAGE, so it keeps IMAGE's parent reference, which is
+        // relative to IMAGE's folder: from another folder it would not resolve.
+        return Err(Error::invalid(
+            snap,
+            "must be in the same folder as the image, whose parent reference is relative to it",
+        ));
+    }
     if exists(&pending) {
         return Err(Error::invalid(
             &pending,
