@@ -173,6 +173,24 @@ fn leaked_blocks_and_trailing_bytes() {
 }
 
 #[test]
+fn squash_refuses_to_copy_corrupt_lower_data() {
+    let t = Tmp::new("squash-crc");
+    chain(&t);
+    let g = Geometry::new(SIZE, BS as u32).unwrap();
+    poke(&t.p("base.cow"), g.block_offset(1) + 10, &[0x77]);
+    let (vm, base) = (hash(&t.p("vm.cow")), hash(&t.p("base.cow")));
+    fails(&["squash", &t.s("vm.cow")], "block 1 fails its checksum");
+    assert_eq!(hash(&t.p("vm.cow")), vm, "the top was repointed");
+    assert_eq!(hash(&t.p("base.cow")), base);
+    let left: Vec<_> = std::fs::read_dir(&t.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("squash"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn corrupt_lower_data_is_reported_never_repaired() {
     let t = Tmp::new("check-crc");
     chain(&t);

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use cowdisk_core::chain::open_layer_file;
 use cowdisk_core::create::reference_for;
-use cowdisk_core::layer::{load_map, read_header, write_header, NewLayer};
+use cowdisk_core::format::COMPAT_BLOCK_CRCS;
+use cowdisk_core::layer::{load_map, read_header, stored_block_crc, write_header, NewLayer};
 use cowdisk_core::map::AllocMap;
 use cowdisk_core::{
     Access, BlockState, Disk, FileStorage, Header, OpenOptions, ParentRef, Storage,
@@ -138,6 +139,7 @@ fn copy_blocks(b: &mut LayerBuilder, sources: &[Source], has_rest: bool, show: b
                     s.storage
                         .read_at(&mut buf[..n], off)
                         .map_err(|e| Error::os(&s.path, "read block", e))?;
+                    verify(s, blk, &buf[..n])?;
                     if buf[..n].iter().all(|&x| x == 0) {
                         if has_rest {
                             b.whiteout(blk);
@@ -153,5 +155,29 @@ fn copy_blocks(b: &mut LayerBuilder, sources: &[Source], has_rest: bool, show: b
         progress.add(32 * bs);
     }
     progress.finish();
+    Ok(())
+}
+
+/// Checks a merged block against its stored CRC, as every read does: the new layer gets fresh
+/// CRCs, so damage copied into it would no longer be detectable.
+fn verify(s: &Source, blk: u64, data: &[u8]) -> Result<()> {
+    let g = &s.header.geometry;
+    if s.header.compat & COMPAT_BLOCK_CRCS == 0 {
+        return Ok(());
+    }
+    // The block's bytes within this layer's own size (a parent may be smaller).
+    let n = g.block_len(blk).min(data.len());
+    let stored = stored_block_crc(&s.storage, g, blk)
+        .map_err(|e| Error::os(&s.path, "read block CRC", e))?;
+    let actual = crc32fast::hash(&data[..n]);
+    if stored != actual {
+        return Err(Error::invalid(
+            &s.path,
+            format!(
+                "block {blk} fails its checksum (stored {stored:08x}, computed {actual:08x}); \
+                 nothing was squashed"
+            ),
+        ));
+    }
     Ok(())
 }
