@@ -175,14 +175,14 @@ fn load_top(storage: Arc<dyn Storage>, path: &Path, access: Access) -> Result<To
     })
 }
 
-/// Validates the link from `child` to its parent `parent` and loads the parent.
-fn load_lower(
-    storage: Arc<dyn Storage>,
+/// The rules a parent must meet for its child (FORMAT.md §Chain), from the headers alone:
+/// the identity the child recorded, sealed, same block size, not larger than the child.
+fn check_link(
+    header: &Header,
     path: &Path,
     child: &Header,
     child_path: &Path,
-) -> Result<(LowerLayer, AllocMap), OpenError> {
-    let header = read_header(&*storage, path)?.header;
+) -> Result<(), OpenError> {
     let Some(pref) = &child.parent else {
         return Err(OpenError::chain(child_path, "has no parent reference"));
     };
@@ -226,6 +226,18 @@ fn load_lower(
             format!("parent {} is larger than its child", path.display()),
         ));
     }
+    Ok(())
+}
+
+/// Validates the link from `child` to its parent `parent` and loads the parent.
+fn load_lower(
+    storage: Arc<dyn Storage>,
+    path: &Path,
+    child: &Header,
+    child_path: &Path,
+) -> Result<(LowerLayer, AllocMap), OpenError> {
+    let header = read_header(&*storage, path)?.header;
+    check_link(&header, path, child, child_path)?;
     let (map, _) = load_map(&*storage, path, &header.geometry)?;
     let actual = stored_digest(&*storage, path, &header, &map)?;
     if actual != header.seal_digest {
@@ -439,14 +451,12 @@ fn open_lowers(
         if layers.is_empty() {
             first_id = Some(id);
             if let Some(hit) = cache.and_then(|c| c.get(id)) {
-                let h = hit.first_header().cloned();
-                if let Some(h) = h {
-                    if h.uuid == pref.uuid
-                        && h.seal_digest == pref.digest
-                        && h.geometry.block_size == top.geometry.block_size
-                    {
-                        return Ok(hit);
-                    }
+                // The same rules as a fresh load; on a mismatch the load below reports it.
+                let fits = hit
+                    .first_header()
+                    .is_some_and(|h| check_link(h, &ppath, &child, &child_path).is_ok());
+                if fits {
+                    return Ok(hit);
                 }
             }
         }

@@ -586,7 +586,8 @@ impl Disk {
                 .map_err(|e| Self::io_err(&layer.path, "read for copy-up", lower_off, e))?;
             if !layer.is_verified(b) {
                 // Bad lower data must not become "real" top data.
-                layer.verify(b, &buf[..layer.header.geometry.block_len(b)])?;
+                // Its own length: within `blen`, as a parent is never larger than its child.
+                layer.verify(b, &buf[..layer.header.geometry.block_len(b).min(blen)])?;
             }
             buf[within..within + chunk.len()].copy_from_slice(chunk);
             let _c = lock(&self.copy_lock);

@@ -745,6 +745,15 @@ fn parent_identity() {
     expect_chain_err(&dir, &small, Access::ReadWrite, "larger");
     let ok = make_child("ok.cow", BS, digest);
     Disk::open(&ok, &OpenOptions::new()).unwrap();
+    // The same rules hold when the parent is already open through a shared cache (as in
+    // `cowdisk serve ok.cow small.cow`): the child smaller than its parent is still refused
+    // (it used to open, and a copy-up into its short last block panicked).
+    let cache = Arc::new(cowdisk_core::LowerCache::new());
+    let _held = Disk::open(&ok, &OpenOptions::new().cache(cache.clone())).unwrap();
+    match Disk::open(&small, &OpenOptions::new().cache(cache)) {
+        Err(OpenError::Chain { reason, .. }) => assert!(reason.contains("larger"), "{reason}"),
+        other => panic!("small.cow over a cached parent: {:?}", other.map(drop)),
+    }
 }
 
 /// I11, I10: a FIFO, a directory or an escaping symlink as parent: refused, no hang.
