@@ -396,9 +396,14 @@ impl Header {
                 digest: LE::read_u32(&b[H_PARENT_DIGEST..]),
             })
         };
+        let generation = LE::read_u64(&b[H_GENERATION..]);
+        if generation == u64::MAX {
+            // The next update would wrap to 0 and lose to the other slot.
+            return Err(field("generation", generation, "is at its maximum"));
+        }
         Ok(Header {
             minor,
-            generation: LE::read_u64(&b[H_GENERATION..]),
+            generation,
             compat: LE::read_u64(&b[H_COMPAT..]),
             uuid,
             geometry,
@@ -489,7 +494,7 @@ impl BlockState {
 pub enum PageSlot {
     /// All zeros: never written (sparse hole). Sequence 0, every entry absent.
     Empty,
-    /// A valid page with this sequence number and packed entries.
+    /// A valid page with this sequence number (its entries follow [`PAGE_HEADER`]).
     Valid {
         /// Higher wins between the A and B slot.
         sequence: u64,
@@ -514,8 +519,10 @@ pub fn decode_page(b: &[u8], index: u64) -> PageSlot {
     if stored != page_crc(b) {
         return PageSlot::Invalid("page CRC mismatch");
     }
-    PageSlot::Valid {
-        sequence: LE::read_u64(&b[8..16]),
+    match LE::read_u64(&b[8..16]) {
+        // The next flush would wrap to 0 and lose to the other slot.
+        u64::MAX => PageSlot::Invalid("page sequence at its maximum"),
+        sequence => PageSlot::Valid { sequence },
     }
 }
 

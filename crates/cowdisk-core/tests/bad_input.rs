@@ -238,6 +238,11 @@ fn wrong_fields_with_valid_crc() {
             "virtual size {vs}"
         );
     }
+    // The next update would wrap the generation to 0 and lose to the other slot.
+    assert_eq!(
+        case(&|h| put_u64(h, hdr::GENERATION, u64::MAX)),
+        "generation"
+    );
     assert_eq!(case(&|h| put_u32(h, hdr::SLOT_SIZE, 512)), "header_size");
     assert_eq!(case(&|h| put_u32(h, hdr::STATE, 2)), "state");
     assert_eq!(case(&|h| put_u64(h, hdr::MAP_OFFSET, 4096)), "map_offset");
@@ -346,6 +351,15 @@ fn map_page_damage() {
         buf, [0; 10],
         "fell back to the older slot, which predates the second write"
     );
+
+    // A sequence at its maximum (the next flush would wrap to 0) counts as damage too.
+    let mut b = img.clone();
+    put_u64(&mut b, page_offset(0, active) + 8, u64::MAX);
+    reseal_page(&mut b, 0, active);
+    let d = open_bytes(b, Access::ReadOnly).unwrap();
+    let mut buf = vec![0u8; 10];
+    d.read(5 * u64::from(BS) + 1, &mut buf).unwrap();
+    assert_eq!(buf, [0; 10], "fell back to the older slot");
 
     // One slot damaged (CRC stale): the other (older) slot is used.
     let mut b = img.clone();
