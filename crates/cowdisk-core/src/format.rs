@@ -40,8 +40,11 @@ pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Default block size (64 KiB).
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Largest virtual size: 2^50 bytes (1 PiB). Bounds map and file arithmetic far below
-/// u64 overflow and keeps the in-memory map of the largest image bounded.
+/// u64 overflow.
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 50;
+/// Most blocks in a layer (16 TiB at 4 KiB blocks, 256 TiB at 64 KiB): bounds the in-memory
+/// map at 1 GiB, so a crafted header cannot make an open allocate tens of GiB.
+pub const MAX_BLOCKS: u64 = 1 << 32;
 /// Longest parent reference, bytes.
 pub const MAX_PARENT_PATH: usize = 1024;
 
@@ -178,6 +181,13 @@ impl Geometry {
         let bs = u64::from(block_size);
         // Bounded by MAX_VIRTUAL_SIZE, so none of this can overflow.
         let blocks = virtual_size.div_ceil(bs);
+        if blocks > MAX_BLOCKS {
+            return Err(FormatError::Field {
+                field: "virtual_size",
+                value: virtual_size,
+                reason: "is more than 2^32 blocks at this block size",
+            });
+        }
         let map_pages = blocks.div_ceil(ENTRIES_PER_PAGE);
         let crc_offset = MAP_OFFSET + map_pages * 2 * PAGE_SIZE;
         let crc_len = (blocks * 4).div_ceil(PAGE_SIZE) * PAGE_SIZE;

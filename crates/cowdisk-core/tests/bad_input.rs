@@ -231,7 +231,17 @@ fn wrong_fields_with_valid_crc() {
             "block size {bs}"
         );
     }
-    for vs in [0u64, 1, 511, 513, (1 << 50) + 512, 1 << 62, u64::MAX] {
+    // (1 << 44) + 512 at 4 KiB blocks is one block more than MAX_BLOCKS.
+    for vs in [
+        0u64,
+        1,
+        511,
+        513,
+        (1 << 44) + 512,
+        (1 << 50) + 512,
+        1 << 62,
+        u64::MAX,
+    ] {
         assert_eq!(
             case(&|h| put_u64(h, hdr::VIRTUAL_SIZE, vs)),
             "virtual_size",
@@ -297,14 +307,14 @@ fn wrong_fields_with_valid_crc() {
     }
 }
 
-/// I6: a header declaring a huge disk (1 PiB, 2^38 blocks, ~17M map pages) in a small
+/// I6: a header declaring a huge disk (16 TiB, 2^32 blocks, ~264k map pages) in a small
 /// file is refused by length before any map is allocated.
 #[test]
 fn huge_declared_size_small_file() {
     let mut b = image(1 << 20, false);
-    let g = cowdisk_core::Geometry::new(1 << 50, BS).unwrap();
+    let g = cowdisk_core::Geometry::new(1 << 44, BS).unwrap();
     edit_header(&mut b, 0, |h| {
-        put_u64(h, hdr::VIRTUAL_SIZE, 1 << 50);
+        put_u64(h, hdr::VIRTUAL_SIZE, 1 << 44);
         put_u64(h, hdr::MAP_PAGES, g.map_pages);
         put_u64(h, hdr::CRC_OFFSET, g.crc_offset);
         put_u64(h, hdr::DATA_OFFSET, g.data_offset);
