@@ -7,7 +7,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use crate::error::{FormatError, OpenError};
 use crate::format::{
     BlockState, DigestBuilder, Geometry, Header, LayerState, ParentRef, Uuid, COMPAT_BLOCK_CRCS,
-    HEADER_SLOT, PAGE_SIZE,
+    FLAG_NEEDS_CHECK, HEADER_SLOT, PAGE_SIZE,
 };
 use crate::map::{AllocMap, LoadError, SlotFinding};
 use crate::storage::Storage;
@@ -223,6 +223,12 @@ pub fn seal(storage: &dyn Storage, path: &Path) -> Result<(Uuid, u32), OpenError
     let loaded = read_header(storage, path)?;
     if loaded.header.state == LayerState::Sealed {
         return Ok((loaded.header.uuid, loaded.header.seal_digest));
+    }
+    if loaded.header.flags & FLAG_NEEDS_CHECK != 0 {
+        // Sealing would freeze whatever is wrong into a digest children trust.
+        return Err(OpenError::NeedsCheck {
+            path: path.to_path_buf(),
+        });
     }
     let (map, _) = load_map(storage, path, &loaded.header.geometry)?;
     let digest = prepare_seal(storage, path, &loaded.header, &map)?;

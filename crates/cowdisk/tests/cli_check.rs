@@ -254,6 +254,14 @@ fn needs_check_flag_cleared_by_repair() {
         &["snapshot", &t.s("vm.cow"), &t.s("s.cow")],
         "check --repair",
     );
+    // Nor may it be sealed under a new child.
+    let before = hash(&t.p("vm.cow"));
+    fails(
+        &["create", &t.s("c.cow"), "--backing", &t.s("vm.cow")],
+        "check --repair",
+    );
+    assert_eq!(hash(&t.p("vm.cow")), before);
+    assert!(!t.p("c.cow").exists());
     assert_eq!(
         json(&["info", &t.s("vm.cow"), "--json"])["layers"][0]["needs_check"],
         true
