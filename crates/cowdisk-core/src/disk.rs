@@ -26,15 +26,15 @@ use crate::storage::Storage;
 /// Lock stripes serialising writers per block (copy-up must not race a write).
 const STRIPES: usize = 1024;
 
-/// Block-sized buffers for copy-up and verification, shared by every thread and every disk
-/// in the process, so requests do not allocate and memory follows how many copies run at
-/// once, not how many threads or clones a server has (a pool per disk kept a few blocks per
-/// clone: 8 clones reading a fresh base held 8 times the buffers of one).
+/// Scratch buffers shared by every thread and every disk in the process, so requests do not
+/// allocate and memory follows how many copies run at once, not how many threads or clones a
+/// server has (a pool per disk kept a few blocks per clone: 8 clones reading a fresh base held
+/// 8 times the buffers of one).
 struct ScratchPool {
     free: Mutex<Vec<Vec<u8>>>,
 }
 
-/// Free scratch buffers kept (about the number of CPUs that copy at once).
+/// Free scratch buffers kept per pool (about the number of CPUs that copy at once).
 const SCRATCH_KEPT: usize = 8;
 
 /// Bytes read at once when verifying a block without keeping it: a page, so the dozens of
@@ -42,13 +42,12 @@ const SCRATCH_KEPT: usize = 8;
 /// held ~180 KiB more at the peak of 8 clones reading a fresh base; throughput the same).
 const VERIFY_PIECE: usize = 4 * 1024;
 
-/// Zeros to write, as large as the largest block. Static and never written, so its pages
-/// are the kernel's shared zero page: no memory per disk (a zeroed buffer per clone was
-/// most of what an idle clone cost).
-static ZERO_BLOCK: [u8; crate::format::MAX_BLOCK_SIZE as usize] =
-    [0; crate::format::MAX_BLOCK_SIZE as usize];
-
-static SCRATCH: ScratchPool = ScratchPool {
+/// Block buffers for copy-up, and page buffers for verification: two pools, so a burst of
+/// verifications cannot fill the pool with pages and leave every copy-up allocating a block.
+static BLOCK_SCRATCH: ScratchPool = ScratchPool {
+    free: Mutex::new(Vec::new()),
+};
+static PIECE_SCRATCH: ScratchPool = ScratchPool {
     free: Mutex::new(Vec::new()),
 };
 
@@ -550,7 +549,7 @@ impl Disk {
             let n = g.block_len(b);
             let off = g.block_offset(b);
             let piece = n.min(VERIFY_PIECE);
-            let crc = SCRATCH.with(piece, |s| {
+            let crc = PIECE_SCRATCH.with(piece, |s| {
                 let mut h = crc32fast::Hasher::new();
                 let mut done = 0;
                 while done < n {
@@ -577,7 +576,7 @@ impl Disk {
         let off = self.geometry.block_offset(b);
         let layer = &self.lower.layers[i];
         let lower_off = layer.header.geometry.block_offset(b);
-        SCRATCH.with(blen, |buf| {
+        BLOCK_SCRATCH.with(blen, |buf| {
             // A smaller parent's last block is short in its virtual size but whole in its
             // file (zeros past the end), so reading a full block there is in bounds.
             layer
@@ -676,7 +675,7 @@ impl Disk {
         if reads_zero && n < self.geometry.block_len(b) {
             return Ok(());
         }
-        self.write_block(b, within, &ZERO_BLOCK[..n])
+        self.write_block(b, within, &crate::storage::ZERO_BLOCK[..n])
     }
 
     /// Makes every write completed before this call durable. After a failed sync the

@@ -8,6 +8,12 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 
+/// Zeros to write, as large as the largest block. Static and never written, so its pages
+/// are the kernel's shared zero page: no memory per disk (a zeroed buffer per clone was
+/// most of what an idle clone cost) and no allocation per write.
+pub(crate) static ZERO_BLOCK: [u8; crate::format::MAX_BLOCK_SIZE as usize] =
+    [0; crate::format::MAX_BLOCK_SIZE as usize];
+
 /// Positional, exact I/O on one layer file.
 #[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
 pub trait Storage: Send + Sync {
@@ -78,11 +84,10 @@ impl Storage for FileStorage {
             Ok(()) => Ok(()),
             // File systems without hole punching still get zeros: write them.
             Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
                 let mut done = 0;
                 while done < len {
-                    let n = (len - done).min(zeros.len() as u64) as usize;
-                    self.file.write_all_at(&zeros[..n], offset + done)?;
+                    let n = (len - done).min(ZERO_BLOCK.len() as u64) as usize;
+                    self.file.write_all_at(&ZERO_BLOCK[..n], offset + done)?;
                     done += n as u64;
                 }
                 Ok(())
