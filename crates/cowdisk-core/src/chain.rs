@@ -281,6 +281,12 @@ impl Disk {
         lowers: Vec<(Arc<dyn Storage>, PathBuf)>,
         access: Access,
     ) -> Result<Disk, OpenError> {
+        if lowers.len() + 1 > MAX_DEPTH {
+            return Err(OpenError::chain(
+                &top.1,
+                format!("chain too deep (more than {MAX_DEPTH} layers)"),
+            ));
+        }
         let top = load_top(top.0, &top.1, access)?;
         let mut child = top.header.clone();
         let mut child_path = top.path.clone();

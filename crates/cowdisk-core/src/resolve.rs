@@ -9,6 +9,8 @@ use crate::map::AllocMap;
 
 const CHUNK: u64 = 4096;
 const WHITEOUT: u16 = 0x8000;
+// Layer codes (depth + 1) must stay below the whiteout bit.
+const _: () = assert!((crate::chain::MAX_DEPTH as u64) < WHITEOUT as u64);
 
 /// Who answers a block below the top layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
