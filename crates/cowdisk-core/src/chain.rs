@@ -104,12 +104,12 @@ fn open_flags(access: Access) -> OFlags {
     rw | OFlags::CLOEXEC | OFlags::NONBLOCK
 }
 
-/// Opens a file already known by fd, checks it is regular and takes the lock (none
-/// when `lock` is `None`, exclusive for `Some(true)`).
+/// Checks that an opened layer file is regular and takes the lock: none for `None`,
+/// exclusive for a writer, shared for a reader.
 fn check_and_lock(
     file: File,
     path: &Path,
-    lock: Option<bool>,
+    lock: Option<Access>,
 ) -> Result<(File, (u64, u64)), OpenError> {
     let meta = file
         .metadata()
@@ -119,28 +119,29 @@ fn check_and_lock(
             path: path.to_path_buf(),
         });
     }
-    let res = match lock {
-        None => return Ok((file, (meta.dev(), meta.ino()))),
-        Some(true) => file.try_lock(),
-        Some(false) => file.try_lock_shared(),
-    };
-    match res {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(OpenError::Locked {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::io(path, "lock", e)),
+    match lock {
+        None => {}
+        Some(Access::ReadOnly) => lock_shared(&file, path)?,
+        Some(Access::ReadWrite) => file.try_lock().map_err(|e| lock_error(path, e))?,
     }
     Ok((file, (meta.dev(), meta.ino())))
 }
 
-/// Opens a top layer file by path with the lock `access` implies.
+fn lock_error(path: &Path, e: std::fs::TryLockError) -> OpenError {
+    match e {
+        std::fs::TryLockError::WouldBlock => OpenError::Locked {
+            path: path.to_path_buf(),
+        },
+        std::fs::TryLockError::Error(e) => OpenError::io(path, "lock", e),
+    }
+}
+
+/// Opens a layer file by path (a top, or a parent being sealed or checked) with the lock
+/// `access` implies.
 pub fn open_layer_file(path: &Path, access: Access) -> Result<(File, (u64, u64)), OpenError> {
     let fd = rustix::fs::open(path, open_flags(access), Mode::empty())
         .map_err(|e| OpenError::io(path, "open", e.into()))?;
-    check_and_lock(File::from(fd), path, Some(access == Access::ReadWrite))
+    check_and_lock(File::from(fd), path, Some(access))
 }
 
 /// Opens a layer read-only without any lock (for `--force-share` inspection).
@@ -411,13 +412,7 @@ impl ParentWalker {
 
 /// Takes the shared lock every lower layer holds while it is in use.
 pub fn lock_shared(file: &File, path: &Path) -> Result<(), OpenError> {
-    match file.try_lock_shared() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked {
-            path: path.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(OpenError::io(path, "lock", e)),
-    }
+    file.try_lock_shared().map_err(|e| lock_error(path, e))
 }
 
 /// Walks parent references from `top`, validating each link.

@@ -439,8 +439,8 @@ impl Disk {
     /// descriptor (simulated storage): discard the pieces `f` got and use `read` then.
     ///
     /// The pieces stay valid while the disk lives: lower layers never change, and a top
-    /// block keeps its file offset, so a concurrent write or discard of the same range is
-    /// seen whole or not at all per block, as with `read`.
+    /// block keeps its file offset. Like `read`, a concurrent write or discard of the same
+    /// range may be seen in part.
     pub fn read_pieces<'a>(
         &'a self,
         offset: u64,

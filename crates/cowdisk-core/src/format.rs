@@ -82,7 +82,8 @@ pub const COMPAT_BLOCK_CRCS: u64 = 1;
 /// bits have their own namespace: bit 0 here is not `COMPAT_BLOCK_CRCS`.
 const INCOMPAT_FEATURE_NAMES: &[(u64, &str)] = &[];
 
-/// Header flag: an inconsistency was detected; open read-only until `check --repair`.
+/// Header flag: the layer must be checked before it is written or sealed (set by tools that
+/// find it inconsistent; cowdisk itself only clears it, in `check --repair`).
 pub const FLAG_NEEDS_CHECK: u32 = 1;
 
 /// Whether a layer may still change.
@@ -487,18 +488,6 @@ pub enum BlockState {
     Zero = 2,
 }
 
-impl BlockState {
-    /// Decodes a 2-bit entry; 3 is invalid.
-    pub fn from_bits(v: u8) -> Option<BlockState> {
-        match v {
-            0 => Some(BlockState::Absent),
-            1 => Some(BlockState::Data),
-            2 => Some(BlockState::Zero),
-            _ => None,
-        }
-    }
-}
-
 /// What one map page slot holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PageSlot {
@@ -554,11 +543,6 @@ fn page_crc(b: &[u8]) -> u32 {
     h.update(&[0; 4]);
     h.update(&b[20..]);
     h.finalize()
-}
-
-/// Entry `i` (0-based within the page) from packed page bytes (LSB first, 4 per byte).
-pub fn page_entry(entries: &[u8], i: usize) -> u8 {
-    (entries[i / 4] >> ((i % 4) * 2)) & 3
 }
 
 /// Streams the seal digest: identity, geometry, every block's state and, for data

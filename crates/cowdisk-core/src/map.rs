@@ -51,13 +51,6 @@ pub struct PendingPages {
     pages: Vec<(u64, Vec<u8>)>,
 }
 
-impl PendingPages {
-    /// True when no page was dirty.
-    pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
-    }
-}
-
 impl AllocMap {
     /// An all-absent map (a new layer).
     pub fn new(g: &Geometry) -> AllocMap {
