@@ -200,7 +200,7 @@ machine_info() {
     echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -n1)"
     echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
     echo "kernel: $(uname -r)"
-    echo "fs: $(findmnt -n -o FSTYPE,SOURCE -T "$BENCH_DIR" | tr -s ' ')"
+    echo "fs: $(findmnt -n -f -o FSTYPE,SOURCE -T "$BENCH_DIR" | tr -s ' ')"
     echo "loadavg-start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "fio: $(fio --version)"
     echo "qemu-nbd: $(qemu-nbd --version | head -n1)"
@@ -357,6 +357,7 @@ check_first_writes() {
       jq '.layers[0].data_blocks * 65536' 2>/dev/null) || n="?" ;;
   esac
   echo "first-write check $1: top holds $n bytes of $((NBLOCKS * BS))" >>"$CMDLOG"
+  [[ $n == "$((NBLOCKS * BS))" ]] || die "first-write check $1: top holds $n bytes of $((NBLOCKS * BS))"
 }
 
 # Clones: NCLONES fresh tops over the same base in ONE server process, one export each,
