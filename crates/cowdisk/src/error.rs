@@ -50,7 +50,9 @@ impl Error {
     pub fn disk(path: &Path, source: IoError) -> Error {
         match source {
             // These already start with their file.
-            IoError::Storage { .. } | IoError::Poisoned { .. } => Error::Named(source),
+            IoError::Storage { .. } | IoError::Poisoned { .. } | IoError::Checksum { .. } => {
+                Error::Named(source)
+            }
             source => Error::Disk {
                 path: path.to_path_buf(),
                 source,

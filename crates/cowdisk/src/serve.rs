@@ -15,6 +15,8 @@ use cowdisk_core::{
 };
 use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, Server, ZeroFlags};
 
+use crate::error::Error;
+
 /// Default TCP address: loopback only unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -165,24 +167,28 @@ fn export_name(path: &Path) -> String {
 }
 
 /// Binds a unix socket with mode 0600, refusing an existing path.
-fn bind_unix(path: &Path) -> Result<UnixListener, String> {
+fn bind_unix(path: &Path) -> crate::error::Result<UnixListener> {
     if path.symlink_metadata().is_ok() {
-        return Err(format!(
-            "{}: already exists (refusing to replace it)",
-            path.display()
+        return Err(Error::invalid(
+            path,
+            "already exists (refusing to replace it)",
         ));
     }
     // The umask makes the socket 0600 from the moment it exists (no chmod window).
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let res = UnixListener::bind(path);
     rustix::process::umask(old);
-    res.map_err(|e| format!("{}: bind: {e}", path.display()))
+    res.map_err(|e| Error::os(path, "bind", e))
 }
 
-/// Runs the server until SIGINT/SIGTERM, then flushes every export.
-pub fn run(args: &ServeArgs) -> Result<(), String> {
+/// Runs the server until SIGINT/SIGTERM, then flushes every export. The caller has run
+/// recovery on every image.
+pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     if args.export_name.is_some() && args.images.len() != 1 {
-        return Err("--export-name needs exactly one image".into());
+        return Err(Error::invalid(
+            Path::new("--export-name"),
+            "needs exactly one image",
+        ));
     }
     let access = if args.read_only {
         Access::ReadOnly
@@ -195,14 +201,12 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
     let mut builder = Server::builder().limits(limits);
     let mut names = Vec::new();
     for img in &args.images {
-        crate::ops::recover(img).map_err(|e| e.to_string())?;
-        let disk = Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone()))
-            .map_err(|e| e.to_string())?;
+        let disk = Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone()))?;
         let name = args.export_name.clone().unwrap_or_else(|| export_name(img));
         if names.contains(&name) {
-            return Err(format!(
-                "{}: export name {name:?} is used twice",
-                img.display()
+            return Err(Error::invalid(
+                img,
+                format!("export name {name:?} is used twice"),
             ));
         }
         names.push(name.clone());
@@ -221,24 +225,29 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
         )
     } else {
         let addr = args.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let l = TcpListener::bind(addr).map_err(|e| format!("{addr}: bind: {e}"))?;
-        let local = l.local_addr().map_err(|e| format!("{addr}: {e}"))?;
+        let l = TcpListener::bind(addr).map_err(|e| Error::os(Path::new(addr), "bind", e))?;
+        let local = l
+            .local_addr()
+            .map_err(|e| Error::os(Path::new(addr), "local address", e))?;
         builder = builder.tcp_listener(l);
         format!("{local} (nbd://{local}/)")
     };
-    let server = builder.build().map_err(|e| e.to_string())?;
+    let server = builder
+        .build()
+        .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()))?;
     let handle = server.shutdown_handle();
+    let signal_err = |e| Error::os(Path::new("serve"), "install signal handlers", e);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
-    .map_err(|e| format!("signals: {e}"))?;
+    .map_err(signal_err)?;
     // A write past RLIMIT_FSIZE must fail with EFBIG (mapped to ENOSPC), not kill us.
     signal_hook::flag::register(
         signal_hook::consts::SIGXFSZ,
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
     )
-    .map_err(|e| format!("signals: {e}"))?;
+    .map_err(signal_err)?;
     let sig_handle = handle.clone();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
@@ -250,7 +259,9 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
         let _ = writeln!(out, "cowdisk: serving {} at {address}", names.join(", "));
         let _ = out.flush();
     }
-    let res = server.serve().map_err(|e| e.to_string());
+    let res = server
+        .serve()
+        .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()));
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }

@@ -227,3 +227,21 @@ fn writer_lock_reports_in_use() {
     assert_eq!(hash(&t.p("a.cow")), before);
     assert!(!t.p("s.cow").exists());
 }
+
+#[test]
+fn serve_errors_name_their_file() {
+    let t = Tmp::new("serve-err");
+    let missing = t.s("nope.cow");
+    let e = fails(&["serve", &missing, "--socket", &t.s("s.sock")], "nope.cow");
+    assert!(e.starts_with(&format!("cowdisk: {missing}")), "{e}");
+    ok(&["create", &t.s("a.cow"), "--size", "1M"]);
+    std::fs::write(t.p("taken.sock"), b"").unwrap();
+    let e = fails(
+        &["serve", &t.s("a.cow"), "--socket", &t.s("taken.sock")],
+        "already exists",
+    );
+    assert!(
+        e.starts_with(&format!("cowdisk: {}", t.s("taken.sock"))),
+        "{e}"
+    );
+}

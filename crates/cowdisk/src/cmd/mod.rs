@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::cli::{Cli, Command};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::{recover, Recovery};
 use crate::EXIT_OK;
 
@@ -80,7 +80,7 @@ pub fn dispatch(cli: &Cli) -> Result<i32> {
             for img in &a.images {
                 recover_noisy(img)?;
             }
-            crate::serve::run(a).map_err(|msg| Error::invalid(Path::new("serve"), msg))?;
+            crate::serve::run(a)?;
         }
     }
     Ok(EXIT_OK)
