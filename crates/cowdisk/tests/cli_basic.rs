@@ -245,3 +245,25 @@ fn serve_errors_name_their_file() {
         "{e}"
     );
 }
+
+#[test]
+fn import_refuses_a_fifo_without_waiting_for_a_writer() {
+    let t = Tmp::new("import-fifo");
+    let fifo = t.s("raw.fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo must be installed");
+    assert!(st.success());
+    let image = t.s("x.cow");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(run(&["import", &fifo, &image]));
+    });
+    let o = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("import of a FIFO hangs");
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+    assert!(!t.p("x.cow").exists());
+}

@@ -123,7 +123,15 @@ fn next_data(file: &File, pos: u64, len: u64) -> u64 {
 /// `import RAW IMAGE`: a new standalone writable image with the raw file's content
 /// (its size rounded up to a multiple of 512 bytes).
 pub fn import(raw: &Path, image: &Path, block_size: Option<u32>, show: bool) -> Result<()> {
-    let file = File::open(raw).map_err(|e| Error::os(raw, "open", e))?;
+    // Non-blocking, so a FIFO is refused below instead of waiting for a writer.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(raw)
+            .map_err(|e| Error::os(raw, "open", e))?
+    };
     let meta = file.metadata().map_err(|e| Error::os(raw, "stat", e))?;
     if !meta.file_type().is_file() {
         return Err(Error::invalid(raw, "not a regular file"));
