@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread;
 
@@ -31,11 +31,24 @@ const PIECES: usize = 64;
 /// Most extents sent per context in one reply; the client asks again for the rest.
 const MAX_EXTENTS: usize = 1 << 16;
 
-struct Job {
+struct Job<'c> {
     req: Request,
     op: Op,
     payload: Vec<u8>,
-    cost: usize,
+    /// The connection budget the request holds until it is dropped (also on a panic).
+    cost: Cost<'c>,
+}
+
+/// Per-connection budget held by one request.
+struct Cost<'c> {
+    budget: &'c Budget,
+    bytes: usize,
+}
+
+impl Drop for Cost<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
 }
 
 /// Counts requests and bytes in flight; `acquire` blocks while the budget is used up.
@@ -130,12 +143,13 @@ struct Conn<'a, W: Write> {
 }
 
 impl<W: Write> Conn<'_, W> {
-    /// Takes per-connection budget for a request.
-    fn acquire(&self, cost: usize) {
-        self.budget.acquire(cost);
-    }
-    fn release(&self, cost: usize) {
-        self.budget.release(cost);
+    /// Takes per-connection budget for a request, given back when the guard drops.
+    fn cost(&self, bytes: usize) -> Cost<'_> {
+        self.budget.acquire(bytes);
+        Cost {
+            budget: &self.budget,
+            bytes,
+        }
     }
     /// Takes server-wide read-buffer bytes, given back when the guard drops (also on a
     /// panic). Only reads that need a buffer take them: zero-copy reads hold no memory.
@@ -198,8 +212,7 @@ pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
     };
     // Pipelined requests arrive back to back: read them in as few syscalls as possible.
     let input = Input {
-        r: Mutex::new(io::BufReader::with_capacity(READ_BUFFER, r)),
-        done: AtomicBool::new(false),
+        r: Mutex::new((io::BufReader::with_capacity(READ_BUFFER, r), false)),
     };
     thread::scope(|sc| {
         // This thread serves too, so a connection costs `workers_per_connection` threads and
@@ -214,11 +227,10 @@ pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
     });
 }
 
-/// The connection's request stream, read by one thread at a time.
+/// The connection's request stream, read by one thread at a time, and whether it ended
+/// (EOF, `DISC`, a protocol violation, a failed reply).
 struct Input<R> {
-    r: Mutex<io::BufReader<R>>,
-    /// Set once the stream ended (EOF, `DISC`, a protocol violation, a failed reply).
-    done: AtomicBool,
+    r: Mutex<(io::BufReader<R>, bool)>,
 }
 
 /// Leader/follower: whichever thread holds the input reads the next request, releases the
@@ -233,14 +245,18 @@ fn follower<'a, R: Read, W: Write + AsFd>(
 ) {
     loop {
         let job = {
-            let mut r = input.r.lock().unwrap_or_else(|e| e.into_inner());
-            if input.done.load(Ordering::SeqCst) {
+            // Poisoned: a thread panicked mid-request, so where the stream stands is unknown.
+            let Ok(mut input) = input.r.lock() else {
+                return;
+            };
+            let (r, done) = &mut *input;
+            if *done {
                 return;
             }
-            match next_job(&mut *r, conn, geo) {
+            match next_job(r, conn, geo) {
                 Some(job) => job,
                 None => {
-                    input.done.store(true, Ordering::SeqCst);
+                    *done = true;
                     return;
                 }
             }
@@ -251,7 +267,11 @@ fn follower<'a, R: Read, W: Write + AsFd>(
 
 /// Reads requests until one must run; answers invalid ones on the way. `None` ends the
 /// connection (EOF, `DISC`, lost framing, a failed reply, a half-read payload).
-fn next_job<R: Read, W: Write>(r: &mut R, conn: &Conn<'_, W>, geo: &Geometry) -> Option<Job> {
+fn next_job<'c, R: Read, W: Write>(
+    r: &mut R,
+    conn: &'c Conn<'_, W>,
+    geo: &Geometry,
+) -> Option<Job<'c>> {
     let mut hdr = [0u8; wire::REQUEST_LEN];
     while !conn.out.failed() {
         r.read_exact(&mut hdr).ok()?;
@@ -273,14 +293,13 @@ fn next_job<R: Read, W: Write>(r: &mut R, conn: &Conn<'_, W>, geo: &Geometry) ->
             _ => 0,
         };
         // Waiting here holds the input, which is what a full budget should do: stop reading.
-        conn.acquire(cost);
+        let cost = conn.cost(cost);
         let mut payload = Vec::new();
         if let Op::Write { len, .. } = op {
             payload = conn.pool.get(len as usize);
             if r.read_exact(&mut payload).is_err() {
                 // Half a payload is never applied (the client went away).
                 conn.pool.put(payload);
-                conn.release(cost);
                 return None;
             }
         }
@@ -304,63 +323,96 @@ fn drain<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
     }
 }
 
-/// Runs a job; a panicking backend call still gets an `EIO` reply and frees its budget.
-fn run_guarded<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job, pieces: &mut Vec<ReadPiece<'a>>) {
-    let (req, cost) = (job.req, job.cost);
+/// Runs a job; a panicking backend call still gets an `EIO` reply (its budget is freed as
+/// the job unwinds).
+fn run_guarded<'a, W: Write + AsFd>(
+    conn: &Conn<'a, W>,
+    job: Job<'_>,
+    pieces: &mut Vec<ReadPiece<'a>>,
+) {
+    let req = job.req;
     if panic::catch_unwind(AssertUnwindSafe(|| run(conn, job, pieces))).is_err() {
         conn.out.error(&req, wire::errno::EIO, "internal error");
-        conn.release(cost);
     }
 }
 
-fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job, pieces: &mut Vec<ReadPiece<'a>>) {
+fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job<'_>, pieces: &mut Vec<ReadPiece<'a>>) {
     let b: &'a dyn Backend = &*conn.export.backend;
-    let req = &job.req;
-    let res = match job.op {
-        Op::Read { offset, len } => {
-            pieces.clear();
-            match b.read_pieces(offset, u64::from(len), pieces) {
-                // Zero-copy: no buffer, one copy fewer.
-                Ok(true) => conn.out.read_pieces(req, offset, len, pieces),
-                Ok(false) => {
-                    let _held = conn.read_buffer_bytes(len as usize);
-                    let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
-                    match b.read(offset, &mut buf[READ_HEADROOM..]) {
-                        Ok(()) => conn.out.read_data(req, offset, &mut buf),
-                        Err(e) => conn.out.backend_error(req, &e),
-                    }
-                    conn.pool.put(buf);
-                }
-                Err(e) => conn.out.backend_error(req, &e),
-            }
-            Ok(())
-        }
-        Op::Write { offset, fua, .. } => b.write(offset, &job.payload, fua),
-        Op::Flush if conn.export.backend.is_read_only() => Ok(()),
-        Op::Flush => b.flush(),
-        Op::Trim { offset, len, fua } => b.trim(offset, u64::from(len), fua),
-        Op::Cache | Op::Disc => Ok(()),
-        Op::WriteZeroes { offset, len, flags } => b.write_zeroes(offset, u64::from(len), flags),
+    let Job {
+        req,
+        op,
+        payload,
+        cost,
+    } = job;
+    let res = match op {
+        Op::Read { offset, len } => return read(conn, &req, offset, len, pieces),
         Op::BlockStatus {
             offset,
             len,
             req_one,
         } => {
-            match block_status(conn, req, offset, len, req_one) {
+            match block_status(conn, &req, offset, len, req_one) {
                 Ok(chunks) => conn.out.send(&chunks),
+                Err(e) => conn.out.backend_error(&req, &e),
+            }
+            return;
+        }
+        Op::Write { offset, fua, .. } => {
+            let r = b.write(offset, &payload, fua);
+            // The payload and its budget are free before the reply, which a client that does
+            // not read its replies may hold up.
+            conn.pool.put(payload);
+            drop(cost);
+            r
+        }
+        Op::Flush if b.is_read_only() => Ok(()),
+        Op::Flush => b.flush(),
+        Op::Trim { offset, len, fua } => b.trim(offset, u64::from(len), fua),
+        Op::Cache | Op::Disc => Ok(()),
+        Op::WriteZeroes { offset, len, flags } => b.write_zeroes(offset, u64::from(len), flags),
+    };
+    match res {
+        Ok(()) => conn.out.ok(&req),
+        Err(e) => conn.out.backend_error(&req, &e),
+    }
+}
+
+/// READ: zero-copy when the backend plans it, through a buffer otherwise.
+fn read<'a, W: Write + AsFd>(
+    conn: &Conn<'a, W>,
+    req: &Request,
+    offset: u64,
+    len: u32,
+    pieces: &mut Vec<ReadPiece<'a>>,
+) {
+    let b: &'a dyn Backend = &*conn.export.backend;
+    pieces.clear();
+    match b.read_pieces(offset, u64::from(len), pieces) {
+        // Pieces that do not add up to the request would break the stream's framing.
+        Ok(true) if pieces_len(pieces) != Some(u64::from(len)) => conn.out.error(
+            req,
+            wire::errno::EIO,
+            "backend planned a read of the wrong length",
+        ),
+        // Zero-copy: no buffer, one copy fewer.
+        Ok(true) => conn.out.read_pieces(req, offset, len, pieces),
+        Ok(false) => {
+            let _held = conn.read_buffer_bytes(len as usize);
+            let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
+            match b.read(offset, &mut buf[READ_HEADROOM..]) {
+                Ok(()) => conn.out.read_data(req, offset, &mut buf),
                 Err(e) => conn.out.backend_error(req, &e),
             }
-            Ok(())
+            conn.pool.put(buf);
         }
-    };
-    if !matches!(job.op, Op::Read { .. } | Op::BlockStatus { .. }) {
-        match res {
-            Ok(()) => conn.out.ok(req),
-            Err(e) => conn.out.backend_error(req, &e),
-        }
+        Err(e) => conn.out.backend_error(req, &e),
     }
-    conn.pool.put(job.payload);
-    conn.release(job.cost);
+}
+
+fn pieces_len(pieces: &[ReadPiece<'_>]) -> Option<u64> {
+    pieces.iter().try_fold(0u64, |n, p| match *p {
+        ReadPiece::Zeros(l) | ReadPiece::File { len: l, .. } => n.checked_add(l),
+    })
 }
 
 /// Builds one `BLOCK_STATUS` chunk per selected context from one backend query.

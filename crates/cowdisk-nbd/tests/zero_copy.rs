@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use client::{Client, TestServer};
-use cowdisk_nbd::wire::cmd;
+use cowdisk_nbd::wire::{cmd, errno};
 use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, Limits, ReadPiece, ZeroFlags};
 
 const PIECE: u64 = 4096;
@@ -22,13 +22,26 @@ const SIZE: u64 = 256 * PIECE;
 /// (scrambled, so a wrong offset shows), or zeros for every third piece.
 struct FileBackend {
     file: File,
-    /// Claims pieces past the end of the file, as a broken backend might.
-    lie: bool,
+    lie: Lie,
+}
+
+/// How a broken backend may plan a read.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Lie {
+    /// Correct pieces.
+    No,
+    /// File pieces past the end of the file.
+    PastEnd,
+    /// Pieces that add up to less than the request.
+    Short,
 }
 
 impl FileBackend {
-    fn new(lie: bool) -> Arc<FileBackend> {
-        let path = std::env::temp_dir().join(format!("cowdisk-zc-{}-{lie}", std::process::id()));
+    fn new(lie: Lie) -> Arc<FileBackend> {
+        // Tests run in parallel: one name each (the file is unlinked once open).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("cowdisk-zc-{}-{n}", std::process::id()));
         let mut f = File::options()
             .read(true)
             .write(true)
@@ -48,7 +61,11 @@ impl FileBackend {
         let file_off = (i * 7 % 256) * PIECE + o % PIECE;
         (
             i % 3 == 2,
-            if self.lie { file_off + SIZE } else { file_off },
+            if self.lie == Lie::PastEnd {
+                file_off + SIZE
+            } else {
+                file_off
+            },
         )
     }
 
@@ -108,6 +125,9 @@ impl Backend for FileBackend {
             });
             o += n;
         }
+        if self.lie == Lie::Short {
+            out.pop();
+        }
         Ok(true)
     }
     fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), BackendError> {
@@ -139,7 +159,7 @@ impl Backend for FileBackend {
 }
 
 fn reads_match(structured: bool) {
-    let b = FileBackend::new(false);
+    let b = FileBackend::new(Lie::No);
     let srv = TestServer::start(vec![("disk", b.clone())], Limits::default());
     let mut c = Client::connect(srv.addr);
     c.handshake("disk", structured, &[]);
@@ -188,7 +208,7 @@ fn sendfile_reads_match_structured_replies() {
 
 #[test]
 fn piece_past_end_of_file_drops_the_connection() {
-    let b = FileBackend::new(true);
+    let b = FileBackend::new(Lie::PastEnd);
     let srv = TestServer::start(vec![("disk", b)], Limits::default());
     let mut c = Client::connect(srv.addr);
     c.handshake("disk", false, &[]);
@@ -203,4 +223,21 @@ fn piece_past_end_of_file_drops_the_connection() {
         "a full reply of {} bytes was sent for data that does not exist",
         got.len()
     );
+}
+
+#[test]
+fn pieces_short_of_the_request_get_eio_and_the_stream_stays_framed() {
+    let b = FileBackend::new(Lie::Short);
+    let srv = TestServer::start(vec![("disk", b.clone())], Limits::default());
+    for structured in [false, true] {
+        let mut c = Client::connect(srv.addr);
+        c.handshake("disk", structured, &[]);
+        assert_eq!(
+            c.errno(0, cmd::READ, 0, 2 * PIECE as u32, &[]),
+            errno::EIO,
+            "structured: {structured}"
+        );
+        // The next request is answered normally: nothing stray was sent.
+        assert_eq!(c.errno(0, cmd::FLUSH, 0, 0, &[]), 0);
+    }
 }
