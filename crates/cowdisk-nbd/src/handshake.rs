@@ -77,7 +77,11 @@ pub(crate) fn negotiate<S: Read + Write>(s: &mut S, cx: &Context<'_>) -> io::Res
         s.read_exact(&mut payload)?;
 
         if cx.shutting_down.load(Ordering::SeqCst) {
-            reply(s, h.option, rep::ERR_SHUTDOWN, b"server shutting down")?;
+            // EXPORT_NAME has no option reply (the client would read one as the export
+            // size): just close.
+            if h.option != opt::EXPORT_NAME {
+                reply(s, h.option, rep::ERR_SHUTDOWN, b"server shutting down")?;
+            }
             return Ok(Outcome::Closed);
         }
         match h.option {

@@ -5,10 +5,11 @@
 //!        │ per connection
 //!        ▼
 //!   handshake (fixed newstyle options) ──► transmission: N threads take turns reading;
-//!                                          each runs what it read ─► replier (write/sendfile)
-//!                                               │ validate (pure)     │
-//!                                               ▼                     ▼
-//!                                          wire (pure codec)     Backend (one per export)
+//!                                          each runs what it read on the Backend (one per
+//!                                          export), then replies (write / sendfile)
+//!                                               │ validate (pure)
+//!                                               ▼
+//!                                          wire (pure codec)
 //! ```
 //!
 //! Implements fixed newstyle negotiation (`EXPORT_NAME`, `GO`, `INFO`, `LIST`, `ABORT`,

@@ -25,18 +25,20 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time allowed for the whole negotiation phase. Default 10 s.
     pub handshake_timeout: Duration,
-    /// Longest a single reply write may block (a client that stops reading is dropped).
-    /// Default 60 s.
+    /// Longest one write of a reply may block (the socket's send timeout, per call: a
+    /// client that stops reading is dropped). Default 60 s.
     pub reply_timeout: Duration,
-    /// Requests in flight per connection (accepted, not yet answered). Default 64.
+    /// Requests in flight per connection (accepted, not yet answered); at most
+    /// `workers_per_connection` run at once anyway. Default 64.
     pub max_in_flight: usize,
-    /// Payload bytes in flight per connection (read buffers and write payloads). A single
-    /// larger request still runs, alone. Default 64 MiB.
+    /// READ and WRITE bytes in flight per connection (read lengths, zero-copy or not, and
+    /// write payloads). A single larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
-    /// Read-buffer bytes in flight across all connections; one connection may use at most
-    /// half. A single larger read still runs, alone. Zero-copy reads
-    /// ([`crate::Backend::read_pieces`]) need no buffer and take none. Default 4 MiB per CPU, at least 8 MiB:
-    /// read memory follows the CPUs that process requests, not the number of clients.
+    /// Read-buffer bytes in flight across all connections; a connection may take more
+    /// than half only for a single read larger than that, alone. Zero-copy reads
+    /// ([`crate::Backend::read_pieces`]) need no buffer and take none. Default 4 MiB per
+    /// CPU, at least 8 MiB: read memory follows the CPUs that process requests, not the
+    /// number of clients.
     pub max_total_in_flight_bytes: usize,
     /// Threads per connection, the connection's own included, that take turns reading the
     /// next request and each run the request they read. Default 4.

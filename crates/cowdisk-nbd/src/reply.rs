@@ -1,5 +1,5 @@
-//! Reply writing (one mutex, one `write_all` per reply so replies never interleave) and a small
-//! buffer pool so steady-state I/O does not allocate per request.
+//! Reply writing (one mutex held for each whole reply, so replies never interleave) and a
+//! small buffer pool so steady-state I/O does not allocate per request.
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;

@@ -8,6 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags};
 use thiserror::Error;
@@ -350,9 +351,14 @@ impl Server {
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        // Per-connection failures (ECONNABORTED, EMFILE) must not stop the
-                        // server; poll again.
-                        Err(_) => break,
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                        // Out of fds or memory (EMFILE, ENFILE, ENOMEM) must not stop the
+                        // server, nor spin: the pending connection keeps the listener
+                        // readable, so wait a little before polling again.
+                        Err(_) => {
+                            thread::sleep(Duration::from_millis(50));
+                            break;
+                        }
                     }
                 }
             }
@@ -376,10 +382,13 @@ impl Server {
         let spawned = thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
+                // Frees the slot however the connection ends, a panic included.
+                let _slot = Slot {
+                    shared: &sh,
+                    stream: &s,
+                    id,
+                };
                 connection(&s, &exports, &limits, &sh.shutting_down, &io);
-                s.shutdown(Shutdown::Both);
-                sh.conns().remove(&id);
-                sh.active.fetch_sub(1, Ordering::SeqCst);
             });
         match spawned {
             Ok(h) => Some(h),
@@ -389,6 +398,21 @@ impl Server {
                 None
             }
         }
+    }
+}
+
+/// A connection's place in the server: closed and given back when dropped.
+struct Slot<'a> {
+    shared: &'a Shared,
+    stream: &'a Stream,
+    id: u64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.stream.shutdown(Shutdown::Both);
+        self.shared.conns().remove(&self.id);
+        self.shared.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

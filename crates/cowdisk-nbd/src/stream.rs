@@ -87,21 +87,6 @@ impl Write for &Stream {
     }
 }
 
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self).read(buf)
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self).write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Reads with a deadline for the whole exchange, so a client dribbling bytes (slowloris)
 /// cannot hold a negotiation slot longer than the handshake timeout.
 pub(crate) struct Deadline<'a> {

@@ -24,8 +24,8 @@ use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits, ReadPiece};
 /// Request bytes read from the socket at once.
 const READ_BUFFER: usize = 16 * 1024;
 
-/// Read pieces a worker has room for without allocating (a request spanning more grows it):
-/// worker threads that never allocate never get a malloc arena of their own.
+/// Read pieces a worker has room for without allocating (a request spanning more grows it),
+/// so zero-copy reads allocate nothing per request.
 const PIECES: usize = 64;
 
 /// Most extents sent per context in one reply; the client asks again for the rest.

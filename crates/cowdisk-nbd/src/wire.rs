@@ -215,10 +215,6 @@ pub fn put_u64(out: &mut Vec<u8>, v: u64) {
 pub fn u32_from(b: [u8; 4]) -> u32 {
     u32::from_be_bytes(b)
 }
-/// Decodes a big-endian u64 from a fixed array.
-pub fn u64_from(b: [u8; 8]) -> u64 {
-    u64::from_be_bytes(b)
-}
 
 /// The server's initial greeting (fixed newstyle, `NO_ZEROES` offered).
 pub fn greeting() -> [u8; 18] {
