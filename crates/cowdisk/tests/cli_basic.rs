@@ -28,6 +28,7 @@ fn usage_errors_exit_1() {
     assert_eq!(code(&o), 1);
     let o = run(&["serve", "x.cow", "--threads", "0"]);
     assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("--threads"), "{}", stderr(&o));
 }
 
 #[test]

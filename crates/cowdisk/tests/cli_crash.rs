@@ -67,7 +67,7 @@ fn still_writable(t: &Tmp) {
 
 #[test]
 fn snapshot_killed_at_every_step() {
-    if !have("qemu-io") {
+    if !have("qemu-io") || !have("qemu-img") {
         return;
     }
     for (fp, forward) in [
@@ -113,7 +113,7 @@ fn snapshot_killed_at_every_step() {
 
 #[test]
 fn squash_killed_at_every_step() {
-    if !have("qemu-io") {
+    if !have("qemu-io") || !have("qemu-img") {
         return;
     }
     for fp in [
@@ -158,7 +158,7 @@ fn squash_killed_at_every_step() {
 
 #[test]
 fn reset_killed_before_rename() {
-    if !have("qemu-io") {
+    if !have("qemu-io") || !have("qemu-img") {
         return;
     }
     let t = Tmp::new("crash-reset");

@@ -92,11 +92,21 @@ impl Serve {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
     fn stop(mut self) {
+        use rustix::process::{kill_process, Pid, Signal};
         let mut c = self.child.take().expect("running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let st = c.wait().expect("wait");
+        let pid = Pid::from_child(&c);
+        kill_process(pid, Signal::TERM).expect("SIGTERM to serve");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("serve did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(st.success(), "serve exit status after SIGTERM: {st}");
     }
     fn kill9(mut self) {
@@ -280,7 +290,7 @@ fn clones_of_one_base_served_together() {
 
 #[test]
 fn read_only_export_and_shared_readers() {
-    if !have_tool("qemu-io") {
+    if !have_tool("qemu-io") || !have_tool("qemu-img") {
         return;
     }
     let d = TempDir::new();
@@ -360,7 +370,7 @@ fn writer_lock_socket_mode_and_existing_path() {
 
 #[test]
 fn sigterm_flushes_unflushed_writes() {
-    if !have_python_nbd() {
+    if !have_python_nbd() || !have_tool("qemu-io") {
         return;
     }
     let d = TempDir::new();
@@ -469,11 +479,8 @@ fn need_root(what: &str) -> bool {
     if is_root() && Path::new("/dev/fuse").exists() {
         return true;
     }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{what} needs root and /dev/fuse (CI=true)"
-    );
-    println!("SKIPPED: {what} needs root and /dev/fuse");
+    assert!(!common::in_ci(), "{what} needs root and /dev/fuse (CI)");
+    common::skipped(&format!("{what} needs root and /dev/fuse"));
     false
 }
 

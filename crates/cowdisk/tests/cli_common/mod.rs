@@ -115,6 +115,7 @@ pub fn hash(p: &Path) -> String {
         .arg(p)
         .output()
         .expect("sha256sum");
+    assert!(o.status.success(), "sha256sum {}: {:?}", p.display(), o);
     String::from_utf8_lossy(&o.stdout)
         .split_whitespace()
         .next()
@@ -131,13 +132,21 @@ pub fn have(tool: &str) -> bool {
         .status()
         .is_ok();
     if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is required in CI"
-        );
-        eprintln!("SKIPPED: {tool} not installed");
+        assert!(!in_ci(), "{tool} is required in CI");
+        skipped(&format!("{tool} not installed"));
     }
     found
+}
+
+/// True under CI (`CI` set to anything but empty, `0` or `false`): missing tools fail.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
+}
+
+/// Says that a test was skipped where the test harness does not swallow it.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
 }
 
 /// One change applied both to a cowdisk image and to the raw reference.
