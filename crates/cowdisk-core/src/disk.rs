@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::IoError;
-use crate::format::{BlockState, Geometry, Header};
+use crate::format::{BlockState, Geometry, Header, LayerState};
 use crate::map::AllocMap;
 use crate::resolve::{block_kind, LowerOwner, Mapping, MappingKind, ResolvedMap};
 use crate::storage::Storage;
@@ -240,6 +240,8 @@ pub(crate) struct Top {
 /// An open chain.
 pub struct Disk {
     top: Top,
+    /// A sealed top's blocks are checked against their CRCs like a parent's.
+    sealed_top: Option<LowerLayer>,
     lower: Arc<Lower>,
     geometry: Geometry,
     access: Access,
@@ -261,8 +263,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Disk {
     pub(crate) fn assemble(top: Top, lower: Arc<Lower>, access: Access) -> Disk {
         let geometry = top.header.geometry;
+        let sealed_top = (top.header.state == LayerState::Sealed).then(|| {
+            LowerLayer::new(
+                top.storage.clone(),
+                top.path.clone(),
+                top.header.clone(),
+                (0, 0),
+            )
+        });
         Disk {
             top,
+            sealed_top,
             lower,
             geometry,
             access,
@@ -416,9 +427,7 @@ impl Disk {
             let out = &mut buf[s..s + m.len as usize];
             match m.kind {
                 MappingKind::Data { depth } => {
-                    if depth > 0 {
-                        self.verify_run(depth as usize - 1, m.offset, m.len)?;
-                    }
+                    self.verify_run(depth, m.offset, m.len)?;
                     let (st, path, data_offset) = self.storage_at(depth);
                     let off = data_offset + m.offset;
                     st.read_at(out, off)
@@ -451,9 +460,7 @@ impl Disk {
         self.resolve(offset, len, |m| {
             let piece = match m.kind {
                 MappingKind::Data { depth } => {
-                    if depth > 0 {
-                        self.verify_run(depth as usize - 1, m.offset, m.len)?;
-                    }
+                    self.verify_run(depth, m.offset, m.len)?;
                     let (st, _, data_offset) = self.storage_at(depth);
                     match st.fd() {
                         Some(fd) => ReadPiece::File {
@@ -535,11 +542,18 @@ impl Disk {
         Ok(())
     }
 
-    /// Checks every not-yet-verified block of lower layer `i` in a run against its CRC.
-    /// Reads go through a small buffer in pieces: a zero-copy read needs the bytes only for
-    /// their CRC, so it should not cost a block-sized buffer per thread.
-    fn verify_run(&self, i: usize, offset: u64, len: u64) -> Result<(), IoError> {
-        let layer = &self.lower.layers[i];
+    /// Checks every not-yet-verified block in a run of the sealed layer at `depth` (0: the
+    /// top, if sealed) against its CRC; a writable top has nothing to check. Reads go through
+    /// a small buffer in pieces: a zero-copy read needs the bytes only for their CRC, so it
+    /// should not cost a block-sized buffer per thread.
+    fn verify_run(&self, depth: u32, offset: u64, len: u64) -> Result<(), IoError> {
+        let layer = match depth {
+            0 => match &self.sealed_top {
+                Some(l) => l,
+                None => return Ok(()),
+            },
+            d => &self.lower.layers[d as usize - 1],
+        };
         let g = &layer.header.geometry;
         let bs = u64::from(g.block_size);
         for b in offset / bs..(offset + len).div_ceil(bs) {

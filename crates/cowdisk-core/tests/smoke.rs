@@ -271,3 +271,19 @@ fn read_pieces_verify_parent_blocks_first() {
     assert_eq!(assemble(&got), vec![1u8; 4096]);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn damaged_block_of_a_sealed_top_is_eio_too() {
+    let (d, _top) = damaged_parent("sealed-top", 100);
+    // The sealed base opened on its own: it is the top now, and still checked.
+    let base = d.join("base.cow");
+    let disk = Disk::open(&base, &OpenOptions::new().access(Access::ReadOnly)).unwrap();
+    let mut b = vec![0u8; 512];
+    let e = disk.read(0, &mut b).unwrap_err();
+    assert!(matches!(e, IoError::Checksum { block: 0, .. }), "{e}");
+    let e = disk.read_pieces(0, 512, |_| {}).unwrap_err();
+    assert!(matches!(e, IoError::Checksum { block: 0, .. }), "{e}");
+    disk.read(4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+    std::fs::remove_dir_all(&d).unwrap();
+}
