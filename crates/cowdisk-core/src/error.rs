@@ -43,12 +43,12 @@ pub enum FormatError {
         actual: u32,
     },
     /// A header field is out of range.
-    #[error("header field {field} = {value}: {reason}")]
+    #[error("header field {field}{}: {reason}", value.map(|v| format!(" = {v}")).unwrap_or_default())]
     Field {
         /// Field name as in FORMAT.md.
         field: &'static str,
-        /// Value found (0 where not numeric).
-        value: u64,
+        /// Value found, where it is a number.
+        value: Option<u64>,
         /// Why it is refused.
         reason: &'static str,
     },

@@ -167,7 +167,7 @@ impl Geometry {
         {
             return Err(FormatError::Field {
                 field: "block_size",
-                value: block_size.into(),
+                value: Some(block_size.into()),
                 reason: "must be a power of two from 4 KiB to 1 MiB",
             });
         }
@@ -175,7 +175,7 @@ impl Geometry {
         {
             return Err(FormatError::Field {
                 field: "virtual_size",
-                value: virtual_size,
+                value: Some(virtual_size),
                 reason: "must be a non-zero multiple of 512 up to 1 PiB",
             });
         }
@@ -185,7 +185,7 @@ impl Geometry {
         if blocks > MAX_BLOCKS {
             return Err(FormatError::Field {
                 field: "virtual_size",
-                value: virtual_size,
+                value: Some(virtual_size),
                 reason: "is more than 2^32 blocks at this block size",
             });
         }
@@ -381,7 +381,7 @@ impl Header {
         let parent_len = usize::from(LE::read_u16(&b[H_PARENT_LEN..]));
         let parent = if parent_len == 0 {
             if !parent_uuid.is_nil() {
-                return Err(field("parent_uuid", 0, "set without a parent path"));
+                return Err(field_text("parent_uuid", "set without a parent path"));
             }
             None
         } else {
@@ -394,13 +394,9 @@ impl Header {
             }
             let raw = &b[H_PARENT_PATH..H_PARENT_PATH + parent_len];
             let path = std::str::from_utf8(raw)
-                .map_err(|_| field("parent_path", 0, "is not UTF-8"))?
+                .map_err(|_| field_text("parent_path", "is not UTF-8"))?
                 .to_string();
-            validate_reference(&path).map_err(|reason| FormatError::Field {
-                field: "parent_path",
-                value: 0,
-                reason,
-            })?;
+            validate_reference(&path).map_err(|reason| field_text("parent_path", reason))?;
             Some(ParentRef {
                 path,
                 uuid: parent_uuid,
@@ -429,7 +425,16 @@ impl Header {
 fn field(field: &'static str, value: u64, reason: &'static str) -> FormatError {
     FormatError::Field {
         field,
-        value,
+        value: Some(value),
+        reason,
+    }
+}
+
+/// A refused field whose value is not a number (a path, a UUID).
+fn field_text(field: &'static str, reason: &'static str) -> FormatError {
+    FormatError::Field {
+        field,
+        value: None,
         reason,
     }
 }
