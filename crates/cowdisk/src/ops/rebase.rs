@@ -27,6 +27,8 @@ pub fn rebase(image: &Path, new_parent: &Path) -> Result<()> {
     let Some(old) = &h.parent else {
         return Err(Error::invalid(image, "has no parent to rebase"));
     };
+    // The cheapest refusal first, before reading the new parent's map and CRCs.
+    let reference = reference_for(image, new_parent)?;
     let (pfile, _) = open_layer_file(new_parent, Access::ReadOnly)?;
     let pst = FileStorage::new(pfile);
     let ph = read_header(&pst, new_parent)?.header;
@@ -41,7 +43,10 @@ pub fn rebase(image: &Path, new_parent: &Path) -> Result<()> {
             ),
         ));
     }
-    if ph.state != LayerState::Sealed || ph.seal_digest != old.digest {
+    if ph.state != LayerState::Sealed {
+        return Err(Error::invalid(new_parent, "is not sealed"));
+    }
+    if ph.seal_digest != old.digest {
         return Err(Error::invalid(
             new_parent,
             "seal digest differs from the one recorded in the image (changed since)",
@@ -69,7 +74,6 @@ pub fn rebase(image: &Path, new_parent: &Path) -> Result<()> {
         new_parent,
         &OpenOptions::new().access(Access::ReadOnly),
     )?);
-    let reference = reference_for(image, new_parent)?;
     let mut new = h.clone();
     new.parent = Some(ParentRef {
         path: reference,
