@@ -331,3 +331,20 @@ fn repair_killed_at_every_step_converges() {
         assert_eq!(hash(&t.p("base.cow")), base, "{fp}: base written");
     }
 }
+
+#[test]
+fn repair_is_suggested_only_for_leaks_it_can_reclaim() {
+    let t = Tmp::new("check-hint");
+    chain(&t);
+    let g = Geometry::new(SIZE, BS as u32).unwrap();
+    // An unreferenced block in the sealed base: a leak no repair may touch.
+    poke(&t.p("base.cow"), g.block_offset(9), &[0xee; 4096]);
+    let o = run(&["check", &t.s("vm.cow")]);
+    assert_eq!(code(&o), 4, "{}", stdout(&o));
+    assert!(!stdout(&o).contains("run with --repair"), "{}", stdout(&o));
+    // One in the writable top: repair can reclaim it, and says so.
+    poke(&t.p("vm.cow"), g.block_offset(9), &[0xee; 4096]);
+    let o = run(&["check", &t.s("vm.cow")]);
+    assert_eq!(code(&o), 4, "{}", stdout(&o));
+    assert!(stdout(&o).contains("run with --repair"), "{}", stdout(&o));
+}

@@ -133,8 +133,12 @@ pub fn run(image: &Path, repair: bool, json_out: bool, show_progress: bool) -> R
                 report.layers_checked, report.blocks_verified
             ),
             EXIT_REPAIRED => "All problems found were repaired.".to_string(),
-            EXIT_LEAKS => {
+            // Repair only ever writes a writable top (depth 0).
+            EXIT_LEAKS if !repair && report.findings.iter().any(|f| f.depth == 0) => {
                 "Only leaks found (harmless); run with --repair to reclaim them.".to_string()
+            }
+            EXIT_LEAKS => {
+                "Only leaks found (harmless), in layers --repair never writes.".to_string()
             }
             _ => "Corruption found.".to_string(),
         });
