@@ -146,8 +146,7 @@ impl Backend for DiskBackend {
             let (zero, hole) = match e.state {
                 ExtentState::Data => (false, false),
                 // A whiteout uses no data space: reads zero, allocated as metadata only.
-                ExtentState::Zero => (true, true),
-                ExtentState::Hole => (true, true),
+                ExtentState::Zero | ExtentState::Hole => (true, true),
             };
             Extent {
                 length: e.length,

@@ -9,14 +9,9 @@ use crate::output::{human_size, print_lines};
 /// Creates the image.
 pub fn run(a: &CreateArgs) -> Result<()> {
     let h = match (&a.backing, a.size) {
-        (Some(parent), _) => {
-            if crate::ops::exists(&a.image) {
-                return Err(Error::invalid(&a.image, "already exists"));
-            }
-            // Refuse a parent outside IMAGE's folder before writing anything.
-            cowdisk_core::create::reference_for(&a.image, parent)?;
-            create_child(&a.image, parent)?
-        }
+        // create_child refuses an existing image or an unusable reference before it
+        // writes anything.
+        (Some(parent), _) => create_child(&a.image, parent)?,
         (None, Some(size)) => {
             create_image(&a.image, size, a.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?
         }

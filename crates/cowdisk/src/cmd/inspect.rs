@@ -12,7 +12,8 @@ use crate::output::{extent_name, human_size, print_json, print_lines, state_name
 /// Extents are gathered this many blocks at a time (bounds memory on huge disks).
 const MAP_WINDOW_BLOCKS: u64 = 1 << 16;
 
-fn open_ro(image: &Path, force_share: bool) -> Result<Disk> {
+/// Opens an image read-only (with `force_share`, without taking locks).
+pub(crate) fn open_ro(image: &Path, force_share: bool) -> Result<Disk> {
     let mut opts = OpenOptions::new().access(Access::ReadOnly);
     if force_share {
         opts = opts.force_share();

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use cowdisk_core::create::{rename_noreplace, temp_path};
 use cowdisk_core::layer::NewLayer;
-use cowdisk_core::{Access, Disk, ExtentState, OpenOptions, DEFAULT_BLOCK_SIZE};
+use cowdisk_core::{Disk, ExtentState, DEFAULT_BLOCK_SIZE};
 use rustix::fs::SeekFrom;
 
 use super::inspect::for_each_extent;
@@ -17,13 +17,6 @@ use crate::ops::builder::LayerBuilder;
 use crate::ops::exists;
 use crate::output::print_lines;
 use crate::progress::Progress;
-
-fn open_ro(image: &Path) -> Result<Disk> {
-    Ok(Disk::open(
-        image,
-        &OpenOptions::new().access(Access::ReadOnly),
-    )?)
-}
 
 /// Calls `f(block, bytes)` for every block of `disk` that holds data and is not all
 /// zeros, in order.
@@ -60,7 +53,7 @@ fn for_each_data_block(
 
 /// `flatten IMAGE OUTPUT`: a standalone writable image with the same content.
 pub fn flatten(image: &Path, output: &Path, show: bool) -> Result<()> {
-    let disk = open_ro(image)?;
+    let disk = super::inspect::open_ro(image, false)?;
     let header = NewLayer {
         virtual_size: disk.size(),
         block_size: disk.block_size(),
@@ -82,7 +75,7 @@ pub fn flatten(image: &Path, output: &Path, show: bool) -> Result<()> {
 
 /// `export IMAGE RAW`: a raw file of the virtual size; zero ranges are holes.
 pub fn export(image: &Path, raw: &Path, show: bool) -> Result<()> {
-    let disk = open_ro(image)?;
+    let disk = super::inspect::open_ro(image, false)?;
     if exists(raw) {
         return Err(Error::invalid(raw, "already exists"));
     }
