@@ -168,38 +168,26 @@ pub fn prepare_seal(
     map: &AllocMap,
 ) -> Result<u32, OpenError> {
     let g = &header.geometry;
-    let mut digest = DigestBuilder::new(&header.uuid, g);
     let mut block = vec![0u8; g.block_size as usize];
-    let mut crcs = vec![0u8; PAGE_SIZE as usize];
-    let per = PAGE_SIZE / 4;
-    for chunk in 0..g.blocks.div_ceil(per) {
-        let first = chunk * per;
-        let n = (g.blocks - first).min(per);
-        if !map.any_data(first, n) {
-            map.digest_states(&mut digest, first, n);
-            continue;
-        }
+    let digest = digest_over_crcs(header, map, |first, n, crcs| {
         crcs.fill(0);
         for b in first..first + n {
-            let state = map.get(b);
-            let mut crc = 0;
-            if state == BlockState::Data {
+            if map.get(b) == BlockState::Data {
                 let len = g.block_len(b);
                 let off = g.block_offset(b);
                 storage
                     .read_at(&mut block[..len], off)
                     .map_err(|e| OpenError::io(path, "read block", e))?;
-                crc = crc32fast::hash(&block[..len]);
+                let crc = crc32fast::hash(&block[..len]);
+                LE::write_u32(&mut crcs[((b - first) * 4) as usize..], crc);
             }
-            digest.block(state, crc);
-            LE::write_u32(&mut crcs[((b - first) * 4) as usize..], crc);
         }
         storage
-            .write_at(&crcs[..(n * 4) as usize], g.crc_offset + first * 4)
-            .map_err(|e| OpenError::io(path, "write block CRCs", e))?;
-    }
+            .write_at(crcs, g.crc_offset + first * 4)
+            .map_err(|e| OpenError::io(path, "write block CRCs", e))
+    })?;
     storage.sync().map_err(|e| OpenError::io(path, "sync", e))?;
-    Ok(digest.finish())
+    Ok(digest)
 }
 
 /// Marks the layer sealed with `digest` (from [`prepare_seal`]).
@@ -245,9 +233,25 @@ pub fn stored_digest(
     map: &AllocMap,
 ) -> Result<u32, OpenError> {
     let g = &header.geometry;
+    digest_over_crcs(header, map, |first, _, crcs| {
+        storage
+            .read_at(crcs, g.crc_offset + first * 4)
+            .map_err(|e| OpenError::io(path, "read block CRCs", e))
+    })
+}
+
+/// The seal digest, walking the block-CRC area in runs of 1024 blocks (one CRC page): a run
+/// without data blocks feeds the digest from the map alone; for the others `crcs` first
+/// provides the run's CRC entries (computes and writes, or reads them).
+fn digest_over_crcs(
+    header: &Header,
+    map: &AllocMap,
+    mut crcs: impl FnMut(u64, u64, &mut [u8]) -> Result<(), OpenError>,
+) -> Result<u32, OpenError> {
+    let g = &header.geometry;
     let mut digest = DigestBuilder::new(&header.uuid, g);
     let per = PAGE_SIZE / 4;
-    let mut crcs = vec![0u8; PAGE_SIZE as usize];
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
     for chunk in 0..g.blocks.div_ceil(per) {
         let first = chunk * per;
         let n = (g.blocks - first).min(per);
@@ -255,13 +259,12 @@ pub fn stored_digest(
             map.digest_states(&mut digest, first, n);
             continue;
         }
-        storage
-            .read_at(&mut crcs[..(n * 4) as usize], g.crc_offset + first * 4)
-            .map_err(|e| OpenError::io(path, "read block CRCs", e))?;
+        let run = &mut buf[..(n * 4) as usize];
+        crcs(first, n, run)?;
         for b in first..first + n {
             let state = map.get(b);
             let crc = if state == BlockState::Data {
-                LE::read_u32(&crcs[((b - first) * 4) as usize..])
+                LE::read_u32(&run[((b - first) * 4) as usize..])
             } else {
                 0
             };
