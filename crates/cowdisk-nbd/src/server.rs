@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -171,7 +171,6 @@ impl ServerBuilder {
                 finished: Condvar::new(),
                 conns: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
-                active: AtomicUsize::new(0),
             }),
         })
     }
@@ -193,7 +192,6 @@ struct Shared {
     /// Clones of live connections, so shutdown can end their blocking reads.
     conns: Mutex<HashMap<u64, Stream>>,
     next_id: AtomicU64,
-    active: AtomicUsize,
 }
 
 impl Shared {
@@ -369,14 +367,13 @@ impl Server {
 
     fn spawn_connection(&self, s: Stream) -> Option<JoinHandle<()>> {
         let shared = &self.shared;
-        if shared.active.load(Ordering::SeqCst) >= self.limits.max_connections {
+        if shared.conns().len() >= self.limits.max_connections {
             return None; // Dropping closes it: the cap holds even under a connection flood.
         }
         // Accepted sockets must block; the listener's non-blocking mode is not wanted here.
         s.set_nonblocking(false).ok()?;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         shared.conns().insert(id, s.try_clone().ok()?);
-        shared.active.fetch_add(1, Ordering::SeqCst);
         let (exports, limits, sh) = (self.exports.clone(), self.limits.clone(), shared.clone());
         let io = self.io.clone();
         let spawned = thread::Builder::new()
@@ -394,7 +391,6 @@ impl Server {
             Ok(h) => Some(h),
             Err(_) => {
                 shared.conns().remove(&id);
-                shared.active.fetch_sub(1, Ordering::SeqCst);
                 None
             }
         }
@@ -412,7 +408,6 @@ impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.stream.shutdown(Shutdown::Both);
         self.shared.conns().remove(&self.id);
-        self.shared.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
