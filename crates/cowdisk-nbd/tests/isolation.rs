@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client::{Client, TestServer};
+use client::{Client, HookedReads, TestServer};
 use cowdisk_nbd::mem::MemBackend;
 use cowdisk_nbd::wire::{cmd, errno};
-use cowdisk_nbd::{Backend, BackendError, Extent, Limits, ZeroFlags};
+use cowdisk_nbd::{Backend, Limits};
 
 const MIB: u64 = 1 << 20;
 
@@ -46,58 +46,17 @@ fn a_client_that_never_reads_replies_does_not_stall_others() {
     srv.stop().expect("clean stop");
 }
 
-/// Panics on reads at offset 0; otherwise a MemBackend.
-struct Panicky {
-    inner: MemBackend,
-    panicked: AtomicBool,
-}
-
-impl Backend for Panicky {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn preferred_block_size(&self) -> u32 {
-        self.inner.preferred_block_size()
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        if offset == 0 {
-            self.panicked.store(true, Ordering::SeqCst);
-            panic!("injected backend panic");
-        }
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        self.inner.write(offset, data, fua)
-    }
-    fn flush(&self) -> Result<(), BackendError> {
-        self.inner.flush()
-    }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
-        self.inner.trim(offset, len, fua)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), BackendError> {
-        self.inner.write_zeroes(offset, len, flags)
-    }
-    fn block_status(
-        &self,
-        offset: u64,
-        len: u64,
-        out: &mut Vec<Extent>,
-    ) -> Result<(), BackendError> {
-        self.inner.block_status(offset, len, out)
-    }
-}
-
 #[test]
 fn a_panicking_backend_call_is_answered_eio_and_workers_survive() {
-    let p = Arc::new(Panicky {
+    let panicked = Arc::new(AtomicBool::new(false));
+    let flag = panicked.clone();
+    let backend: Arc<dyn Backend> = Arc::new(HookedReads {
         inner: MemBackend::new(8 * MIB),
-        panicked: AtomicBool::new(false),
+        hook: Box::new(move || {
+            flag.store(true, Ordering::SeqCst);
+            panic!("injected backend panic");
+        }),
     });
-    let backend: Arc<dyn Backend> = p.clone();
     let srv = TestServer::start(vec![("p", backend)], one_worker());
     let mut c = Client::connect(srv.addr);
     c.handshake("p", false, &[]);
@@ -105,7 +64,7 @@ fn a_panicking_backend_call_is_answered_eio_and_workers_survive() {
     for _ in 0..3 {
         assert_eq!(c.errno(0, cmd::READ, 0, 512, &[]), errno::EIO);
     }
-    assert!(p.panicked.load(Ordering::SeqCst));
+    assert!(panicked.load(Ordering::SeqCst));
     c.write(4096, &[9u8; 512]);
     assert_eq!(c.read(4096, 512), vec![9u8; 512]);
     drop(c);

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client::{Client, Reply, TestServer};
+use client::{Client, HookedReads, Reply, TestServer};
 use cowdisk_nbd::mem::MemBackend;
 use cowdisk_nbd::wire::{chunk, cmd, cmd_flags, errno, state, tflags};
 use cowdisk_nbd::{Backend, BackendErrorKind, Limits};
@@ -265,56 +265,16 @@ fn read_only_export() {
     assert_eq!(b.flush_count(), 0, "read-only exports are not flushed");
 }
 
-/// Delays reads at offset 0 so later requests overtake them.
-struct Slow(MemBackend);
-
-impl Backend for Slow {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn preferred_block_size(&self) -> u32 {
-        4096
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), cowdisk_nbd::BackendError> {
-        if offset == 0 {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        self.0.read(offset, buf)
-    }
-    fn write(&self, o: u64, d: &[u8], f: bool) -> Result<(), cowdisk_nbd::BackendError> {
-        self.0.write(o, d, f)
-    }
-    fn flush(&self) -> Result<(), cowdisk_nbd::BackendError> {
-        self.0.flush()
-    }
-    fn trim(&self, o: u64, l: u64, f: bool) -> Result<(), cowdisk_nbd::BackendError> {
-        self.0.trim(o, l, f)
-    }
-    fn write_zeroes(
-        &self,
-        o: u64,
-        l: u64,
-        f: cowdisk_nbd::ZeroFlags,
-    ) -> Result<(), cowdisk_nbd::BackendError> {
-        self.0.write_zeroes(o, l, f)
-    }
-    fn block_status(
-        &self,
-        o: u64,
-        l: u64,
-        out: &mut Vec<cowdisk_nbd::Extent>,
-    ) -> Result<(), cowdisk_nbd::BackendError> {
-        self.0.block_status(o, l, out)
-    }
-}
-
 #[test]
 fn pipelined_requests_complete_out_of_order() {
     let srv = TestServer::start(
-        vec![("d", Arc::new(Slow(MemBackend::new(SIZE))))],
+        vec![(
+            "d",
+            Arc::new(HookedReads {
+                inner: MemBackend::new(SIZE),
+                hook: Box::new(|| std::thread::sleep(Duration::from_millis(300))),
+            }),
+        )],
         Limits::default(),
     );
     let mut c = Client::connect(srv.addr);
@@ -361,8 +321,10 @@ fn bad_request_magic_disconnects_and_half_payload_is_not_applied() {
 
 #[test]
 fn shutdown_answers_in_flight_and_flushes() {
-    let inner = MemBackend::new(SIZE);
-    let b = Arc::new(Slow(inner));
+    let b = Arc::new(HookedReads {
+        inner: MemBackend::new(SIZE),
+        hook: Box::new(|| std::thread::sleep(Duration::from_millis(300))),
+    });
     let srv = TestServer::start(
         vec![("d", b.clone() as Arc<dyn Backend>)],
         Limits::default(),
@@ -383,7 +345,7 @@ fn shutdown_answers_in_flight_and_flushes() {
     assert_eq!(c.read_reply().cookie(), slow);
     assert!(c.is_closed());
     assert!(idle.is_closed());
-    assert!(b.0.flush_count() >= 1);
+    assert!(b.inner.flush_count() >= 1);
 }
 
 #[test]

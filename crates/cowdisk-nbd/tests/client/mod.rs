@@ -386,3 +386,54 @@ impl Client {
             .collect()
     }
 }
+
+/// A MemBackend whose reads at offset 0 first run `hook` (a sleep, a panic): for tests of
+/// what the server does around a slow or failing backend call.
+#[allow(dead_code)]
+pub struct HookedReads {
+    pub inner: cowdisk_nbd::mem::MemBackend,
+    pub hook: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Backend for HookedReads {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn preferred_block_size(&self) -> u32 {
+        self.inner.preferred_block_size()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), cowdisk_nbd::BackendError> {
+        if offset == 0 {
+            (self.hook)();
+        }
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, o: u64, d: &[u8], f: bool) -> Result<(), cowdisk_nbd::BackendError> {
+        self.inner.write(o, d, f)
+    }
+    fn flush(&self) -> Result<(), cowdisk_nbd::BackendError> {
+        self.inner.flush()
+    }
+    fn trim(&self, o: u64, l: u64, f: bool) -> Result<(), cowdisk_nbd::BackendError> {
+        self.inner.trim(o, l, f)
+    }
+    fn write_zeroes(
+        &self,
+        o: u64,
+        l: u64,
+        f: cowdisk_nbd::ZeroFlags,
+    ) -> Result<(), cowdisk_nbd::BackendError> {
+        self.inner.write_zeroes(o, l, f)
+    }
+    fn block_status(
+        &self,
+        o: u64,
+        l: u64,
+        out: &mut Vec<cowdisk_nbd::Extent>,
+    ) -> Result<(), cowdisk_nbd::BackendError> {
+        self.inner.block_status(o, l, out)
+    }
+}
