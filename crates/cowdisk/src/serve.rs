@@ -69,7 +69,17 @@ fn nbd_err(e: IoError) -> BackendError {
         IoErrorKind::NotSupported => BackendErrorKind::NotSupported,
         IoErrorKind::Io => BackendErrorKind::Io,
     };
-    BackendError::new(kind, e.to_string())
+    // The client learns what failed, not where: layer paths stay on the server, whose
+    // stderr gets the whole message for an I/O error (rare, and what an admin must see).
+    let message = match kind {
+        BackendErrorKind::Io => {
+            eprintln!("cowdisk: serve: {e}");
+            "I/O error on the image (details in the server's log)".to_string()
+        }
+        BackendErrorKind::NoSpace => "no space left for the image's top layer".to_string(),
+        _ => e.to_string(),
+    };
+    BackendError::new(kind, message)
 }
 
 impl Backend for DiskBackend {
@@ -265,4 +275,38 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_get_the_failure_without_server_paths() {
+        let e = nbd_err(IoError::Checksum {
+            path: "/srv/images/base.cow".into(),
+            block: 3,
+            stored: 1,
+            actual: 2,
+        });
+        assert_eq!(e.kind, BackendErrorKind::Io);
+        assert!(!e.message.contains("/srv"), "{}", e.message);
+        let enospc = IoError::Storage {
+            path: "/srv/images/top.cow".into(),
+            op: "write",
+            offset: 0,
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let e = nbd_err(enospc);
+        assert_eq!(e.kind, BackendErrorKind::NoSpace);
+        assert!(!e.message.contains("/srv"), "{}", e.message);
+        // Errors without a path keep their text.
+        let e = nbd_err(IoError::OutOfRange {
+            offset: 10,
+            len: 10,
+            size: 15,
+        });
+        assert_eq!(e.kind, BackendErrorKind::Invalid);
+        assert!(e.message.contains("outside the disk"), "{}", e.message);
+    }
 }
