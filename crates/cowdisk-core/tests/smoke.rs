@@ -123,7 +123,7 @@ fn clones_share_one_resolved_lower_chain() {
             "clones must share the base's chain"
         );
     }
-    // Without the cache each disk resolves its own copy.
+    // A clone open for writing is locked against a second open.
     let alone = Disk::open(
         d.join("c0.cow"),
         &OpenOptions::new().access(Access::ReadOnly),
@@ -132,6 +132,11 @@ fn clones_share_one_resolved_lower_chain() {
         matches!(alone, Err(OpenError::Locked { .. })),
         "c0 is open for writing"
     );
+    // Without the cache a disk resolves its own copy.
+    let own = d.join("c4.cow");
+    create_child(&own, &base).unwrap();
+    let own = Disk::open(&own, &OpenOptions::new()).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(own.lower(), disks[0].lower()));
     disks[1].write(0, &[9; 10], WriteFlags::default()).unwrap();
     let mut b = [0u8; 16];
     disks[0].read(0, &mut b).unwrap();
