@@ -28,6 +28,7 @@ pub mod format;
 pub mod layer;
 pub mod map;
 pub mod resolve;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod storage;
 

@@ -1,7 +1,7 @@
 //! The narrow storage trait every layer sits on, and its file implementation.
 //!
 //! Six calls are all the engine needs from a file, so tests can swap in the
-//! crash-simulating [`crate::sim::SimStorage`].
+//! crash-simulating `SimStorage` (feature `sim`).
 
 use std::fs::File;
 use std::io;
