@@ -6,20 +6,12 @@ use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
 
-use crate::chain::open_layer_file;
+use crate::chain::{folder_of, open_layer_file};
 use crate::disk::Access;
 use crate::error::OpenError;
 use crate::format::{validate_reference, Header, ParentRef, Uuid};
 use crate::layer::{create_on, read_header, seal, NewLayer};
 use crate::storage::FileStorage;
-
-/// The folder holding `path` ("." for a bare file name).
-pub fn folder_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
 
 /// Syncs a folder so a rename or new name in it is durable.
 pub fn sync_folder(dir: &Path) -> Result<(), OpenError> {
@@ -99,35 +91,53 @@ fn install(path: &Path, header: &Header) -> Result<(), OpenError> {
     })
 }
 
-/// The reference a child at `child` uses for `parent`: a path relative to the child's
-/// folder, which must not climb out of it.
-pub fn reference_for(child: &Path, parent: &Path) -> Result<String, OpenError> {
+/// How a child names its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReferenceStyle {
+    /// Relative to the child's folder (`../images/base.cow`): survives moving the whole
+    /// tree that holds both.
+    #[default]
+    Relative,
+    /// The parent's absolute path: survives moving the child alone.
+    Absolute,
+}
+
+/// The reference a child at `child` uses for `parent`, in `style`.
+pub fn reference_for(
+    child: &Path,
+    parent: &Path,
+    style: ReferenceStyle,
+) -> Result<String, OpenError> {
     let abs = |p: &Path| -> Result<PathBuf, OpenError> {
         let dir = folder_of(p)
             .canonicalize()
             .map_err(|e| OpenError::io(folder_of(p), "resolve folder", e))?;
         Ok(dir.join(p.file_name().unwrap_or_default()))
     };
-    let c = folder_of(&abs(child)?);
-    let p = abs(parent)?;
-    let rel = p.strip_prefix(&c).map_err(|_| OpenError::Invalid {
+    let unusable = || OpenError::Invalid {
         path: parent.to_path_buf(),
-        reason: format!(
-            "parent must be in the child's folder {} or below it",
-            c.display()
-        ),
-    })?;
-    let s: Vec<String> = rel
-        .components()
-        .map(|c| match c {
-            Component::Normal(n) => Ok(n.to_string_lossy().into_owned()),
-            _ => Err(OpenError::Invalid {
-                path: parent.to_path_buf(),
-                reason: "unusable parent path".into(),
-            }),
-        })
-        .collect::<Result<_, _>>()?;
-    let r = s.join("/");
+        reason: "unusable parent path".into(),
+    };
+    let p = abs(parent)?;
+    let r = match style {
+        ReferenceStyle::Absolute => p.to_str().ok_or_else(unusable)?.to_string(),
+        ReferenceStyle::Relative => {
+            let c = folder_of(&abs(child)?);
+            let common = c
+                .components()
+                .zip(p.components())
+                .take_while(|(a, b)| a == b)
+                .count();
+            let mut parts: Vec<String> = vec!["..".into(); c.components().count() - common];
+            for comp in p.components().skip(common) {
+                match comp {
+                    Component::Normal(n) => parts.push(n.to_str().ok_or_else(unusable)?.into()),
+                    _ => return Err(unusable()),
+                }
+            }
+            parts.join("/")
+        }
+    };
     validate_reference(&r).map_err(|why| OpenError::Invalid {
         path: parent.to_path_buf(),
         reason: format!("parent reference {why}"),
@@ -138,22 +148,31 @@ pub fn reference_for(child: &Path, parent: &Path) -> Result<String, OpenError> {
 /// Creates an empty writable layer at `path` over `parent`, sealing `parent` first if it
 /// is writable (this needs its exclusive lock, so it must not be in use).
 pub fn create_child(path: &Path, parent: &Path) -> Result<Header, OpenError> {
+    create_child_with(path, parent, ReferenceStyle::Relative)
+}
+
+/// As [`create_child`], naming the parent in `style`.
+pub fn create_child_with(
+    path: &Path,
+    parent: &Path,
+    style: ReferenceStyle,
+) -> Result<Header, OpenError> {
     if path.symlink_metadata().is_ok() {
         return Err(OpenError::Invalid {
             path: path.to_path_buf(),
             reason: "already exists".into(),
         });
     }
-    let reference = reference_for(path, parent)?;
+    let reference = reference_for(path, parent, style)?;
     let (uuid, digest, geometry) = {
-        let (file, _) = open_layer_file(parent, Access::ReadOnly)?;
+        let (file, _) = open_layer_file(parent, Access::ReadOnly, true)?;
         let st = FileStorage::new(file);
         let h = read_header(&st, parent)?.header;
         if h.state == crate::format::LayerState::Sealed {
             (h.uuid, h.seal_digest, h.geometry)
         } else {
             drop(st);
-            let (file, _) = open_layer_file(parent, Access::ReadWrite)?;
+            let (file, _) = open_layer_file(parent, Access::ReadWrite, true)?;
             let st = FileStorage::new(file);
             let (u, d) = seal(&st, parent)?;
             (u, d, h.geometry)

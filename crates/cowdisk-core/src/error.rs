@@ -145,6 +145,9 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// I/O on the open disk failed during a header update (e.g. the flush before a seal).
+    #[error(transparent)]
+    Disk(#[from] IoError),
     /// Bad arguments to create.
     #[error("{}: {reason}", path.display())]
     Invalid {

@@ -4,13 +4,13 @@ use std::path::Path;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use crate::error::{FormatError, OpenError};
+use crate::error::{FormatError, IoError, OpenError};
 use crate::format::{
     BlockState, DigestBuilder, Geometry, Header, LayerState, ParentRef, Uuid, COMPAT_BLOCK_CRCS,
     FLAG_NEEDS_CHECK, HEADER_SLOT, PAGE_SIZE,
 };
 use crate::map::{AllocMap, LoadError, SlotFinding};
-use crate::storage::Storage;
+use crate::storage::{ReadStorage, Storage};
 
 /// A header as read from a file, with which slot it came from.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ fn fmt_err(path: &Path, source: FormatError) -> OpenError {
 
 /// Reads both header slots and returns the newest valid one, after checking the file
 /// is long enough for everything the header describes.
-pub fn read_header(storage: &dyn Storage, path: &Path) -> Result<LoadedHeader, OpenError> {
+pub fn read_header(storage: &dyn ReadStorage, path: &Path) -> Result<LoadedHeader, OpenError> {
     let len = storage.len().map_err(|e| OpenError::io(path, "stat", e))?;
     if len < 2 * HEADER_SLOT {
         // Decode what is there so a wrong magic is reported as such, not as "short".
@@ -109,7 +109,7 @@ fn decode_slot(b: &[u8]) -> Option<Result<Header, FormatError>> {
 
 /// Loads the map of a layer whose header was read.
 pub fn load_map(
-    storage: &dyn Storage,
+    storage: &dyn ReadStorage,
     path: &Path,
     g: &Geometry,
 ) -> Result<(AllocMap, Vec<SlotFinding>), OpenError> {
@@ -227,7 +227,7 @@ pub fn seal(storage: &dyn Storage, path: &Path) -> Result<(Uuid, u32), OpenError
 /// Recomputes a sealed layer's digest from its map and stored block CRCs (no data
 /// reads, so open stays proportional to metadata).
 pub fn stored_digest(
-    storage: &dyn Storage,
+    storage: &dyn ReadStorage,
     path: &Path,
     header: &Header,
     map: &AllocMap,
@@ -274,11 +274,81 @@ fn digest_over_crcs(
     Ok(digest.finish())
 }
 
+/// Checks a sealed layer's digest against its map and stored block CRCs (no data reads).
+pub fn verify_seal_digest(
+    storage: &dyn ReadStorage,
+    path: &Path,
+    header: &Header,
+    map: &AllocMap,
+) -> Result<(), OpenError> {
+    let actual = stored_digest(storage, path, header, map)?;
+    if actual != header.seal_digest {
+        return Err(fmt_err(
+            path,
+            FormatError::SealDigest {
+                stored: header.seal_digest,
+                actual,
+            },
+        ));
+    }
+    Ok(())
+}
+
 /// Reads the stored CRC of data block `b` of a sealed layer.
-pub fn stored_block_crc(storage: &dyn Storage, g: &Geometry, b: u64) -> std::io::Result<u32> {
+fn stored_block_crc(storage: &dyn ReadStorage, g: &Geometry, b: u64) -> std::io::Result<u32> {
     let mut x = [0u8; 4];
     storage.read_at(&mut x, g.crc_offset + b * 4)?;
     Ok(LE::read_u32(&x))
+}
+
+/// The one sealed-block verification: compares `actual`, the CRC of data block `b`'s
+/// bytes (its length in this layer's virtual size), with the CRC stored at sealing. A
+/// mismatch is an error, never bad bytes or a fall-through (docs/reliability.md).
+pub fn verify_block_crc(
+    storage: &dyn ReadStorage,
+    path: &Path,
+    g: &Geometry,
+    b: u64,
+    actual: u32,
+) -> Result<(), IoError> {
+    let stored = stored_block_crc(storage, g, b).map_err(|e| IoError::Storage {
+        path: path.to_path_buf(),
+        op: "read block CRC",
+        offset: g.crc_offset + b * 4,
+        source: e,
+    })?;
+    if stored != actual {
+        return Err(IoError::Checksum {
+            path: path.to_path_buf(),
+            block: b,
+            stored,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Reads data block `b` of a sealed layer into `buf` (at least its length) and verifies
+/// it; returns the block's bytes.
+pub fn read_verified_block<'b>(
+    storage: &dyn ReadStorage,
+    path: &Path,
+    g: &Geometry,
+    b: u64,
+    buf: &'b mut [u8],
+) -> Result<&'b [u8], IoError> {
+    let n = g.block_len(b);
+    let off = g.block_offset(b);
+    storage
+        .read_at(&mut buf[..n], off)
+        .map_err(|e| IoError::Storage {
+            path: path.to_path_buf(),
+            op: "read block",
+            offset: off,
+            source: e,
+        })?;
+    verify_block_crc(storage, path, g, b, crc32fast::hash(&buf[..n]))?;
+    Ok(&buf[..n])
 }
 
 /// Parameters for a new layer.

@@ -20,21 +20,29 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod chain;
+mod chain;
 pub mod create;
-pub mod disk;
+mod disk;
 pub mod error;
 pub mod format;
 pub mod layer;
-pub mod map;
-pub mod resolve;
+mod map;
+mod resolve;
 #[cfg(feature = "sim")]
 pub mod sim;
-pub mod storage;
+mod storage;
 
-pub use chain::{LowerCache, OpenOptions, MAX_DEPTH};
-pub use create::{create_child, create_image};
-pub use disk::{Access, Disk, Extent, ExtentState, LayerInfo, ReadPiece, WriteFlags, ZeroFlags};
+pub use chain::{
+    check_link, folder_of, link_problems, open_layer_file, rebase, ChainWalk, LayerId, LayerSource,
+    LinkError, LocalFiles, LowerCache, OpenOptions, OpenedLayer, WalkStop, WalkedLayer, MAX_DEPTH,
+};
+pub use create::{create_child, create_child_with, create_image, ReferenceStyle};
+pub use disk::{
+    Access, Disk, Extent, ExtentState, LayerInfo, Lower, LowerLayer, ReadPiece, WriteFlags,
+    ZeroFlags,
+};
 pub use error::{FormatError, IoError, IoErrorKind, OpenError};
 pub use format::{BlockState, Geometry, Header, LayerState, ParentRef, Uuid, DEFAULT_BLOCK_SIZE};
-pub use storage::{FileStorage, Storage};
+pub use map::{AllocMap, PendingPages, SlotFinding};
+pub use resolve::{LowerOwner, Mapping, MappingKind};
+pub use storage::{FileStorage, ReadStorage, Storage};

@@ -73,7 +73,7 @@ impl AllocMap {
 
     /// Reads and validates every page, choosing the newer valid slot of each.
     pub fn load(
-        storage: &dyn Storage,
+        storage: &dyn crate::storage::ReadStorage,
         g: &Geometry,
     ) -> Result<(AllocMap, Vec<SlotFinding>), LoadError> {
         let map = AllocMap::new(g);
@@ -232,6 +232,26 @@ impl AllocMap {
         }
         let page = b / ENTRIES_PER_PAGE;
         self.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), SeqCst);
+    }
+
+    /// Marks page `page` dirty without changing it, so the next write-back rewrites it
+    /// (into its inactive slot): how `check --repair` replaces a damaged inactive slot.
+    pub fn mark_page_dirty(&self, page: u64) {
+        if let Some(d) = self.dirty.get((page / 64) as usize) {
+            d.fetch_or(1 << (page % 64), SeqCst);
+        }
+    }
+
+    /// The blocks in `state` (not `Absent`), in order, skipping empty words.
+    pub fn blocks_in(&self, state: BlockState) -> impl Iterator<Item = u64> + '_ {
+        (0..self.words.len()).flat_map(move |wi| {
+            let w = self.word(wi);
+            let first = wi as u64 * ENTRIES_PER_WORD;
+            (0..ENTRIES_PER_WORD)
+                .filter(move |j| w != 0 && (w >> (2 * j)) & 3 == state as u64)
+                .map(move |j| first + j)
+                .filter(move |&b| b < self.blocks)
+        })
     }
 
     /// Counts (data, zero) blocks.

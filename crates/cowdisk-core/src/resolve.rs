@@ -10,7 +10,7 @@ use crate::map::AllocMap;
 const CHUNK: u64 = 4096;
 const WHITEOUT: u16 = 0x8000;
 // Layer codes (depth + 1) must stay below the whiteout bit.
-const _: () = assert!((crate::chain::MAX_DEPTH as u64) < WHITEOUT as u64);
+const _: () = assert!((crate::format::MAX_CHAIN_DEPTH as u64) < WHITEOUT as u64);
 
 /// Who answers a block below the top layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,23 @@ impl ResolvedMap {
             }
         }
         ResolvedMap { chunks }
+    }
+
+    /// Calls `f` for each block with an owner, in order, skipping empty chunks.
+    pub fn for_each_owned<E>(
+        &self,
+        mut f: impl FnMut(u64, LowerOwner) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for (ci, chunk) in self.chunks.iter().enumerate() {
+            let Some(c) = chunk else { continue };
+            for (j, &e) in c.iter().enumerate() {
+                if e != 0 {
+                    let b = ci as u64 * CHUNK + j as u64;
+                    f(b, self.get(b))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The owner of block `b`.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::{Rng, SeedableRng};
 
-use crate::storage::Storage;
+use crate::storage::{ReadStorage, Storage};
 
 #[derive(Debug, Clone)]
 enum Pending {
@@ -300,7 +300,7 @@ impl SimStorage {
     }
 }
 
-impl Storage for SimStorage {
+impl ReadStorage for SimStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let w = self.enter(false)?;
         let live = &w.files[self.id].live;
@@ -316,6 +316,13 @@ impl Storage for SimStorage {
         buf.copy_from_slice(&live[offset as usize..end as usize]);
         Ok(())
     }
+    fn len(&self) -> io::Result<u64> {
+        let w = self.world.lock();
+        Ok(w.files[self.id].live.len() as u64)
+    }
+}
+
+impl Storage for SimStorage {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut w = self.enter(false)?;
         self.record(
@@ -326,10 +333,6 @@ impl Storage for SimStorage {
             },
         );
         Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        let w = self.world.lock();
-        Ok(w.files[self.id].live.len() as u64)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut w = self.enter(false)?;

@@ -14,21 +14,14 @@ use std::os::unix::fs::FileExt;
 pub(crate) static ZERO_BLOCK: [u8; crate::format::MAX_BLOCK_SIZE as usize] =
     [0; crate::format::MAX_BLOCK_SIZE as usize];
 
-/// Positional, exact I/O on one layer file.
+/// Positional, exact reads from one layer file: all a sealed layer needs, so a source
+/// of read-only layers (a file today, an object store next) implements no writes.
 #[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
-pub trait Storage: Send + Sync {
+pub trait ReadStorage: Send + Sync {
     /// Fills `buf` from `offset`; reading past the end is an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Writes all of `buf` at `offset`.
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Current length.
     fn len(&self) -> io::Result<u64>;
-    /// Sets the length (sparse extension).
-    fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Makes every completed write and punch durable (fdatasync).
-    fn sync(&self) -> io::Result<()>;
-    /// Deallocates a range; it reads as zeros afterwards.
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Bytes actually allocated (for `info`); 0 where unknown.
     fn allocated_bytes(&self) -> u64 {
         0
@@ -38,6 +31,18 @@ pub trait Storage: Send + Sync {
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+}
+
+/// Positional, exact I/O on a writable layer file.
+pub trait Storage: ReadStorage {
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Sets the length (sparse extension).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every completed write and punch durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Deallocates a range; it reads as zeros afterwards.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
 }
 
 /// A real file.
@@ -57,15 +62,25 @@ impl FileStorage {
     }
 }
 
-impl Storage for FileStorage {
+impl ReadStorage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
+    }
+    fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+}
+
+impl Storage for FileStorage {
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
@@ -94,12 +109,5 @@ impl Storage for FileStorage {
             }
             Err(e) => Err(e.into()),
         }
-    }
-    fn allocated_bytes(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
-    }
-    fn fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.file.as_fd())
     }
 }

@@ -276,22 +276,9 @@ fn wrong_fields_with_valid_crc() {
     // Parent references (I10): set with a plausible UUID so only the path is wrong.
     let long = vec![b'a'; 1025];
     let huge = vec![b'b'; 3000];
-    let paths: [&[u8]; 14] = [
-        b"..",
-        b"../base.cow",
-        b"a/../../x",
-        b"/etc/passwd",
-        b"json:{\"file\":\"/etc/passwd\"}",
-        b"nbd://host/x",
-        b"a\0b",
-        b"a\nb",
-        b"./x",
-        b"a//b",
-        b"x/",
-        b"\xff\xfe",
-        &long,
-        &huge,
-    ];
+    // References that reach elsewhere ("../x", "/etc/passwd") are well-formed; opening
+    // refuses them by identity (see `special_files_as_parent`).
+    let paths: [&[u8]; 7] = [b"a\0b", b"a\nb", b"a//b", b"x/", b"\xff\xfe", &long, &huge];
     for p in paths {
         let mut b = img.clone();
         set_parent_path(&mut b, 0, p);
@@ -658,10 +645,8 @@ fn parent_identity() {
     {
         let d = Disk::open(&base, &OpenOptions::new()).unwrap();
         d.write(100, &[1, 2, 3], WriteFlags::default()).unwrap();
-        d.flush().unwrap();
-        let st = d.top_storage().clone();
-        drop(d);
-        layer::seal(&*st, &base).unwrap();
+        let digest = d.prepare_seal().unwrap();
+        d.commit_seal(digest).unwrap();
     }
     expect_chain_err(&dir, &top, Access::ReadWrite, "changed");
 
@@ -799,17 +784,24 @@ fn special_files_as_parent() {
     outside.chain();
     std::os::unix::fs::symlink(outside.p("base.cow"), dir.p("escape.cow")).unwrap();
     let top_uuid = uuid_of(&dir.p("base.cow"));
-    for (name, want) in [
-        ("fifo", "not regular"),
-        ("folder", "not regular"),
-        ("escape.cow", "escapes"),
+    // Without image roots the symlink leads to another chain's base: a cowdisk layer,
+    // but not the one recorded, so its identity refuses it. With a root it never opens.
+    let root = vec![dir.p("")];
+    for (name, want, roots) in [
+        ("fifo", "not regular", vec![]),
+        ("folder", "not regular", vec![]),
+        ("escape.cow", "expects", vec![]),
+        ("escape.cow", "outside every image root", root.clone()),
+        ("fifo", "not regular", root),
     ] {
         set_parent(&dir, &top, name, top_uuid);
         let before = dir.snapshot();
         let top2 = top.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let r = Disk::open(&top2, &OpenOptions::new()).map(drop);
+            let r = OpenOptions::new()
+                .image_roots(&roots)
+                .and_then(|o| Disk::open(&top2, &o).map(drop));
             let _ = tx.send(r);
         });
         let r = rx
@@ -817,8 +809,8 @@ fn special_files_as_parent() {
             .unwrap_or_else(|_| panic!("{name}: open hangs"));
         match (r, want) {
             (Err(OpenError::NotRegular { path }), "not regular") => assert_eq!(path, dir.p(name)),
-            (Err(OpenError::Chain { reason, .. }), "escapes") => {
-                assert!(reason.contains("escapes"), "{reason}")
+            (Err(OpenError::Chain { reason, .. }), want) => {
+                assert!(reason.contains(want), "{reason}")
             }
             (r, _) => panic!("{name}: {:?}", r.err()),
         }
@@ -862,9 +854,9 @@ fn new_layer_with_invalid_reference_is_refused() {
     for bad in [
         "x".repeat(5000),
         "x".repeat(1025),
-        "../up".into(),
-        "/abs".into(),
-        "json:{}".into(),
+        "a//b".into(),
+        "up/".into(),
+        "a\nb".into(),
         String::new(),
     ] {
         let parent = Some(ParentRef {

@@ -137,16 +137,14 @@ fn create_errors() {
 }
 
 #[test]
-fn parent_outside_folder_refused() {
+fn parent_outside_folder_is_referenced_relatively() {
     let t = Tmp::new("outside");
     std::fs::create_dir(t.p("sub")).unwrap();
     let base = t.s("base.cow");
     ok(&["create", &base, "--size", "1M"]);
-    fails(
-        &["create", &t.s("sub/top.cow"), "--backing", &base],
-        "folder",
-    );
-    assert!(!t.p("sub/top.cow").exists());
+    ok(&["create", &t.s("sub/top.cow"), "--backing", &base]);
+    let v = json(&["info", &t.s("sub/top.cow"), "--json"]);
+    assert_eq!(v["layers"][0]["parent"]["reference"], "../base.cow");
 }
 
 #[test]

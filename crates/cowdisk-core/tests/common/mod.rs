@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cowdisk_core::layer::{self, NewLayer};
 use cowdisk_core::sim::{SimStorage, SimWorld};
-use cowdisk_core::{Access, Disk, ParentRef, Storage};
+use cowdisk_core::{Access, Disk, ParentRef, ReadStorage, Storage};
 
 /// The seed for a randomized test: `COWDISK_SEED` if set, else a fresh one. Printed so
 /// a failure can be replayed (`cargo test` shows stdout of failing tests).
@@ -93,13 +93,15 @@ impl SimChain {
         &self,
     ) -> (
         (Arc<dyn Storage>, PathBuf),
-        Vec<(Arc<dyn Storage>, PathBuf)>,
+        Vec<(Arc<dyn ReadStorage>, PathBuf)>,
     ) {
-        let dynify =
-            |(s, p): &(Arc<SimStorage>, PathBuf)| (s.clone() as Arc<dyn Storage>, p.clone());
         let mut it = self.layers.iter().rev();
-        let top = dynify(it.next().unwrap());
-        (top, it.map(dynify).collect())
+        let (s, p) = it.next().unwrap();
+        let top = (s.clone() as Arc<dyn Storage>, p.clone());
+        let lowers = it
+            .map(|(s, p)| (s.clone() as Arc<dyn ReadStorage>, p.clone()))
+            .collect();
+        (top, lowers)
     }
 
     /// Opens the chain.
@@ -173,7 +175,7 @@ impl Frozen {
     }
 }
 
-impl Storage for Frozen {
+impl ReadStorage for Frozen {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
@@ -187,11 +189,14 @@ impl Storage for Frozen {
         buf.copy_from_slice(&self.bytes[offset as usize..end as usize]);
         Ok(())
     }
-    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
-        self.refuse()
-    }
     fn len(&self) -> io::Result<u64> {
         Ok(self.len as u64)
+    }
+}
+
+impl Storage for Frozen {
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        self.refuse()
     }
     fn set_len(&self, _: u64) -> io::Result<()> {
         self.refuse()

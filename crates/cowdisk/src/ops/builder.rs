@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use cowdisk_core::create::{rename_noreplace, write_temp_layer};
 use cowdisk_core::layer::{commit_seal, read_header};
-use cowdisk_core::map::AllocMap;
+use cowdisk_core::AllocMap;
 use cowdisk_core::{BlockState, FileStorage, Header, Storage};
 
 use super::exists;

@@ -13,7 +13,7 @@ pub mod squash;
 
 use std::path::{Path, PathBuf};
 
-use cowdisk_core::create::folder_of;
+use cowdisk_core::folder_of;
 
 pub use recover::{recover, Recovery};
 

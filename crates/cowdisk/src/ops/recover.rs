@@ -11,9 +11,10 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cowdisk_core::chain::open_layer_file;
-use cowdisk_core::create::{folder_of, sync_folder};
+use cowdisk_core::create::sync_folder;
+use cowdisk_core::folder_of;
 use cowdisk_core::layer::read_header;
+use cowdisk_core::open_layer_file;
 use cowdisk_core::{Access, FileStorage, LayerState, OpenError};
 
 use super::{exists, file_name, pending_snapshot_path};
@@ -60,7 +61,7 @@ pub fn recover(image: &Path) -> Result<Recovery> {
     if !exists(image) {
         return Ok(Recovery::Nothing);
     }
-    let (file, _) = match open_layer_file(image, Access::ReadWrite) {
+    let (file, _) = match open_layer_file(image, Access::ReadWrite, true) {
         Ok(x) => x,
         Err(OpenError::Locked { .. }) => return Ok(Recovery::Busy),
         Err(e) => return Err(e.into()),

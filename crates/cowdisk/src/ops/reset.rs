@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use cowdisk_core::create::{folder_of, sync_folder, write_temp_layer};
+use cowdisk_core::create::{sync_folder, write_temp_layer};
+use cowdisk_core::folder_of;
 use cowdisk_core::layer::NewLayer;
 use cowdisk_core::{Disk, OpenOptions};
 

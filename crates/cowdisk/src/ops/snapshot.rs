@@ -2,23 +2,22 @@
 //! continues as a fresh empty top over it, under the same path.
 //!
 //! Steps (each durable before the next; [`super::recover`] completes or undoes them):
-//! 1. flush IMAGE; compute its block CRCs and seal digest (`prepare_seal`, synced);
+//! 1. flush IMAGE; compute its block CRCs and seal digest (`Disk::prepare_seal`);
 //! 2. write the new top to `.IMAGE.pending-snapshot` (parent = SNAP with IMAGE's UUID
 //!    and that digest), sync it and the folder;
-//! 3. seal IMAGE (atomic A/B header replace): the commit point;
+//! 3. seal IMAGE (`Disk::commit_seal`, an atomic A/B header replace): the commit point;
 //! 4. hard-link IMAGE to SNAP, sync the folder;
 //! 5. rename the pending file over IMAGE, sync the folder.
 
 use std::path::Path;
 
-use cowdisk_core::create::{folder_of, reference_for, sync_folder};
-use cowdisk_core::layer::{commit_seal, create_on, read_header, NewLayer};
-use cowdisk_core::{Disk, FileStorage, OpenOptions, ParentRef};
+use cowdisk_core::create::{reference_for, sync_folder};
+use cowdisk_core::layer::{create_on, NewLayer};
+use cowdisk_core::{folder_of, Disk, FileStorage, OpenOptions, ParentRef, ReferenceStyle};
 
 use super::{exists, pending_snapshot_path, recover};
 use crate::error::{Error, Result};
 use crate::failpoint;
-use cowdisk_core::layer::prepare_seal;
 
 /// Takes the snapshot. On failure the image is left as it was (or, after the commit
 /// point, the snapshot is completed by recovery).
@@ -26,11 +25,13 @@ pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
     if exists(snap) {
         return Err(Error::invalid(snap, "already exists"));
     }
-    let reference = reference_for(image, snap)?;
+    let reference = reference_for(image, snap, ReferenceStyle::Relative)?;
     let pending = pending_snapshot_path(image);
     let disk = Disk::open(image, &OpenOptions::new())?;
-    if disk.depth() > 1 && reference.contains('/') {
-        // SNAP is a hard link of IMAGE, so it keeps IMAGE's parent reference, which is
+    if disk.depth() > 1
+        && folder_of(image).canonicalize().ok() != folder_of(snap).canonicalize().ok()
+    {
+        // SNAP is a hard link of IMAGE, so it keeps IMAGE's parent reference, which may be
         // relative to IMAGE's folder: from another folder it would not resolve.
         return Err(Error::invalid(
             snap,
@@ -53,11 +54,8 @@ pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
 }
 
 fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: String) -> Result<()> {
-    disk.flush().map_err(|e| Error::disk(image, e))?;
-    let st = &**disk.top_storage();
-    let loaded = read_header(st, image)?;
-    let h = &loaded.header;
-    let digest = prepare_seal(st, image, h, disk.top_map())?;
+    let digest = disk.prepare_seal()?;
+    let h = disk.top_header();
     let new_top = NewLayer {
         virtual_size: h.geometry.virtual_size,
         block_size: h.geometry.block_size,
@@ -77,7 +75,7 @@ fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: Stri
     create_on(&FileStorage::new(file), pending, &new_top)?;
     sync_folder(&folder_of(pending))?;
     failpoint::hit("snapshot.after_pending");
-    commit_seal(st, image, &loaded, digest)?;
+    disk.commit_seal(digest)?;
     failpoint::hit("snapshot.after_seal");
     std::fs::hard_link(image, snap).map_err(|e| Error::os(snap, "link snapshot", e))?;
     sync_folder(&folder_of(snap))?;

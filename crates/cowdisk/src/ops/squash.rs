@@ -9,14 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use cowdisk_core::chain::open_layer_file;
 use cowdisk_core::create::reference_for;
-use cowdisk_core::format::COMPAT_BLOCK_CRCS;
-use cowdisk_core::layer::{load_map, read_header, stored_block_crc, write_header, NewLayer};
-use cowdisk_core::map::AllocMap;
-use cowdisk_core::{
-    Access, BlockState, Disk, FileStorage, Header, OpenOptions, ParentRef, Storage,
-};
+use cowdisk_core::layer::NewLayer;
+use cowdisk_core::{Disk, Lower, LowerOwner, OpenOptions, ParentRef, ReferenceStyle};
 
 use super::builder::LayerBuilder;
 use crate::error::{Error, Result};
@@ -30,13 +25,6 @@ pub struct Squashed {
     pub path: PathBuf,
     /// Layers merged.
     pub merged: usize,
-}
-
-struct Source {
-    path: PathBuf,
-    storage: FileStorage,
-    header: Header,
-    map: AllocMap,
 }
 
 /// The name of the merged layer for `image` and the new layer's UUID text.
@@ -61,23 +49,9 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
             format!("--layers {n}: only {below} layer(s) below the top"),
         ));
     }
-    let mut sources = Vec::with_capacity(n);
-    for l in &chain[1..=n] {
-        let (file, _) = open_layer_file(&l.path, Access::ReadOnly)?;
-        let storage = FileStorage::new(file);
-        let header = read_header(&storage, &l.path)?.header;
-        if header.uuid != l.header.uuid {
-            return Err(Error::invalid(&l.path, "changed while being opened"));
-        }
-        let (map, _) = load_map(&storage, &l.path, &header.geometry)?;
-        sources.push(Source {
-            path: l.path.clone(),
-            storage,
-            header,
-            map,
-        });
-    }
-    let first = &sources[0].header.geometry;
+    let lower = disk.lower();
+    let first = &lower.layers()[0].header().geometry;
+    let bs = first.block_size;
     let mut header = NewLayer {
         virtual_size: first.virtual_size,
         block_size: first.block_size,
@@ -89,24 +63,27 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
     let rest = chain.get(n + 1);
     if let Some(r) = rest {
         header.parent = Some(ParentRef {
-            path: reference_for(&target, &r.path)?,
+            path: reference_for(&target, &r.path, ReferenceStyle::Relative)?,
             uuid: r.header.uuid,
             digest: r.header.seal_digest,
         });
     }
     let mut builder = LayerBuilder::create(&target, header, "squash")?;
-    copy_blocks(&mut builder, &sources, rest.is_some(), show_progress)?;
+    let held = chain[1..=n].iter().map(|l| l.data_blocks).sum::<u64>() * u64::from(bs);
+    copy_blocks(
+        &mut builder,
+        lower,
+        (n, held),
+        rest.is_some(),
+        show_progress,
+    )?;
     let new = builder.finish(true)?;
     // Repoint the top: the commit point.
-    let st = &**disk.top_storage();
-    let loaded = read_header(st, image)?;
-    let mut top = loaded.header.clone();
-    top.parent = Some(ParentRef {
-        path: reference_for(image, &target)?,
+    disk.set_parent(ParentRef {
+        path: reference_for(image, &target, ReferenceStyle::Relative)?,
         uuid: new.uuid,
         digest: new.seal_digest,
-    });
-    write_header(st, image, &loaded, &top)?;
+    })?;
     failpoint::hit("squash.after_repoint");
     drop(disk);
     Ok(Squashed {
@@ -115,69 +92,43 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
     })
 }
 
-fn copy_blocks(b: &mut LayerBuilder, sources: &[Source], has_rest: bool, show: bool) -> Result<()> {
+/// Copies what the `n` merged layers hold, top-most owner first (the chain's one owner
+/// lookup), each data block verified against its stored CRC as every read is: the new
+/// layer gets fresh CRCs, so damage copied into it would no longer be detectable.
+fn copy_blocks(
+    b: &mut LayerBuilder,
+    lower: &Lower,
+    (n, held_bytes): (usize, u64),
+    has_rest: bool,
+    show: bool,
+) -> Result<()> {
     let g = b.header().geometry;
-    let bs = u64::from(g.block_size);
     let mut buf = vec![0u8; g.block_size as usize];
-    let mut progress = Progress::new("squash", g.virtual_size, show);
-    let words = g.blocks.div_ceil(32);
-    for w in 0..words {
-        // Skip 32 blocks at once where no merged layer holds any of them.
-        if sources.iter().all(|s| s.map.word(w as usize) == 0) {
-            progress.add(32 * bs);
-            continue;
-        }
-        for blk in w * 32..((w + 1) * 32).min(g.blocks) {
-            let owner = sources.iter().find_map(|s| {
-                (blk < s.map.blocks() && s.map.get(blk) != BlockState::Absent)
-                    .then_some((s, s.map.get(blk)))
-            });
-            match owner {
-                Some((s, BlockState::Data)) => {
-                    let n = g.block_len(blk);
-                    let off = s.header.geometry.block_offset(blk);
-                    s.storage
-                        .read_at(&mut buf[..n], off)
-                        .map_err(|e| Error::os(&s.path, "read block", e))?;
-                    verify(s, blk, &buf[..n])?;
-                    if buf[..n].iter().all(|&x| x == 0) {
-                        if has_rest {
-                            b.whiteout(blk);
-                        }
-                    } else {
-                        b.write_block(blk, &buf[..n])?;
+    let mut progress = Progress::new("squash", held_bytes, show);
+    lower.for_each_owned(|blk, owner| {
+        match owner {
+            LowerOwner::Data(i) if i < n => {
+                let layer = &lower.layers()[i];
+                // A smaller layer's last block is short: the rest of the block reads zeros.
+                buf.fill(0);
+                layer
+                    .read_block(blk, &mut buf)
+                    .map_err(|e| Error::disk(layer.path(), e))?;
+                let data = &buf[..g.block_len(blk)];
+                if data.iter().all(|&x| x == 0) {
+                    if has_rest {
+                        b.whiteout(blk);
                     }
+                } else {
+                    b.write_block(blk, data)?;
                 }
-                Some((_, BlockState::Zero)) if has_rest => b.whiteout(blk),
-                _ => {}
+                progress.add(data.len() as u64);
             }
+            LowerOwner::Zero(i) if i < n && has_rest => b.whiteout(blk),
+            _ => {}
         }
-        progress.add(32 * bs);
-    }
+        Ok::<(), Error>(())
+    })?;
     progress.finish();
-    Ok(())
-}
-
-/// Checks a merged block against its stored CRC, as every read does: the new layer gets fresh
-/// CRCs, so damage copied into it would no longer be detectable.
-fn verify(s: &Source, blk: u64, data: &[u8]) -> Result<()> {
-    let g = &s.header.geometry;
-    if s.header.compat & COMPAT_BLOCK_CRCS == 0 {
-        return Ok(());
-    }
-    // The block's bytes within this layer's own size (a parent may be smaller).
-    let n = g.block_len(blk).min(data.len());
-    let stored = stored_block_crc(&s.storage, g, blk)
-        .map_err(|e| Error::os(&s.path, "read block CRC", e))?;
-    let actual = crc32fast::hash(&data[..n]);
-    if stored != actual {
-        return Err(Error::invalid(
-            &s.path,
-            format!(
-                "block {blk} fails its checksum (stored {stored:08x}, computed {actual:08x}); \
-                 nothing was squashed"
-            ),
-        ));
-    }
     Ok(())
 }

@@ -1,0 +1,258 @@
+//! Opening a chain: the top by its path, each parent through a [`LayerSource`] by the
+//! reference in its child, every link validated before the disk is used.
+//!
+//! Cycles are caught by layer identity and by UUID; depth is bounded ([`MAX_DEPTH`]).
+
+mod relink;
+mod source;
+mod walk;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+pub use relink::rebase;
+pub use source::{folder_of, open_layer_file, LayerId, LayerSource, LocalFiles, OpenedLayer};
+pub use walk::{check_link, link_problems, ChainWalk, LinkError, WalkStop, WalkedLayer, MAX_DEPTH};
+
+use crate::disk::{Access, Disk, Lower, LowerLayer, Top, TopHeader};
+use crate::error::OpenError;
+use crate::format::{Header, LayerState, FLAG_NEEDS_CHECK};
+use crate::layer::{load_map, read_header, verify_seal_digest};
+use crate::map::AllocMap;
+use crate::storage::{FileStorage, ReadStorage, Storage};
+
+/// Shares resolved lower chains between disks opened in one process, keyed by the
+/// identity of the first sealed layer: clones of one base cost one copy of its map.
+#[derive(Default)]
+pub struct LowerCache {
+    inner: Mutex<HashMap<LayerId, Weak<Lower>>>,
+}
+
+impl LowerCache {
+    /// An empty cache.
+    pub fn new() -> LowerCache {
+        LowerCache::default()
+    }
+    fn get(&self, key: LayerId) -> Option<Arc<Lower>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .and_then(Weak::upgrade)
+    }
+    fn put(&self, key: LayerId, lower: &Arc<Lower>) {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, w| w.strong_count() > 0);
+        m.insert(key, Arc::downgrade(lower));
+    }
+}
+
+/// How to open a disk.
+#[derive(Clone)]
+pub struct OpenOptions {
+    access: Access,
+    cache: Option<Arc<LowerCache>>,
+    force_share: bool,
+    source: Option<Arc<dyn LayerSource>>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            access: Access::ReadWrite,
+            cache: None,
+            force_share: false,
+            source: None,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Read-write, no cache.
+    pub fn new() -> OpenOptions {
+        OpenOptions::default()
+    }
+    /// Sets the access mode.
+    pub fn access(mut self, access: Access) -> OpenOptions {
+        self.access = access;
+        self
+    }
+    /// Shares lower chains through `cache`.
+    pub fn cache(mut self, cache: Arc<LowerCache>) -> OpenOptions {
+        self.cache = Some(cache);
+        self
+    }
+    /// Opens read-only without taking any lock, so an image in use by a writer can
+    /// be inspected (like `qemu-img -U`). Header and map updates are A/B-atomic, so
+    /// a concurrent flush is seen as before or after; data may be mid-write. Has no
+    /// effect on read-write opens, which always lock.
+    pub fn force_share(mut self) -> OpenOptions {
+        self.force_share = true;
+        self
+    }
+    /// Where parents come from (default: [`LocalFiles`], unconfined).
+    pub fn source(mut self, source: Arc<dyn LayerSource>) -> OpenOptions {
+        self.source = Some(source);
+        self
+    }
+    /// Confines every parent reference to `roots` (see [`LocalFiles::confined`]); no roots
+    /// leaves references unconfined.
+    pub fn image_roots(self, roots: &[PathBuf]) -> Result<OpenOptions, OpenError> {
+        if roots.is_empty() {
+            return Ok(self);
+        }
+        Ok(self.source(Arc::new(LocalFiles::confined(roots)?)))
+    }
+    fn locking(&self) -> bool {
+        !(self.force_share && self.access == Access::ReadOnly)
+    }
+}
+
+/// Loads the top layer from storage.
+fn load_top(
+    storage: Arc<dyn Storage>,
+    path: &Path,
+    access: Access,
+) -> Result<(Top, Header), OpenError> {
+    let loaded = read_header(&*storage, path)?;
+    let header = loaded.header.clone();
+    if access == Access::ReadWrite {
+        if header.state == LayerState::Sealed {
+            return Err(OpenError::Sealed {
+                path: path.to_path_buf(),
+            });
+        }
+        if header.flags & FLAG_NEEDS_CHECK != 0 {
+            return Err(OpenError::NeedsCheck {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    let (map, _) = load_map(&*storage, path, &header.geometry)?;
+    let top = Top {
+        storage,
+        path: path.to_path_buf(),
+        header: TopHeader::new(loaded),
+        map,
+    };
+    Ok((top, header))
+}
+
+/// Loads a walked parent whose link is good: its map, then its seal digest checked
+/// against the map and stored block CRCs.
+fn load_lower(
+    storage: Arc<dyn ReadStorage>,
+    path: &Path,
+    header: Header,
+) -> Result<(LowerLayer, AllocMap), OpenError> {
+    let (map, _) = load_map(&*storage, path, &header.geometry)?;
+    verify_seal_digest(&*storage, path, &header, &map)?;
+    let counts = map.counts();
+    Ok((
+        LowerLayer::new(storage, path.to_path_buf(), header, counts),
+        map,
+    ))
+}
+
+impl Disk {
+    /// Opens the chain whose top is `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Disk, OpenError> {
+        let path = path.as_ref();
+        let (file, top_id) = open_layer_file(path, opts.access, opts.locking())?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let (top, header) = load_top(storage, path, opts.access)?;
+        let lower = match &header.parent {
+            None => Arc::new(Lower::empty()),
+            Some(_) => open_lowers(path, &header, top_id, opts)?,
+        };
+        Ok(Disk::assemble(top, lower, opts.access))
+    }
+
+    /// Opens a chain from storages (top first) without paths or locks: for tests and
+    /// tools that build layers in memory. Links are validated as for files.
+    pub fn open_storages(
+        top: (Arc<dyn Storage>, PathBuf),
+        lowers: Vec<(Arc<dyn ReadStorage>, PathBuf)>,
+        access: Access,
+    ) -> Result<Disk, OpenError> {
+        if lowers.len() + 1 > MAX_DEPTH {
+            return Err(OpenError::chain(
+                &top.1,
+                format!("chain too deep (more than {MAX_DEPTH} layers)"),
+            ));
+        }
+        let (top, header) = load_top(top.0, &top.1, access)?;
+        let mut child = header.clone();
+        let mut child_path = top.path.clone();
+        let mut layers = Vec::new();
+        let mut maps = Vec::new();
+        let mut seen = HashSet::from([header.uuid]);
+        for (st, p) in lowers {
+            let header = read_header(&*st, &p)?.header;
+            check_link(&header, &p, &child, &child_path)?;
+            let (l, m) = load_lower(st, &p, header)?;
+            if !seen.insert(l.header.uuid) {
+                return Err(OpenError::chain(
+                    &p,
+                    "chain loop: the same layer appears twice",
+                ));
+            }
+            child = l.header.clone();
+            child_path = p;
+            layers.push(l);
+            maps.push(m);
+        }
+        if child.parent.is_some() {
+            return Err(OpenError::chain(&child_path, "parent layer not given"));
+        }
+        let lower = Lower::new(layers, &maps, header.geometry.blocks);
+        Ok(Disk::assemble(top, Arc::new(lower), access))
+    }
+}
+
+/// Walks parent references from `top`, validating each link, or takes the resolved
+/// chain from the cache when its first layer is already open in this process.
+fn open_lowers(
+    top_path: &Path,
+    top: &Header,
+    top_id: LayerId,
+    opts: &OpenOptions,
+) -> Result<Arc<Lower>, OpenError> {
+    let local;
+    let source: &dyn LayerSource = match &opts.source {
+        Some(s) => &**s,
+        None => {
+            local = LocalFiles::new();
+            &local
+        }
+    };
+    let cache = opts.cache.as_deref();
+    let mut layers = Vec::new();
+    let mut maps = Vec::new();
+    let mut first_id = None;
+    let mut child_path = top_path.to_path_buf();
+    for step in ChainWalk::new(source, top_path, top, top_id, opts.locking()) {
+        let l = step.map_err(|(_, e)| e)?;
+        if let Some(e) = l.link.first() {
+            return Err(OpenError::chain(&child_path, e.to_string()));
+        }
+        if layers.is_empty() {
+            first_id = Some(l.id);
+            // The same rules as a fresh load passed above; the cached chain is that layer's.
+            let hit = cache.and_then(|c| c.get(l.id));
+            if let Some(hit) = hit.filter(|h| h.first_header() == Some(&l.loaded.header)) {
+                return Ok(hit);
+            }
+        }
+        child_path = l.path.clone();
+        let (layer, map) = load_lower(l.storage, &l.path, l.loaded.header)?;
+        layers.push(layer);
+        maps.push(map);
+    }
+    let lower = Arc::new(Lower::new(layers, &maps, top.geometry.blocks));
+    if let (Some(c), Some(id)) = (cache, first_id) {
+        c.put(id, &lower);
+    }
+    Ok(lower)
+}

@@ -1,0 +1,290 @@
+//! The open virtual disk: a writable (or read-only) top over a shared, resolved chain
+//! of sealed layers. All methods take `&self`; the type is `Send + Sync`.
+//!
+//! # Range validation
+//! Every request is checked once here: `offset + len` must not overflow and must be
+//! within the virtual size, or the call fails with [`IoError::OutOfRange`] and
+//! nothing is read or written. Zero-length requests succeed and do nothing.
+//!
+//! # Durability
+//! Data is written in place at the block's fixed offset; the map entry that exposes it
+//! is published in memory only after the data write returned. `flush` takes the dirty
+//! map pages, syncs the data, writes the pages into their inactive A/B slots and
+//! syncs again: a map entry is never durable before its data (FORMAT.md §Crash).
+
+mod flush;
+mod header;
+mod lower;
+mod read;
+mod scratch;
+mod types;
+mod write;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use lower::{Lower, LowerLayer};
+pub use types::{Access, Extent, ExtentState, LayerInfo, ReadPiece, WriteFlags, ZeroFlags};
+
+pub(crate) use header::TopHeader;
+
+use crate::error::IoError;
+use crate::format::{BlockState, Geometry, Header, LayerState};
+use crate::map::AllocMap;
+use crate::resolve::{block_kind, Mapping, MappingKind};
+use crate::storage::{ReadStorage, Storage};
+
+/// Lock stripes serialising writers per block (copy-up must not race a write).
+const STRIPES: usize = 1024;
+
+/// The top layer, open.
+pub(crate) struct Top {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) path: PathBuf,
+    pub(crate) header: TopHeader,
+    pub(crate) map: AllocMap,
+}
+
+/// An open chain.
+pub struct Disk {
+    top: Top,
+    /// A sealed top's blocks are checked against their CRCs like a parent's.
+    sealed_top: Option<LowerLayer>,
+    lower: Arc<Lower>,
+    geometry: Geometry,
+    access: Access,
+    stripes: Box<[Mutex<()>]>,
+    flush_lock: Mutex<()>,
+    poisoned: AtomicBool,
+    /// Set once the top was sealed through [`Disk::commit_seal`].
+    sealed: AtomicBool,
+    /// Serialises copy-up writes. The kernel serialises buffered writes to one file anyway
+    /// (the inode lock), and its waiters spin while the owner allocates and copies a block;
+    /// waiting here instead leaves the CPU to threads reading and verifying the next blocks
+    /// (a quarter less server CPU per first write on tmpfs).
+    copy_lock: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge every later request.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Disk {
+    pub(crate) fn assemble(top: Top, lower: Arc<Lower>, access: Access) -> Disk {
+        let header = top.header.get();
+        let geometry = header.geometry;
+        let sealed_top = (header.state == LayerState::Sealed)
+            .then(|| LowerLayer::new(top.storage.clone(), top.path.clone(), header, (0, 0)));
+        Disk {
+            top,
+            sealed_top,
+            lower,
+            geometry,
+            access,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            flush_lock: Mutex::new(()),
+            poisoned: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
+            copy_lock: Mutex::new(()),
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.geometry.virtual_size
+    }
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.geometry.block_size
+    }
+    /// Layout of the top layer.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+    /// True if opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.access == Access::ReadOnly
+    }
+    /// The top layer's current header.
+    pub fn top_header(&self) -> Header {
+        self.top.header.get()
+    }
+    /// The top layer's path.
+    pub fn top_path(&self) -> &Path {
+        &self.top.path
+    }
+    /// Number of layers (top included).
+    pub fn depth(&self) -> usize {
+        self.lower.layers.len() + 1
+    }
+    /// The shared lower chain.
+    pub fn lower(&self) -> &Arc<Lower> {
+        &self.lower
+    }
+    /// State of block `b` in the top layer.
+    pub fn top_state(&self, b: u64) -> BlockState {
+        self.top.map.get(b)
+    }
+    /// True once a sync failed: no flush succeeds until the disk is reopened.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(SeqCst)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.geometry.virtual_size => Ok(()),
+            _ => Err(IoError::OutOfRange {
+                offset,
+                len,
+                size: self.geometry.virtual_size,
+            }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), IoError> {
+        if self.access == Access::ReadOnly || self.sealed.load(SeqCst) {
+            return Err(IoError::ReadOnly);
+        }
+        if self.poisoned.load(SeqCst) {
+            return Err(IoError::Poisoned {
+                path: self.top.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Storage, path and data-area offset of the layer at `depth` (layers of different
+    /// virtual sizes have different metadata sizes, hence their own data offset).
+    fn storage_at(&self, depth: u32) -> (&dyn ReadStorage, &Path, u64) {
+        if depth == 0 {
+            (
+                &*self.top.storage,
+                &self.top.path,
+                self.geometry.data_offset,
+            )
+        } else {
+            let l = &self.lower.layers[depth as usize - 1];
+            (&*l.storage, &l.path, l.header.geometry.data_offset)
+        }
+    }
+
+    fn io_err(path: &Path, op: &'static str, offset: u64, source: std::io::Error) -> IoError {
+        IoError::Storage {
+            path: path.to_path_buf(),
+            op,
+            offset,
+            source,
+        }
+    }
+
+    fn kind_of(&self, b: u64) -> MappingKind {
+        block_kind(self.top.map.get(b), || self.lower.resolved.get(b))
+    }
+
+    /// Calls `f` with maximal runs of `[offset, offset + len)` that read the same way.
+    /// Drives reads, block status, `map` and allocation depth.
+    pub fn resolve<E>(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Mapping) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        E: From<IoError>,
+    {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = u64::from(self.geometry.block_size);
+        let end = offset + len;
+        let mut b = offset / bs;
+        let mut run: Option<Mapping> = None;
+        while b * bs < end {
+            let kind = self.kind_of(b);
+            let start = (b * bs).max(offset);
+            let stop = ((b + 1) * bs).min(end);
+            match &mut run {
+                Some(r) if r.kind == kind => r.len += stop - start,
+                _ => {
+                    if let Some(r) = run.take() {
+                        f(r)?;
+                    }
+                    run = Some(Mapping {
+                        offset: start,
+                        len: stop - start,
+                        kind,
+                    });
+                }
+            }
+            b += 1;
+        }
+        if let Some(r) = run {
+            f(r)?;
+        }
+        Ok(())
+    }
+
+    /// Appends extents covering `[offset, offset + len)`, merged where state and owner agree.
+    pub fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), IoError> {
+        self.resolve(offset, len, |m| {
+            let (state, depth) = match m.kind {
+                MappingKind::Data { depth } => (ExtentState::Data, Some(depth)),
+                MappingKind::Zero { depth } => (ExtentState::Zero, Some(depth)),
+                MappingKind::Unallocated => (ExtentState::Hole, None),
+            };
+            match out.last_mut() {
+                Some(e)
+                    if e.state == state && e.depth == depth && e.offset + e.length == m.offset =>
+                {
+                    e.length += m.len;
+                }
+                _ => out.push(Extent {
+                    offset: m.offset,
+                    length: m.len,
+                    state,
+                    depth,
+                }),
+            }
+            Ok::<(), IoError>(())
+        })
+    }
+
+    /// Information about every layer, top first.
+    pub fn layers(&self) -> Vec<LayerInfo> {
+        let (data, zero) = self.top.map.counts();
+        let mut v = vec![LayerInfo::from_header(
+            &self.top.path,
+            &self.top.header.get(),
+            data,
+            zero,
+            &*self.top.storage,
+        )];
+        for l in &self.lower.layers {
+            v.push(LayerInfo::from_header(
+                &l.path,
+                &l.header,
+                l.data_blocks,
+                l.zero_blocks,
+                &*l.storage,
+            ));
+        }
+        v
+    }
+
+    /// The top's allocation map (for tools that copy or seal it).
+    pub fn top_map(&self) -> &AllocMap {
+        &self.top.map
+    }
+    /// The top's storage.
+    pub fn top_storage(&self) -> &Arc<dyn Storage> {
+        &self.top.storage
+    }
+}

@@ -1,0 +1,107 @@
+//! The request and reply types of the disk API.
+
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
+
+use crate::format::Header;
+use crate::storage::ReadStorage;
+
+/// Where part of a read comes from (see [`Disk::read_pieces`]).
+#[derive(Debug, Clone, Copy)]
+pub enum ReadPiece<'a> {
+    /// This many bytes of zeros.
+    Zeros(u64),
+    /// `len` bytes of an open layer file at file offset `offset`.
+    File {
+        /// The layer file.
+        fd: BorrowedFd<'a>,
+        /// Offset in the file.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+/// Flags for a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: durable before return.
+    pub fua: bool,
+}
+
+/// Options for zeroing a range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Durable before return.
+    pub fua: bool,
+    /// Keep blocks allocated (write zeros instead of whiteouts).
+    pub no_hole: bool,
+    /// Fail with [`IoError::NotFast`] unless it can be done by metadata alone.
+    pub fast: bool,
+}
+
+/// What an extent reads as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentState {
+    /// Stored data.
+    Data,
+    /// A whiteout: reads zeros, uses no data space.
+    Zero,
+    /// No layer holds it: reads zeros.
+    Hole,
+}
+
+/// A run of blocks with one state and owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Virtual offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// What it reads as.
+    pub state: ExtentState,
+    /// Depth of the owning layer (0 = top); `None` for holes.
+    pub depth: Option<u32>,
+}
+
+/// Whether the disk takes writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Exclusive lock on the top; writes allowed.
+    ReadWrite,
+    /// Shared lock; writes refused with [`IoError::ReadOnly`].
+    ReadOnly,
+}
+
+/// A summary of one layer, for `info`.
+#[derive(Debug, Clone)]
+pub struct LayerInfo {
+    /// Path as opened.
+    pub path: PathBuf,
+    /// The header.
+    pub header: Header,
+    /// Blocks holding data.
+    pub data_blocks: u64,
+    /// Whiteout blocks.
+    pub zero_blocks: u64,
+    /// Bytes allocated on disk.
+    pub allocated_bytes: u64,
+}
+
+impl LayerInfo {
+    pub(super) fn from_header(
+        path: &Path,
+        h: &Header,
+        data: u64,
+        zero: u64,
+        st: &dyn ReadStorage,
+    ) -> LayerInfo {
+        LayerInfo {
+            path: path.to_path_buf(),
+            header: h.clone(),
+            data_blocks: data,
+            zero_blocks: zero,
+            allocated_bytes: st.allocated_bytes(),
+        }
+    }
+}

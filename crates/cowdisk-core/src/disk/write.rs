@@ -1,0 +1,179 @@
+//! The write path: in-place writes to top blocks, copy-up of partially written blocks
+//! held below, whiteouts and zeroing.
+
+use super::scratch::BLOCK_SCRATCH;
+use super::{lock, Disk, WriteFlags, ZeroFlags, STRIPES};
+use crate::error::IoError;
+use crate::format::BlockState;
+use crate::resolve::LowerOwner;
+
+impl Disk {
+    /// Writes `data` at `offset`, copying up partially written blocks from below.
+    pub fn write(&self, offset: u64, data: &[u8], flags: WriteFlags) -> Result<(), IoError> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        let bs = u64::from(self.geometry.block_size);
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let voff = offset + pos as u64;
+            let b = voff / bs;
+            let within = (voff % bs) as usize;
+            let n = (self.geometry.block_len(b) - within).min(data.len() - pos);
+            self.write_block(b, within, &data[pos..pos + n])?;
+            pos += n;
+        }
+        if flags.fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_block(&self, b: u64, within: usize, chunk: &[u8]) -> Result<(), IoError> {
+        let _g = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+        let top = &*self.top.storage;
+        let path = &self.top.path;
+        let off = self.geometry.block_offset(b);
+        let blen = self.geometry.block_len(b);
+        let state = self.top.map.get(b);
+        if state == BlockState::Data {
+            let o = off + within as u64;
+            return top
+                .write_at(chunk, o)
+                .map_err(|e| Self::io_err(path, "write", o, e));
+        }
+        if within == 0 && chunk.len() == blen {
+            // Covers the whole block: nothing below matters.
+            top.write_at(chunk, off)
+                .map_err(|e| Self::io_err(path, "write", off, e))?;
+        } else {
+            let lower = if state == BlockState::Absent {
+                self.lower.resolved.get(b)
+            } else {
+                LowerOwner::Nothing
+            };
+            match lower {
+                LowerOwner::Data(i) => self.copy_up(b, i, within, chunk)?,
+                _ => {
+                    // Starts from zeros. A crash may have left unreferenced bytes here,
+                    // so clear the block before writing only our part.
+                    top.punch_hole(off, u64::from(self.geometry.block_size))
+                        .map_err(|e| Self::io_err(path, "punch hole", off, e))?;
+                    let o = off + within as u64;
+                    top.write_at(chunk, o)
+                        .map_err(|e| Self::io_err(path, "write", o, e))?;
+                }
+            }
+        }
+        self.top.map.set(b, BlockState::Data);
+        Ok(())
+    }
+
+    /// Copies block `b` from lower layer `i` into the top, with `chunk` applied. If the
+    /// lower read fails nothing is written or allocated (RELIABILITY rule 3).
+    fn copy_up(&self, b: u64, i: usize, within: usize, chunk: &[u8]) -> Result<(), IoError> {
+        let blen = self.geometry.block_len(b);
+        let off = self.geometry.block_offset(b);
+        let layer = &self.lower.layers[i];
+        let lower_off = layer.header.geometry.block_offset(b);
+        BLOCK_SCRATCH.with(blen, |buf| {
+            // A smaller parent's last block is short in its virtual size but whole in its
+            // file (zeros past the end), so reading a full block there is in bounds.
+            layer
+                .storage
+                .read_at(buf, lower_off)
+                .map_err(|e| Self::io_err(&layer.path, "read for copy-up", lower_off, e))?;
+            if !layer.is_verified(b) {
+                // Bad lower data must not become "real" top data.
+                // Its own length: within `blen`, as a parent is never larger than its child.
+                layer.verify(b, &buf[..layer.header.geometry.block_len(b).min(blen)])?;
+            }
+            buf[within..within + chunk.len()].copy_from_slice(chunk);
+            let _c = lock(&self.copy_lock);
+            self.top
+                .storage
+                .write_at(buf, off)
+                .map_err(|e| Self::io_err(&self.top.path, "copy-up write", off, e))
+        })
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros. Whole blocks become whiteouts
+    /// (or zero-filled data with `no_hole`); partial blocks get zeros written.
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), IoError> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let bs = u64::from(self.geometry.block_size);
+        let end = offset + len;
+        if flags.fast
+            && (flags.no_hole
+                || !offset.is_multiple_of(bs)
+                || (!end.is_multiple_of(bs) && end != self.size()))
+        {
+            return Err(IoError::NotFast);
+        }
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / bs;
+            let within = (pos % bs) as usize;
+            let blen = self.geometry.block_len(b);
+            let n = ((blen - within) as u64).min(end - pos) as usize;
+            if n == blen && !flags.no_hole {
+                self.whiteout_block(b)?;
+            } else {
+                self.zero_part(b, within, n)?;
+            }
+            pos += n as u64;
+        }
+        if flags.fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Discard (TRIM): like `write_zeroes` without `no_hole`. Reads return zeros after.
+    pub fn discard(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<(), IoError> {
+        self.write_zeroes(
+            offset,
+            len,
+            ZeroFlags {
+                fua: flags.fua,
+                no_hole: false,
+                fast: false,
+            },
+        )
+    }
+
+    fn whiteout_block(&self, b: u64) -> Result<(), IoError> {
+        let _g = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+        match self.top.map.get(b) {
+            BlockState::Zero => Ok(()),
+            BlockState::Data => {
+                let off = self.geometry.block_offset(b);
+                self.top
+                    .storage
+                    .punch_hole(off, u64::from(self.geometry.block_size))
+                    .map_err(|e| Self::io_err(&self.top.path, "punch hole", off, e))?;
+                self.top.map.set(b, BlockState::Zero);
+                Ok(())
+            }
+            BlockState::Absent => {
+                // Only lower data needs hiding; anything else already reads zeros.
+                if matches!(self.lower.resolved.get(b), LowerOwner::Data(_)) {
+                    self.top.map.set(b, BlockState::Zero);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn zero_part(&self, b: u64, within: usize, n: usize) -> Result<(), IoError> {
+        let reads_zero = match self.top.map.get(b) {
+            BlockState::Zero => true,
+            BlockState::Data => false,
+            BlockState::Absent => !matches!(self.lower.resolved.get(b), LowerOwner::Data(_)),
+        };
+        if reads_zero && n < self.geometry.block_len(b) {
+            return Ok(());
+        }
+        self.write_block(b, within, &crate::storage::ZERO_BLOCK[..n])
+    }
+}
