@@ -97,6 +97,9 @@ pub struct CreateArgs {
     /// Parent image (in IMAGE's folder or below it); sealed first if writable.
     #[arg(long, value_name = "PARENT")]
     pub backing: Option<PathBuf>,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// An image and `--json`.
@@ -121,7 +124,7 @@ pub struct CheckArgs {
     /// Repair what can be repaired safely (top layer only).
     #[arg(long)]
     pub repair: bool,
-    /// Machine-readable output.
+    /// Machine-readable output (schema in README.md, "JSON output").
     #[arg(long)]
     pub json: bool,
 }
@@ -134,6 +137,9 @@ pub struct SnapshotArgs {
     /// The new sealed layer file (must not exist; in IMAGE's folder, or below it if IMAGE
     /// has no parent).
     pub snapshot: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A single image.
@@ -141,6 +147,9 @@ pub struct SnapshotArgs {
 pub struct ImageArg {
     /// The image (top layer of a chain).
     pub image: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `squash`.
@@ -151,6 +160,9 @@ pub struct SquashArgs {
     /// How many sealed layers just below the top to merge (default: all).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub layers: Option<u32>,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A source image and a new output file.
@@ -160,6 +172,9 @@ pub struct SrcDst {
     pub image: PathBuf,
     /// The output file (must not exist).
     pub output: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `import`.
@@ -172,6 +187,9 @@ pub struct ImportArgs {
     /// Block size (4K to 1M, power of two). Default 64K.
     #[arg(long, value_parser = parse_block_size)]
     pub block_size: Option<u32>,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `rebase`.
@@ -182,4 +200,7 @@ pub struct RebaseArgs {
     /// The parent's new path.
     #[arg(long, value_name = "NEWPATH")]
     pub backing: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }

@@ -53,29 +53,29 @@ pub fn dispatch(cli: &Cli) -> Result<i32> {
         }
         Command::Snapshot(a) => {
             recover_noisy(&a.image)?;
-            layers::snapshot(&a.image, &a.snapshot)?;
+            layers::snapshot(&a.image, &a.snapshot, a.json)?;
         }
         Command::Reset(a) => {
             recover_noisy(&a.image)?;
-            layers::reset(&a.image)?;
+            layers::reset(&a.image, a.json)?;
         }
         Command::Squash(a) => {
             recover_noisy(&a.image)?;
-            layers::squash(&a.image, a.layers, show)?;
+            layers::squash(&a.image, a.layers, show, a.json)?;
         }
         Command::Rebase(a) => {
             recover_noisy(&a.image)?;
-            layers::rebase(&a.image, &a.backing)?;
+            layers::rebase(&a.image, &a.backing, a.json)?;
         }
         Command::Flatten(a) => {
             recover_noisy(&a.image)?;
-            transfer::flatten(&a.image, &a.output, show)?;
+            transfer::flatten(&a.image, &a.output, show, a.json)?;
         }
         Command::Export(a) => {
             recover_noisy(&a.image)?;
-            transfer::export(&a.image, &a.output, show)?;
+            transfer::export(&a.image, &a.output, show, a.json)?;
         }
-        Command::Import(a) => transfer::import(&a.raw, &a.image, a.block_size, show)?,
+        Command::Import(a) => transfer::import(&a.raw, &a.image, a.block_size, show, a.json)?,
         Command::Serve(a) => {
             for img in &a.images {
                 recover_noisy(img)?;

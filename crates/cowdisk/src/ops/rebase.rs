@@ -8,12 +8,12 @@ use std::path::Path;
 use cowdisk_core::chain::open_layer_file;
 use cowdisk_core::create::reference_for;
 use cowdisk_core::layer::{load_map, read_header, stored_digest, write_header};
-use cowdisk_core::{Access, Disk, FileStorage, LayerState, OpenOptions, ParentRef};
+use cowdisk_core::{Access, Disk, FileStorage, Header, LayerState, OpenOptions, ParentRef};
 
 use crate::error::{Error, Result};
 
-/// Repoints the parent reference.
-pub fn rebase(image: &Path, new_parent: &Path) -> Result<()> {
+/// Repoints the parent reference; returns the image's new header.
+pub fn rebase(image: &Path, new_parent: &Path) -> Result<Header> {
     let (file, _) = open_layer_file(image, Access::ReadWrite)?;
     let st = FileStorage::new(file);
     let loaded = read_header(&st, image)?;
@@ -81,5 +81,5 @@ pub fn rebase(image: &Path, new_parent: &Path) -> Result<()> {
         digest: old.digest,
     });
     write_header(&st, image, &loaded, &new)?;
-    Ok(())
+    Ok(new)
 }

@@ -6,13 +6,13 @@ use std::path::Path;
 
 use cowdisk_core::create::{folder_of, sync_folder, write_temp_layer};
 use cowdisk_core::layer::NewLayer;
-use cowdisk_core::{Disk, OpenOptions};
+use cowdisk_core::{Disk, Header, OpenOptions};
 
 use crate::error::{Error, Result};
 use crate::failpoint;
 
-/// Discards the top's changes.
-pub fn reset(image: &Path) -> Result<()> {
+/// Discards the top's changes; returns the new top's header.
+pub fn reset(image: &Path) -> Result<Header> {
     // Opening read-write takes the exclusive lock and validates the chain.
     let disk = Disk::open(image, &OpenOptions::new())?;
     let h = disk.top_header();
@@ -30,5 +30,5 @@ pub fn reset(image: &Path) -> Result<()> {
     }
     sync_folder(&folder_of(image))?;
     drop(disk);
-    Ok(())
+    Ok(new)
 }

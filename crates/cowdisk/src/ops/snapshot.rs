@@ -13,16 +13,25 @@ use std::path::Path;
 
 use cowdisk_core::create::{folder_of, reference_for, sync_folder};
 use cowdisk_core::layer::{commit_seal, create_on, read_header, NewLayer};
-use cowdisk_core::{Disk, FileStorage, OpenOptions, ParentRef};
+use cowdisk_core::{Disk, FileStorage, Header, OpenOptions, ParentRef};
 
 use super::{exists, pending_snapshot_path, recover};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use cowdisk_core::layer::prepare_seal;
 
+/// What a snapshot made.
+#[derive(Debug)]
+pub struct Snapshotted {
+    /// The sealed layer, now at SNAP (the image's old top, sealed).
+    pub sealed: Header,
+    /// The image's new empty writable top.
+    pub top: Header,
+}
+
 /// Takes the snapshot. On failure the image is left as it was (or, after the commit
 /// point, the snapshot is completed by recovery).
-pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
+pub fn snapshot(image: &Path, snap: &Path) -> Result<Snapshotted> {
     if exists(snap) {
         return Err(Error::invalid(snap, "already exists"));
     }
@@ -52,7 +61,13 @@ pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
     res
 }
 
-fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: String) -> Result<()> {
+fn steps(
+    disk: &Disk,
+    image: &Path,
+    snap: &Path,
+    pending: &Path,
+    reference: String,
+) -> Result<Snapshotted> {
     disk.flush().map_err(|e| Error::disk(image, e))?;
     let st = &**disk.top_storage();
     let loaded = read_header(st, image)?;
@@ -77,7 +92,7 @@ fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: Stri
     create_on(&FileStorage::new(file), pending, &new_top)?;
     sync_folder(&folder_of(pending))?;
     failpoint::hit("snapshot.after_pending");
-    commit_seal(st, image, &loaded, digest)?;
+    let sealed = commit_seal(st, image, &loaded, digest)?;
     failpoint::hit("snapshot.after_seal");
     std::fs::hard_link(image, snap).map_err(|e| Error::os(snap, "link snapshot", e))?;
     sync_folder(&folder_of(snap))?;
@@ -86,5 +101,8 @@ fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: Stri
         .map_err(|e| Error::os(image, "rename new top into place", e))?;
     sync_folder(&folder_of(image))?;
     failpoint::hit("snapshot.after_rename");
-    Ok(())
+    Ok(Snapshotted {
+        sealed,
+        top: new_top,
+    })
 }

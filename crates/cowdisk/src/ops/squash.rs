@@ -18,7 +18,7 @@ use cowdisk_core::{
     Access, BlockState, Disk, FileStorage, Header, OpenOptions, ParentRef, Storage,
 };
 
-use super::builder::LayerBuilder;
+use super::builder::{LayerBuilder, Written};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::progress::Progress;
@@ -30,6 +30,12 @@ pub struct Squashed {
     pub path: PathBuf,
     /// Layers merged.
     pub merged: usize,
+    /// The new sealed layer's header.
+    pub header: Header,
+    /// The top's header, now pointing at the new layer.
+    pub top: Header,
+    /// Data stored in the new layer.
+    pub written: Written,
 }
 
 struct Source {
@@ -96,6 +102,7 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
     }
     let mut builder = LayerBuilder::create(&target, header, "squash")?;
     copy_blocks(&mut builder, &sources, rest.is_some(), show_progress)?;
+    let written = builder.written();
     let new = builder.finish(true)?;
     // Repoint the top: the commit point.
     let st = &**disk.top_storage();
@@ -112,6 +119,9 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
     Ok(Squashed {
         path: target,
         merged: n,
+        header: new,
+        top,
+        written,
     })
 }
 
