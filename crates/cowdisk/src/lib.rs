@@ -1,13 +1,17 @@
 //! The `cowdisk` command-line tool as a library: argument parsing ([`cli`]), one
 //! module per command group ([`cmd`]), the crash-safe layer operations ([`ops`]),
-//! human/JSON formatting ([`output`]) and a terminal progress bar ([`progress`]).
+//! the NBD server ([`serve`]), human/JSON formatting ([`output`]) and a terminal
+//! progress bar ([`progress`]).
 //!
 //! ```text
-//!   main.rs ── run() ── cli::Cli (clap) ── cmd::{create, inspect, check, layers, transfer, squash}
+//!   main.rs ── run() ── cli::Cli (clap) ── cmd::dispatch ── ops::recover (once per image)
 //!                                              │
-//!                         ops::{recover, snapshot, reset, rebase, squash, builder}
-//!                                              │
-//!                                         cowdisk-core
+//!                      ┌───────────────────────┴──────────────────────┐
+//!   cmd::{create, inspect, check, layers, transfer}                 serve ── cowdisk-nbd
+//!                      │                                              │
+//!   ops::{snapshot, reset, rebase, squash, builder}                   │
+//!                      │                                              │
+//!                 cowdisk-core ◄──────────────────────────────────────┘
 //! ```
 //!
 //! Exit codes: 0 success; 1 error (message on stderr as `cowdisk: <file>: <cause>`);

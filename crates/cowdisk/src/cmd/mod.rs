@@ -1,5 +1,6 @@
-//! One module per command group; [`dispatch`] runs pending-operation recovery on the
-//! image before any command opens it.
+//! One module per command group (`squash`, `snapshot`, `reset`, `rebase` are in
+//! [`layers`]; `import`, `export`, `flatten` in [`transfer`]). [`dispatch`] is the one
+//! place that runs pending-operation recovery: once per image, before the command.
 
 pub mod check;
 pub mod create;

@@ -1,7 +1,7 @@
 //! `snapshot IMAGE SNAP`: IMAGE's content becomes the sealed layer SNAP and IMAGE
 //! continues as a fresh empty top over it, under the same path.
 //!
-//! Steps (each durable before the next; [`super::recover`] completes or undoes them):
+//! Steps (each durable before the next; [`super::recover()`] completes or undoes them):
 //! 1. flush IMAGE; compute its block CRCs and seal digest (`prepare_seal`, synced);
 //! 2. write the new top to `.IMAGE.pending-snapshot` (parent = SNAP with IMAGE's UUID
 //!    and that digest), sync it and the folder;
