@@ -126,7 +126,7 @@ impl LowerLayer {
     }
 
     /// Compares `data` (block `b`'s bytes, its virtual length) with the stored CRC.
-    /// A mismatch is an error, never bad bytes or a fall-through (RELIABILITY I5).
+    /// A mismatch is an error, never bad bytes or a fall-through (docs/reliability.md, I5).
     fn verify(&self, b: u64, data: &[u8]) -> Result<(), IoError> {
         self.verify_crc(b, crc32fast::hash(data))
     }
@@ -584,7 +584,7 @@ impl Disk {
     }
 
     /// Copies block `b` from lower layer `i` into the top, with `chunk` applied. If the
-    /// lower read fails nothing is written or allocated (RELIABILITY rule 3).
+    /// lower read fails nothing is written or allocated (docs/reliability.md, rule 3).
     fn copy_up(&self, b: u64, i: usize, within: usize, chunk: &[u8]) -> Result<(), IoError> {
         let blen = self.geometry.block_len(b);
         let off = self.geometry.block_offset(b);

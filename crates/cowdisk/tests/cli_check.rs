@@ -274,8 +274,9 @@ fn needs_check_flag_cleared_by_repair() {
     ok(&["snapshot", &t.s("vm.cow"), &t.s("s.cow")]);
 }
 
-/// RELIABILITY P10: `check --repair` killed after each of its writes. Content never changes,
-/// the base is never written, and running it again converges to a clean image.
+/// docs/reliability.md P10: `check --repair` killed after each of its writes. Content
+/// never changes, the base is never written, and running it again converges to a clean
+/// image.
 #[test]
 fn repair_killed_at_every_step_converges() {
     for fp in [
