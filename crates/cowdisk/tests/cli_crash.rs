@@ -8,6 +8,7 @@ mod cli_common;
 use std::path::Path;
 
 use cli_common::*;
+use test_support::have_tool;
 use Op::{Discard, Write};
 
 const K: u64 = 1024;
@@ -67,7 +68,7 @@ fn still_writable(t: &Tmp) {
 
 #[test]
 fn snapshot_killed_at_every_step() {
-    if !have("qemu-io") || !have("qemu-img") {
+    if !have_tool("qemu-io") || !have_tool("qemu-img") {
         return;
     }
     for (fp, forward) in [
@@ -113,7 +114,7 @@ fn snapshot_killed_at_every_step() {
 
 #[test]
 fn squash_killed_at_every_step() {
-    if !have("qemu-io") || !have("qemu-img") {
+    if !have_tool("qemu-io") || !have_tool("qemu-img") {
         return;
     }
     for fp in [
@@ -158,7 +159,7 @@ fn squash_killed_at_every_step() {
 
 #[test]
 fn reset_killed_before_rename() {
-    if !have("qemu-io") || !have("qemu-img") {
+    if !have_tool("qemu-io") || !have_tool("qemu-img") {
         return;
     }
     let t = Tmp::new("crash-reset");
@@ -192,17 +193,7 @@ fn every_command_recovers_once_before_running() {
     ];
     for args in commands {
         let t = Tmp::new(&format!("recover-once-{}", args[0]));
-        ok(&[
-            "create",
-            &t.s("base.cow"),
-            "--size",
-            "1M",
-            "--block-size",
-            "4K",
-        ]);
-        apply_image(&t.p("base.cow"), &[Write(0, 8 * K, 0x11)]);
-        ok(&["create", &t.s("vm.cow"), "--backing", &t.s("base.cow")]);
-        apply_image(&t.p("vm.cow"), &[Write(4 * K, 4 * K, 0x22)]);
+        small_chain(&t, 0x11, 0x22);
         let o = run_env(
             &["snapshot", &t.s("vm.cow"), &t.s("snap.cow")],
             &[("COWDISK_FAILPOINT", "snapshot.after_seal")],

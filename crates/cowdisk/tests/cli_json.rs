@@ -62,21 +62,6 @@ fn assert_layer(obj: &Value, info: &Value, path: &Path) {
     assert_eq!(obj["allocated_bytes"], allocated(path), "{obj}");
 }
 
-/// base (1M, 4K blocks, data in blocks 0-1) <- vm (data in block 4), both via the CLI.
-fn chain(t: &Tmp) {
-    ok(&[
-        "create",
-        &t.s("base.cow"),
-        "--size",
-        "1M",
-        "--block-size",
-        "4K",
-    ]);
-    apply_image(&t.p("base.cow"), &[Write(0, 8 * K, 0x11)]);
-    ok(&["create", &t.s("vm.cow"), "--backing", &t.s("base.cow")]);
-    apply_image(&t.p("vm.cow"), &[Write(16 * K, 4 * K, 0x22)]);
-}
-
 #[test]
 fn create_reports_the_new_layer_and_its_parent_link() {
     let t = Tmp::new("json-create");
@@ -118,7 +103,7 @@ fn create_reports_the_new_layer_and_its_parent_link() {
 #[test]
 fn snapshot_reports_the_sealed_layer_and_the_new_top() {
     let t = Tmp::new("json-snapshot");
-    chain(&t);
+    small_chain(&t, 0x11, 0x22);
     let old_top = info_layer(&t.p("vm.cow"), 0);
     let s = json(&["snapshot", &t.s("vm.cow"), &t.s("snap.cow"), "--json"]);
     assert_layer(&s["image"], &info_layer(&t.p("vm.cow"), 0), &t.p("vm.cow"));
@@ -141,7 +126,7 @@ fn snapshot_reports_the_sealed_layer_and_the_new_top() {
 #[test]
 fn reset_and_rebase_report_the_rewritten_top() {
     let t = Tmp::new("json-reset-rebase");
-    chain(&t);
+    small_chain(&t, 0x11, 0x22);
     let old_top = info_layer(&t.p("vm.cow"), 0);
     let r = json(&["reset", &t.s("vm.cow"), "--json"]);
     let now = info_layer(&t.p("vm.cow"), 0);
@@ -170,7 +155,7 @@ fn reset_and_rebase_report_the_rewritten_top() {
 #[test]
 fn squash_reports_the_merged_layer_and_what_it_holds() {
     let t = Tmp::new("json-squash");
-    chain(&t);
+    small_chain(&t, 0x11, 0x22);
     ok(&["snapshot", &t.s("vm.cow"), &t.s("snap.cow")]);
     let s = json(&["squash", &t.s("vm.cow"), "--json"]);
     let path = Path::new(s["squashed"]["path"].as_str().unwrap()).to_path_buf();
@@ -252,7 +237,7 @@ fn import_flatten_export_report_sizes_and_bytes() {
 #[test]
 fn failures_print_no_json() {
     let t = Tmp::new("json-fail");
-    chain(&t);
+    small_chain(&t, 0x11, 0x22);
     for args in [
         vec!["create", &t.s("vm.cow"), "--size", "1M", "--json"],
         vec!["snapshot", &t.s("vm.cow"), &t.s("base.cow"), "--json"],

@@ -476,12 +476,8 @@ fn is_root() -> bool {
 }
 
 fn need_root(what: &str) -> bool {
-    if is_root() && Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    assert!(!common::in_ci(), "{what} needs root and /dev/fuse (CI)");
-    common::skipped(&format!("{what} needs root and /dev/fuse"));
-    false
+    let ok = is_root() && Path::new("/dev/fuse").exists();
+    test_support::require(ok, &format!("root and /dev/fuse (for {what})"))
 }
 
 const ENOSPC_PY: &str = r#"
