@@ -8,13 +8,13 @@ use std::path::Path;
 
 use cowdisk_core::create::{rename_noreplace, temp_path};
 use cowdisk_core::layer::NewLayer;
-use cowdisk_core::{Disk, ExtentState, DEFAULT_BLOCK_SIZE};
+use cowdisk_core::{Disk, ExtentState, Header, DEFAULT_BLOCK_SIZE};
 use rustix::fs::SeekFrom;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::inspect::for_each_extent;
 use crate::error::{Error, Result};
-use crate::ops::builder::LayerBuilder;
+use crate::ops::builder::{LayerBuilder, Written};
 use crate::ops::exists;
 use crate::output::{allocated_bytes, layer_json, print_json, report};
 use crate::progress::Progress;
@@ -52,6 +52,16 @@ fn for_each_data_block(
     Ok(())
 }
 
+/// The JSON report of a standalone image built from `source` (flatten, import).
+fn new_image_json(source: &Path, output: &Path, h: &Header, w: Written) -> Value {
+    json!({
+        "source": source.display().to_string(),
+        "image": layer_json(output, h),
+        "data_blocks": w.data_blocks,
+        "bytes_written": w.bytes,
+    })
+}
+
 /// `flatten IMAGE OUTPUT`: a standalone writable image with the same content.
 pub fn flatten(image: &Path, output: &Path, show: bool, json_out: bool) -> Result<()> {
     let disk = super::inspect::open_ro(image, false)?;
@@ -69,14 +79,7 @@ pub fn flatten(image: &Path, output: &Path, show: bool, json_out: bool) -> Resul
     let h = builder.finish(false)?;
     report(
         json_out,
-        || {
-            json!({
-                "source": image.display().to_string(),
-                "image": layer_json(output, &h),
-                "data_blocks": written.data_blocks,
-                "bytes_written": written.bytes,
-            })
-        },
+        || new_image_json(image, output, &h, written),
         &[format!(
             "Flattened {} into {}",
             image.display(),
@@ -203,13 +206,9 @@ pub fn import(
     report(
         json_out,
         || {
-            json!({
-                "source": raw.display().to_string(),
-                "source_size": len,
-                "image": layer_json(image, &h),
-                "data_blocks": written.data_blocks,
-                "bytes_written": written.bytes,
-            })
+            let mut v = new_image_json(raw, image, &h, written);
+            v["source_size"] = json!(len);
+            v
         },
         &[format!(
             "Imported {} into {}",
