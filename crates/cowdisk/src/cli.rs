@@ -30,7 +30,8 @@ pub enum Command {
     /// Create a new image, standalone (--size) or over a parent (--backing).
     #[command(
         after_help = "Examples:\n  cowdisk create base.cow --size 10G\n  cowdisk create base.cow --size 1T --block-size 1M\n  \
-cowdisk create vm1.cow --backing base.cow   # seals base.cow if it was writable"
+cowdisk create vm1.cow --backing base.cow   # seals base.cow if it was writable\n  \
+cowdisk create vm2.cow --backing base.cow --json | jq -r .image.uuid"
     )]
     Create(CreateArgs),
     /// Show every layer of an image's chain, top first.
