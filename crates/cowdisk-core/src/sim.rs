@@ -1,4 +1,4 @@
-//! A crash- and fault-simulating storage world for tests (RELIABILITY.md §4).
+//! A crash- and fault-simulating storage world for tests (docs/reliability.md, "Crash simulator").
 //!
 //! Each file keeps a `live` image (what reads see) and a `durable` image (what survives
 //! power loss), plus the writes since its last sync. A world can lose power just before

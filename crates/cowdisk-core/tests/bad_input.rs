@@ -1,4 +1,4 @@
-//! Bad input (RELIABILITY.md I1-I4, I6-I9, I11-I15): damaged, crafted or mislinked
+//! Bad input (docs/reliability.md I1-I4, I6-I9, I11-I15): damaged, crafted or mislinked
 //! layer files must give the exact typed error, never a panic or hang, and nothing may
 //! be written to any file.
 //!

@@ -1,4 +1,4 @@
-//! Power-loss and fault-injection tests over `SimWorld` (RELIABILITY.md §4, rows P2-P4,
+//! Power-loss and fault-injection tests over `SimWorld` (docs/reliability.md, rows P2-P4,
 //! P8, P9, E1-E3).
 //!
 //! Every test runs a workload on a 2-layer chain (sealed base + writable top) and keeps

@@ -19,6 +19,10 @@ pub struct Cli {
     /// No progress bars (they are shown only when stderr is a terminal anyway).
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Confine every parent reference to DIR (repeatable; also COWDISK_IMAGE_ROOT,
+    /// colon-separated): for hosts that serve images they did not build.
+    #[arg(long = "image-root", value_name = "DIR", global = true)]
+    pub image_roots: Vec<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -30,7 +34,8 @@ pub enum Command {
     /// Create a new image, standalone (--size) or over a parent (--backing).
     #[command(
         after_help = "Examples:\n  cowdisk create base.cow --size 10G\n  cowdisk create base.cow --size 1T --block-size 1M\n  \
-cowdisk create vm1.cow --backing base.cow   # seals base.cow if it was writable"
+cowdisk create vm1.cow --backing base.cow   # seals base.cow if it was writable\n  \
+cowdisk create vm2.cow --backing base.cow --json | jq -r .image.uuid"
     )]
     Create(CreateArgs),
     /// Show every layer of an image's chain, top first.
@@ -97,6 +102,9 @@ pub struct CreateArgs {
     /// Parent image (in IMAGE's folder or below it); sealed first if writable.
     #[arg(long, value_name = "PARENT")]
     pub backing: Option<PathBuf>,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// An image and `--json`.
@@ -121,7 +129,7 @@ pub struct CheckArgs {
     /// Repair what can be repaired safely (top layer only).
     #[arg(long)]
     pub repair: bool,
-    /// Machine-readable output.
+    /// Machine-readable output (schema in README.md, "JSON output").
     #[arg(long)]
     pub json: bool,
 }
@@ -134,6 +142,9 @@ pub struct SnapshotArgs {
     /// The new sealed layer file (must not exist; in IMAGE's folder, or below it if IMAGE
     /// has no parent).
     pub snapshot: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A single image.
@@ -141,6 +152,9 @@ pub struct SnapshotArgs {
 pub struct ImageArg {
     /// The image (top layer of a chain).
     pub image: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `squash`.
@@ -151,6 +165,9 @@ pub struct SquashArgs {
     /// How many sealed layers just below the top to merge (default: all).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub layers: Option<u32>,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A source image and a new output file.
@@ -160,6 +177,9 @@ pub struct SrcDst {
     pub image: PathBuf,
     /// The output file (must not exist).
     pub output: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `import`.
@@ -172,6 +192,9 @@ pub struct ImportArgs {
     /// Block size (4K to 1M, power of two). Default 64K.
     #[arg(long, value_parser = parse_block_size)]
     pub block_size: Option<u32>,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `rebase`.
@@ -182,4 +205,7 @@ pub struct RebaseArgs {
     /// The parent's new path.
     #[arg(long, value_name = "NEWPATH")]
     pub backing: PathBuf,
+    /// Machine-readable output (schema in README.md, "JSON output").
+    #[arg(long)]
+    pub json: bool,
 }

@@ -10,9 +10,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cowdisk_core::{
-    Access, Disk, ExtentState, IoError, IoErrorKind, LowerCache, OpenOptions, WriteFlags,
-};
+use cowdisk_core::{Access, Disk, ExtentState, IoError, IoErrorKind, LowerCache, WriteFlags};
 use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, Server, ZeroFlags};
 
 use crate::error::Error;
@@ -210,7 +208,10 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let mut builder = Server::builder().limits(limits);
     let mut names = Vec::new();
     for img in &args.images {
-        let disk = Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone()))?;
+        let disk = Disk::open(
+            img,
+            &crate::open_options().access(access).cache(cache.clone()),
+        )?;
         let name = args.export_name.clone().unwrap_or_else(|| export_name(img));
         if names.contains(&name) {
             return Err(Error::invalid(

@@ -10,7 +10,7 @@ use std::path::Path;
 use cli_common::*;
 use cowdisk_core::format::FLAG_NEEDS_CHECK;
 use cowdisk_core::layer::{read_header, write_header};
-use cowdisk_core::{FileStorage, Geometry, WriteFlags};
+use cowdisk_core::{FileStorage, Geometry};
 
 const BS: u64 = 4096;
 const SIZE: u64 = 1 << 20;
@@ -32,26 +32,6 @@ fn kinds(v: &serde_json::Value) -> Vec<String> {
         .iter()
         .map(|f| f["kind"].as_str().unwrap().to_string())
         .collect()
-}
-
-/// base (sealed, data in blocks 0-1) <- vm (writable, data in block 4).
-fn chain(t: &Tmp) {
-    ok(&[
-        "create",
-        &t.s("base.cow"),
-        "--size",
-        "1M",
-        "--block-size",
-        "4K",
-    ]);
-    let d = open_rw(&t.p("base.cow"));
-    d.write(0, &[5; 8192], WriteFlags::default()).unwrap();
-    d.flush().unwrap();
-    drop(d);
-    ok(&["create", &t.s("vm.cow"), "--backing", &t.s("base.cow")]);
-    let d = open_rw(&t.p("vm.cow"));
-    d.write(4 * BS, &[6; 4096], WriteFlags::default()).unwrap();
-    d.flush().unwrap();
 }
 
 fn poke(p: &Path, off: u64, bytes: &[u8]) {
@@ -85,7 +65,7 @@ fn content(p: &Path) -> Vec<u8> {
 #[test]
 fn clean_chain_and_schema() {
     let t = Tmp::new("check-clean");
-    chain(&t);
+    small_chain(&t, 5, 6);
     let (c, v) = check(&t.s("vm.cow"), false);
     assert_eq!(c, 0, "{v}");
     assert_eq!(v["result"], "clean");
@@ -103,7 +83,7 @@ fn clean_chain_and_schema() {
 fn could_not_run_exit_1() {
     let t = Tmp::new("check-1");
     fails(&["check", &t.s("missing.cow")], "missing.cow");
-    chain(&t);
+    small_chain(&t, 5, 6);
     let _held = open_rw(&t.p("vm.cow"));
     fails(&["check", &t.s("vm.cow"), "--repair"], "in use");
 }
@@ -111,7 +91,7 @@ fn could_not_run_exit_1() {
 #[test]
 fn damaged_inactive_header_slot_is_a_leak_and_repairable() {
     let t = Tmp::new("check-hdr");
-    chain(&t);
+    small_chain(&t, 5, 6);
     let before = content(&t.p("vm.cow"));
     let base = hash(&t.p("base.cow"));
     poke(&t.p("vm.cow"), 4096 + 100, b"garbage");
@@ -132,7 +112,7 @@ fn damaged_inactive_header_slot_is_a_leak_and_repairable() {
 #[test]
 fn damaged_inactive_map_slot_is_repairable() {
     let t = Tmp::new("check-map");
-    chain(&t);
+    small_chain(&t, 5, 6);
     let before = content(&t.p("vm.cow"));
     // Page 0's slot B (slot A holds the one flushed version).
     poke(&t.p("vm.cow"), 8192 + 4096, b"CDMPxxxxxxxxxxxxxxxxxxxx");
@@ -147,7 +127,7 @@ fn damaged_inactive_map_slot_is_repairable() {
 #[test]
 fn leaked_blocks_and_trailing_bytes() {
     let t = Tmp::new("check-leak");
-    chain(&t);
+    small_chain(&t, 5, 6);
     let before = content(&t.p("vm.cow"));
     let g = Geometry::new(SIZE, BS as u32).unwrap();
     // Data written for block 9 but never referenced (crash before the map update).
@@ -175,7 +155,7 @@ fn leaked_blocks_and_trailing_bytes() {
 #[test]
 fn squash_refuses_to_copy_corrupt_lower_data() {
     let t = Tmp::new("squash-crc");
-    chain(&t);
+    small_chain(&t, 5, 6);
     let g = Geometry::new(SIZE, BS as u32).unwrap();
     poke(&t.p("base.cow"), g.block_offset(1) + 10, &[0x77]);
     let (vm, base) = (hash(&t.p("vm.cow")), hash(&t.p("base.cow")));
@@ -193,7 +173,7 @@ fn squash_refuses_to_copy_corrupt_lower_data() {
 #[test]
 fn corrupt_lower_data_is_reported_never_repaired() {
     let t = Tmp::new("check-crc");
-    chain(&t);
+    small_chain(&t, 5, 6);
     let g = Geometry::new(SIZE, BS as u32).unwrap();
     poke(&t.p("base.cow"), g.block_offset(1) + 10, &[0x77]);
     let base = hash(&t.p("base.cow"));
@@ -216,7 +196,7 @@ fn corrupt_lower_data_is_reported_never_repaired() {
 #[test]
 fn broken_chain_and_headers_exit_2() {
     let t = Tmp::new("check-chain");
-    chain(&t);
+    small_chain(&t, 5, 6);
     std::fs::rename(t.p("base.cow"), t.p("moved.cow")).unwrap();
     let (c, v) = check(&t.s("vm.cow"), false);
     assert_eq!(c, 2, "{v}");
@@ -248,7 +228,7 @@ fn broken_chain_and_headers_exit_2() {
 #[test]
 fn needs_check_flag_cleared_by_repair() {
     let t = Tmp::new("check-flag");
-    chain(&t);
+    small_chain(&t, 5, 6);
     set_needs_check(&t.p("vm.cow"));
     fails(
         &["snapshot", &t.s("vm.cow"), &t.s("s.cow")],
@@ -274,8 +254,9 @@ fn needs_check_flag_cleared_by_repair() {
     ok(&["snapshot", &t.s("vm.cow"), &t.s("s.cow")]);
 }
 
-/// RELIABILITY P10: `check --repair` killed after each of its writes. Content never changes,
-/// the base is never written, and running it again converges to a clean image.
+/// docs/reliability.md P10: `check --repair` killed after each of its writes. Content
+/// never changes, the base is never written, and running it again converges to a clean
+/// image.
 #[test]
 fn repair_killed_at_every_step_converges() {
     for fp in [
@@ -286,7 +267,7 @@ fn repair_killed_at_every_step_converges() {
         "check.repair.after_flag",
     ] {
         let t = Tmp::new(&format!("check-kill-{fp}"));
-        chain(&t);
+        small_chain(&t, 5, 6);
         let vm = t.p("vm.cow");
         let before = content(&vm);
         let base = hash(&t.p("base.cow"));
@@ -335,7 +316,7 @@ fn repair_killed_at_every_step_converges() {
 #[test]
 fn repair_is_suggested_only_for_leaks_it_can_reclaim() {
     let t = Tmp::new("check-hint");
-    chain(&t);
+    small_chain(&t, 5, 6);
     let g = Geometry::new(SIZE, BS as u32).unwrap();
     // An unreferenced block in the sealed base: a leak no repair may touch.
     poke(&t.p("base.cow"), g.block_offset(9), &[0xee; 4096]);

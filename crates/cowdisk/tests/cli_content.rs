@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use cli_common::*;
+use test_support::have_tool;
 use Op::{Discard, Write};
 
 const SIZE: u64 = 8 << 20;
@@ -32,7 +33,7 @@ fn check_clean(image: &Path) {
 
 #[test]
 fn chain_with_snapshots_discards_squash_flatten_import_reset() {
-    if !have("qemu-io") || !have("qemu-img") {
+    if !have_tool("qemu-io") || !have_tool("qemu-img") {
         return;
     }
     let t = Tmp::new("content");

@@ -8,6 +8,7 @@ mod cli_common;
 use std::path::Path;
 
 use cli_common::*;
+use test_support::have_tool;
 use Op::{Discard, Write};
 
 const K: u64 = 1024;
@@ -67,7 +68,7 @@ fn still_writable(t: &Tmp) {
 
 #[test]
 fn snapshot_killed_at_every_step() {
-    if !have("qemu-io") || !have("qemu-img") {
+    if !have_tool("qemu-io") || !have_tool("qemu-img") {
         return;
     }
     for (fp, forward) in [
@@ -113,7 +114,7 @@ fn snapshot_killed_at_every_step() {
 
 #[test]
 fn squash_killed_at_every_step() {
-    if !have("qemu-io") || !have("qemu-img") {
+    if !have_tool("qemu-io") || !have_tool("qemu-img") {
         return;
     }
     for fp in [
@@ -158,7 +159,7 @@ fn squash_killed_at_every_step() {
 
 #[test]
 fn reset_killed_before_rename() {
-    if !have("qemu-io") || !have("qemu-img") {
+    if !have_tool("qemu-io") || !have_tool("qemu-img") {
         return;
     }
     let t = Tmp::new("crash-reset");
@@ -173,4 +174,55 @@ fn reset_killed_before_rename() {
     ok(&["reset", &t.s("vm.cow")]);
     ok(&["export", &t.s("base.cow"), &t.s("base.raw")]);
     assert_same(&t, &t.p("vm.cow"), &t.p("base.raw"), "reset");
+}
+
+/// Every command that opens an existing image finishes an interrupted snapshot first,
+/// exactly once per invocation, with its message on stderr only (stdout stays JSON).
+#[test]
+fn every_command_recovers_once_before_running() {
+    let commands: [&[&str]; 9] = [
+        &["info", "vm.cow", "--json"],
+        &["map", "vm.cow", "--json"],
+        &["check", "vm.cow", "--json"],
+        &["reset", "vm.cow", "--json"],
+        &["squash", "vm.cow", "--json"],
+        &["flatten", "vm.cow", "flat.cow", "--json"],
+        &["export", "vm.cow", "out.raw", "--json"],
+        &["snapshot", "vm.cow", "snap2.cow", "--json"],
+        &["create", "child.cow", "--backing", "vm.cow", "--json"],
+    ];
+    for args in commands {
+        let t = Tmp::new(&format!("recover-once-{}", args[0]));
+        small_chain(&t, 0x11, 0x22);
+        let o = run_env(
+            &["snapshot", &t.s("vm.cow"), &t.s("snap.cow")],
+            &[("COWDISK_FAILPOINT", "snapshot.after_seal")],
+        );
+        assert_eq!(code(&o), 137, "{}", stderr(&o));
+        let full: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.ends_with(".cow") || a.ends_with(".raw") {
+                    t.s(a)
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        let o = run(&full);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert_eq!(
+            e.matches("completed an interrupted snapshot").count(),
+            1,
+            "{args:?}: {e}"
+        );
+        serde_json::from_str::<serde_json::Value>(&stdout(&o))
+            .unwrap_or_else(|err| panic!("{args:?}: stdout is not JSON ({err})"));
+        // The interrupted snapshot is complete: snap.cow is the sealed old top.
+        let info = json(&["info", &t.s("snap.cow"), "--json"]);
+        assert_eq!(info["layers"][0]["state"], "sealed", "{args:?}");
+        no_temps(&t.0);
+    }
 }

@@ -427,7 +427,7 @@ fn kill_9_after_flush_keeps_flushed_writes() {
     let b0 = sha(&base);
     let script = d.0.join("kill.py");
     std::fs::write(&script, KILL_PY).expect("write script");
-    // RELIABILITY §6: 200 kill -9 iterations per CI run.
+    // docs/reliability.md P1: 200 kill -9 iterations per CI run.
     let iterations = 200;
     for i in 0..iterations {
         // Each iteration starts from a fresh top so expectations are exact.
@@ -458,7 +458,7 @@ fn kill_9_after_flush_keeps_flushed_writes() {
         assert!(out.contains("VERIFIED"), "iteration {i}: {out}");
         srv.stop();
         // Unflushed blocks written before the kill may hold space without a map entry:
-        // leaks (exit 4) are the only tolerated finding (RELIABILITY R4).
+        // leaks (exit 4) are the only tolerated finding (docs/reliability.md R4).
         let o = cowdisk(&["check", s(&img)]);
         let code = o.status.code();
         assert!(
@@ -476,12 +476,8 @@ fn is_root() -> bool {
 }
 
 fn need_root(what: &str) -> bool {
-    if is_root() && Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    assert!(!common::in_ci(), "{what} needs root and /dev/fuse (CI)");
-    common::skipped(&format!("{what} needs root and /dev/fuse"));
-    false
+    let ok = is_root() && Path::new("/dev/fuse").exists();
+    test_support::require(ok, &format!("root and /dev/fuse (for {what})"))
 }
 
 const ENOSPC_PY: &str = r#"

@@ -9,7 +9,7 @@ use super::OpenOptions;
 use crate::create::{reference_for, ReferenceStyle};
 use crate::disk::{Access, Disk};
 use crate::error::OpenError;
-use crate::format::{LayerState, ParentRef};
+use crate::format::{Header, LayerState, ParentRef};
 use crate::layer::{read_header, write_header};
 use crate::storage::FileStorage;
 
@@ -22,7 +22,7 @@ pub fn rebase(
     new_parent: &Path,
     style: ReferenceStyle,
     opts: &OpenOptions,
-) -> Result<ParentRef, OpenError> {
+) -> Result<Header, OpenError> {
     let invalid = |path: &Path, reason: &str| OpenError::Invalid {
         path: path.to_path_buf(),
         reason: reason.into(),
@@ -52,7 +52,8 @@ pub fn rebase(
         digest: old.digest,
     };
     let mut header = h.clone();
-    header.parent = Some(new.clone());
+    header.parent = Some(new);
     write_header(&st, image, &loaded, &header)?;
-    Ok(new)
+    header.generation += 1;
+    Ok(header)
 }

@@ -52,7 +52,7 @@ impl Disk {
     /// Points the top at another parent holding the same content (a squashed or moved
     /// copy of its chain). The open disk keeps reading its current chain, which reads
     /// the same.
-    pub fn set_parent(&self, parent: ParentRef) -> Result<(), OpenError> {
+    pub fn set_parent(&self, parent: ParentRef) -> Result<Header, OpenError> {
         self.check_header_writable()?;
         let mut cur = lock(&self.top.header.cur);
         let mut h = cur.header.clone();
@@ -60,11 +60,11 @@ impl Disk {
         let slot = write_header(&*self.top.storage, &self.top.path, &cur, &h)?;
         h.generation = cur.header.generation + 1;
         *cur = LoadedHeader {
-            header: h,
+            header: h.clone(),
             slot,
             other_slot_damaged: None,
         };
-        Ok(())
+        Ok(h)
     }
 
     /// Checks a sealed top's seal digest against its map and stored block CRCs (what

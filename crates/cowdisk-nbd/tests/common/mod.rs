@@ -60,28 +60,8 @@ pub fn memserve(cfg: &ServerConfig, ep: &Endpoint, _dir: &Path) -> Command {
     c
 }
 
-/// True if `tool` is installed. Missing: panics under `CI=true`, else prints a SKIPPED line.
-pub fn have_tool(tool: &str) -> bool {
-    let found = ["/usr/local/bin", "/usr/bin", "/usr/sbin", "/bin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).exists());
-    if !found {
-        assert!(!in_ci(), "required tool {tool} is missing (CI)");
-        skipped(&format!("tool {tool} missing"));
-    }
-    found
-}
-
-/// True under CI (`CI` set to anything but empty, `0` or `false`): missing tools fail.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
-}
-
-/// Says that a test was skipped where the test harness does not swallow it.
-pub fn skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
-}
+// One copy of the tool lookup and the fail-in-CI rule for every suite.
+pub use test_support::have_tool;
 
 /// True if the libnbd Python bindings are importable by Debian's python3.
 pub fn have_python_nbd() -> bool {
@@ -92,11 +72,7 @@ pub fn have_python_nbd() -> bool {
         .args(["-c", "import nbd"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(!in_ci(), "python3-libnbd (import nbd) is missing (CI)");
-        skipped("python3-libnbd missing");
-    }
-    ok
+    test_support::require(ok, "python3-libnbd (import nbd)")
 }
 
 /// Runs `prog args` under coreutils `timeout` (SIGKILL 5 s after SIGTERM); returns its output.

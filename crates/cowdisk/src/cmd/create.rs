@@ -1,10 +1,11 @@
 //! `create`: a standalone image or a child over a parent.
 
 use cowdisk_core::{create_child, create_image, DEFAULT_BLOCK_SIZE};
+use serde_json::json;
 
 use crate::cli::CreateArgs;
 use crate::error::{Error, Result};
-use crate::output::{human_size, print_lines};
+use crate::output::{human_size, layer_json, report};
 
 /// Creates the image.
 pub fn run(a: &CreateArgs) -> Result<()> {
@@ -21,11 +22,15 @@ pub fn run(a: &CreateArgs) -> Result<()> {
         Some(p) => format!(" over {}", p.display()),
         None => String::new(),
     };
-    print_lines(&[format!(
-        "Created {}: virtual size {}, block size {}{over}",
-        a.image.display(),
-        human_size(h.geometry.virtual_size),
-        human_size(u64::from(h.geometry.block_size)),
-    )]);
+    report(
+        a.json,
+        || json!({ "image": layer_json(&a.image, &h) }),
+        &[format!(
+            "Created {}: virtual size {}, block size {}{over}",
+            a.image.display(),
+            human_size(h.geometry.virtual_size),
+            human_size(u64::from(h.geometry.block_size)),
+        )],
+    );
     Ok(())
 }

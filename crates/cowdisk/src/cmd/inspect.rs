@@ -3,18 +3,18 @@
 use std::path::{Path, PathBuf};
 
 use cowdisk_core::format::FLAG_NEEDS_CHECK;
-use cowdisk_core::{Access, Disk, Extent, LayerState, OpenOptions};
+use cowdisk_core::{Access, Disk, Extent};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::output::{extent_name, human_size, print_json, print_lines, state_name};
+use crate::output::{extent_name, human_size, layer_json, print_json, print_lines, state_name};
 
 /// Extents are gathered this many blocks at a time (bounds memory on huge disks).
 const MAP_WINDOW_BLOCKS: u64 = 1 << 16;
 
 /// Opens an image read-only (with `force_share`, without taking locks).
 pub(crate) fn open_ro(image: &Path, force_share: bool) -> Result<Disk> {
-    let mut opts = OpenOptions::new().access(Access::ReadOnly);
+    let mut opts = crate::open_options().access(Access::ReadOnly);
     if force_share {
         opts = opts.force_share();
     }
@@ -29,24 +29,13 @@ pub fn info(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
         let ls: Vec<_> = layers
             .iter()
             .map(|l| {
-                let h = &l.header;
-                json!({
-                    "path": l.path.display().to_string(),
-                    "uuid": h.uuid.to_string(),
-                    "state": state_name(h.state),
-                    "virtual_size": h.geometry.virtual_size,
-                    "block_size": h.geometry.block_size,
-                    "data_blocks": l.data_blocks,
-                    "whiteout_blocks": l.zero_blocks,
-                    "allocated_bytes": l.allocated_bytes,
-                    "needs_check": h.flags & FLAG_NEEDS_CHECK != 0,
-                    "seal_digest": (h.state == LayerState::Sealed).then(|| format!("{:08x}", h.seal_digest)),
-                    "parent": h.parent.as_ref().map(|p| json!({
-                        "reference": p.path,
-                        "uuid": p.uuid.to_string(),
-                        "seal_digest": format!("{:08x}", p.digest),
-                    })),
-                })
+                let mut v = layer_json(&l.path, &l.header);
+                // The counts come from the open chain; allocated_bytes from its handle.
+                v["data_blocks"] = json!(l.data_blocks);
+                v["whiteout_blocks"] = json!(l.zero_blocks);
+                v["allocated_bytes"] = json!(l.allocated_bytes);
+                v["needs_check"] = json!(l.header.flags & FLAG_NEEDS_CHECK != 0);
+                v
             })
             .collect();
         print_json(&json!({

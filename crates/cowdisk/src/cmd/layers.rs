@@ -1,52 +1,83 @@
 //! `snapshot`, `reset`, `rebase`, `squash`: thin wrappers over [`crate::ops`] that
-//! report what was done.
+//! report what was done (JSON shapes in README "JSON output").
 
 use std::path::Path;
 
+use serde_json::json;
+
 use crate::error::Result;
 use crate::ops;
-use crate::output::print_lines;
+use crate::output::{layer_json, report};
 
 /// `snapshot IMAGE SNAPSHOT`.
-pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
-    ops::snapshot::snapshot(image, snap)?;
-    print_lines(&[format!(
-        "Snapshot {} taken; {} continues over it",
-        snap.display(),
-        image.display()
-    )]);
+pub fn snapshot(image: &Path, snap: &Path, json_out: bool) -> Result<()> {
+    let s = ops::snapshot::snapshot(image, snap)?;
+    report(
+        json_out,
+        || {
+            json!({
+                "image": layer_json(image, &s.top),
+                "snapshot": layer_json(snap, &s.sealed),
+            })
+        },
+        &[format!(
+            "Snapshot {} taken; {} continues over it",
+            snap.display(),
+            image.display()
+        )],
+    );
     Ok(())
 }
 
 /// `reset IMAGE`.
-pub fn reset(image: &Path) -> Result<()> {
-    ops::reset::reset(image)?;
-    print_lines(&[format!(
-        "Reset {}: its changes were discarded",
-        image.display()
-    )]);
+pub fn reset(image: &Path, json_out: bool) -> Result<()> {
+    let top = ops::reset::reset(image)?;
+    report(
+        json_out,
+        || json!({ "image": layer_json(image, &top) }),
+        &[format!(
+            "Reset {}: its changes were discarded",
+            image.display()
+        )],
+    );
     Ok(())
 }
 
 /// `rebase IMAGE --backing NEWPATH`.
-pub fn rebase(image: &Path, backing: &Path) -> Result<()> {
-    ops::rebase::rebase(image, backing)?;
-    print_lines(&[format!(
-        "Rebased {} onto {}",
-        image.display(),
-        backing.display()
-    )]);
+pub fn rebase(image: &Path, backing: &Path, json_out: bool) -> Result<()> {
+    let top = ops::rebase::rebase(image, backing)?;
+    report(
+        json_out,
+        || json!({ "image": layer_json(image, &top) }),
+        &[format!(
+            "Rebased {} onto {}",
+            image.display(),
+            backing.display()
+        )],
+    );
     Ok(())
 }
 
 /// `squash IMAGE [--layers N]`.
-pub fn squash(image: &Path, layers: Option<u32>, show: bool) -> Result<()> {
+pub fn squash(image: &Path, layers: Option<u32>, show: bool, json_out: bool) -> Result<()> {
     let s = ops::squash::squash(image, layers, show)?;
-    print_lines(&[format!(
-        "Squashed {} layer(s) below {} into {}; the old layer files were not changed",
-        s.merged,
-        image.display(),
-        s.path.display()
-    )]);
+    report(
+        json_out,
+        || {
+            json!({
+                "image": layer_json(image, &s.top),
+                "squashed": layer_json(&s.path, &s.header),
+                "layers_merged": s.merged,
+                "data_blocks": s.written.data_blocks,
+                "bytes_written": s.written.bytes,
+            })
+        },
+        &[format!(
+            "Squashed {} layer(s) below {} into {}; the old layer files were not changed",
+            s.merged,
+            image.display(),
+            s.path.display()
+        )],
+    );
     Ok(())
 }

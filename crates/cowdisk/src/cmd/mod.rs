@@ -1,5 +1,6 @@
-//! One module per command group; [`dispatch`] runs pending-operation recovery on the
-//! image before any command opens it.
+//! One module per command group (`squash`, `snapshot`, `reset`, `rebase` are in
+//! [`layers`]; `import`, `export`, `flatten` in [`transfer`]). [`dispatch`] is the one
+//! place that runs pending-operation recovery: once per image, before the command.
 
 pub mod check;
 pub mod create;
@@ -16,7 +17,7 @@ use crate::ops::{recover, Recovery};
 use crate::EXIT_OK;
 
 /// Runs `recover` on `image` and says on stderr what it did.
-pub fn recover_noisy(image: &Path) -> Result<()> {
+fn recover_noisy(image: &Path) -> Result<()> {
     let r = recover(image)?;
     let msg = match r {
         Recovery::RolledForward(snap) => {
@@ -29,59 +30,53 @@ pub fn recover_noisy(image: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the parsed command; returns the exit code.
+/// The existing images `command` opens, whose interrupted operations must be finished
+/// or undone first. `create` opens only its parent; `import` reads a raw file.
+pub fn recovery_targets(command: &Command) -> Vec<&Path> {
+    match command {
+        Command::Create(a) => a.backing.iter().map(|p| p.as_path()).collect(),
+        Command::Info(a) | Command::Map(a) => vec![&a.image],
+        Command::Check(a) => vec![&a.image],
+        Command::Snapshot(a) => vec![&a.image],
+        Command::Reset(a) => vec![&a.image],
+        Command::Squash(a) => vec![&a.image],
+        Command::Rebase(a) => vec![&a.image],
+        Command::Flatten(a) | Command::Export(a) => vec![&a.image],
+        Command::Import(_) => Vec::new(),
+        Command::Serve(a) => a.images.iter().map(|p| p.as_path()).collect(),
+    }
+}
+
+/// Runs the parsed command; returns the exit code. The one place recovery runs: once
+/// per image per invocation, before the command opens anything, so no command (and no
+/// command added later) opens a half-finished chain or recovers twice.
 pub fn dispatch(cli: &Cli) -> Result<i32> {
+    let mut done: Vec<&Path> = Vec::new();
+    for image in recovery_targets(&cli.command) {
+        if !done.contains(&image) {
+            recover_noisy(image)?;
+            done.push(image);
+        }
+    }
+    run_command(cli)
+}
+
+/// Runs the command itself; recovery has already run.
+fn run_command(cli: &Cli) -> Result<i32> {
     let show = !cli.quiet;
     match &cli.command {
-        Command::Create(a) => {
-            if let Some(p) = &a.backing {
-                recover_noisy(p)?;
-            }
-            create::run(a)?;
-        }
-        Command::Info(a) => {
-            recover_noisy(&a.image)?;
-            inspect::info(&a.image, a.json, a.force_share)?;
-        }
-        Command::Map(a) => {
-            recover_noisy(&a.image)?;
-            inspect::map(&a.image, a.json, a.force_share)?;
-        }
-        Command::Check(a) => {
-            recover_noisy(&a.image)?;
-            return check::run(&a.image, a.repair, a.json, show);
-        }
-        Command::Snapshot(a) => {
-            recover_noisy(&a.image)?;
-            layers::snapshot(&a.image, &a.snapshot)?;
-        }
-        Command::Reset(a) => {
-            recover_noisy(&a.image)?;
-            layers::reset(&a.image)?;
-        }
-        Command::Squash(a) => {
-            recover_noisy(&a.image)?;
-            layers::squash(&a.image, a.layers, show)?;
-        }
-        Command::Rebase(a) => {
-            recover_noisy(&a.image)?;
-            layers::rebase(&a.image, &a.backing)?;
-        }
-        Command::Flatten(a) => {
-            recover_noisy(&a.image)?;
-            transfer::flatten(&a.image, &a.output, show)?;
-        }
-        Command::Export(a) => {
-            recover_noisy(&a.image)?;
-            transfer::export(&a.image, &a.output, show)?;
-        }
-        Command::Import(a) => transfer::import(&a.raw, &a.image, a.block_size, show)?,
-        Command::Serve(a) => {
-            for img in &a.images {
-                recover_noisy(img)?;
-            }
-            crate::serve::run(a)?;
-        }
+        Command::Create(a) => create::run(a)?,
+        Command::Info(a) => inspect::info(&a.image, a.json, a.force_share)?,
+        Command::Map(a) => inspect::map(&a.image, a.json, a.force_share)?,
+        Command::Check(a) => return check::run(&a.image, a.repair, a.json, show),
+        Command::Snapshot(a) => layers::snapshot(&a.image, &a.snapshot, a.json)?,
+        Command::Reset(a) => layers::reset(&a.image, a.json)?,
+        Command::Squash(a) => layers::squash(&a.image, a.layers, show, a.json)?,
+        Command::Rebase(a) => layers::rebase(&a.image, &a.backing, a.json)?,
+        Command::Flatten(a) => transfer::flatten(&a.image, &a.output, show, a.json)?,
+        Command::Export(a) => transfer::export(&a.image, &a.output, show, a.json)?,
+        Command::Import(a) => transfer::import(&a.raw, &a.image, a.block_size, show, a.json)?,
+        Command::Serve(a) => crate::serve::run(a)?,
     }
     Ok(EXIT_OK)
 }

@@ -8,14 +8,15 @@ use std::path::Path;
 
 use cowdisk_core::create::{rename_noreplace, temp_path};
 use cowdisk_core::layer::NewLayer;
-use cowdisk_core::{Disk, ExtentState, DEFAULT_BLOCK_SIZE};
+use cowdisk_core::{Disk, ExtentState, Header, DEFAULT_BLOCK_SIZE};
 use rustix::fs::SeekFrom;
+use serde_json::{json, Value};
 
 use super::inspect::for_each_extent;
 use crate::error::{Error, Result};
-use crate::ops::builder::LayerBuilder;
+use crate::ops::builder::{LayerBuilder, Written};
 use crate::ops::exists;
-use crate::output::print_lines;
+use crate::output::{allocated_bytes, layer_json, print_json, report};
 use crate::progress::Progress;
 
 /// Calls `f(block, bytes)` for every block of `disk` that holds data and is not all
@@ -51,8 +52,18 @@ fn for_each_data_block(
     Ok(())
 }
 
+/// The JSON report of a standalone image built from `source` (flatten, import).
+fn new_image_json(source: &Path, output: &Path, h: &Header, w: Written) -> Value {
+    json!({
+        "source": source.display().to_string(),
+        "image": layer_json(output, h),
+        "data_blocks": w.data_blocks,
+        "bytes_written": w.bytes,
+    })
+}
+
 /// `flatten IMAGE OUTPUT`: a standalone writable image with the same content.
-pub fn flatten(image: &Path, output: &Path, show: bool) -> Result<()> {
+pub fn flatten(image: &Path, output: &Path, show: bool, json_out: bool) -> Result<()> {
     let disk = super::inspect::open_ro(image, false)?;
     let header = NewLayer {
         virtual_size: disk.size(),
@@ -64,22 +75,28 @@ pub fn flatten(image: &Path, output: &Path, show: bool) -> Result<()> {
     for_each_data_block(&disk, image, "flatten", show, |b, data| {
         builder.write_block(b, data)
     })?;
-    builder.finish(false)?;
-    print_lines(&[format!(
-        "Flattened {} into {}",
-        image.display(),
-        output.display()
-    )]);
+    let written = builder.written();
+    let h = builder.finish(false)?;
+    report(
+        json_out,
+        || new_image_json(image, output, &h, written),
+        &[format!(
+            "Flattened {} into {}",
+            image.display(),
+            output.display()
+        )],
+    );
     Ok(())
 }
 
 /// `export IMAGE RAW`: a raw file of the virtual size; zero ranges are holes.
-pub fn export(image: &Path, raw: &Path, show: bool) -> Result<()> {
+pub fn export(image: &Path, raw: &Path, show: bool, json_out: bool) -> Result<()> {
     let disk = super::inspect::open_ro(image, false)?;
     if exists(raw) {
         return Err(Error::invalid(raw, "already exists"));
     }
     let tmp = temp_path(raw, "export");
+    let mut written = 0u64;
     let res = (|| {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -91,6 +108,7 @@ pub fn export(image: &Path, raw: &Path, show: bool) -> Result<()> {
             .map_err(|e| Error::os(raw, "set length", e))?;
         let bs = u64::from(disk.block_size());
         for_each_data_block(&disk, image, "export", show, |b, data| {
+            written += data.len() as u64;
             file.write_all_at(data, b * bs)
                 .map_err(|e| Error::os(raw, "write", e))
         })?;
@@ -100,8 +118,19 @@ pub fn export(image: &Path, raw: &Path, show: bool) -> Result<()> {
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return res;
     }
-    res
+    // Without --json export stays silent, as it always was.
+    if json_out {
+        print_json(&json!({
+            "source": image.display().to_string(),
+            "output": raw.display().to_string(),
+            "virtual_size": disk.size(),
+            "bytes_written": written,
+            "allocated_bytes": allocated_bytes(raw),
+        }));
+    }
+    Ok(())
 }
 
 /// Next offset at or after `pos` holding data in `file` (`len` if none).
@@ -115,7 +144,13 @@ fn next_data(file: &File, pos: u64, len: u64) -> u64 {
 
 /// `import RAW IMAGE`: a new standalone writable image with the raw file's content
 /// (its size rounded up to a multiple of 512 bytes).
-pub fn import(raw: &Path, image: &Path, block_size: Option<u32>, show: bool) -> Result<()> {
+pub fn import(
+    raw: &Path,
+    image: &Path,
+    block_size: Option<u32>,
+    show: bool,
+    json_out: bool,
+) -> Result<()> {
     // Non-blocking, so a FIFO is refused below instead of waiting for a writer.
     let file = {
         use std::os::unix::fs::OpenOptionsExt;
@@ -166,11 +201,20 @@ pub fn import(raw: &Path, image: &Path, block_size: Option<u32>, show: bool) -> 
         b += 1;
     }
     progress.finish();
-    builder.finish(false)?;
-    print_lines(&[format!(
-        "Imported {} into {}",
-        raw.display(),
-        image.display()
-    )]);
+    let written = builder.written();
+    let h = builder.finish(false)?;
+    report(
+        json_out,
+        || {
+            let mut v = new_image_json(raw, image, &h, written);
+            v["source_size"] = json!(len);
+            v
+        },
+        &[format!(
+            "Imported {} into {}",
+            raw.display(),
+            image.display()
+        )],
+    );
     Ok(())
 }

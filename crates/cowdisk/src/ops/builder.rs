@@ -15,8 +15,18 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use cowdisk_core::layer::prepare_seal;
 
+/// Data stored by a [`LayerBuilder`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    /// Blocks stored as data.
+    pub data_blocks: u64,
+    /// Bytes of block data written.
+    pub bytes: u64,
+}
+
 /// A new layer being written.
 pub struct LayerBuilder {
+    written: Written,
     target: PathBuf,
     tmp: Option<PathBuf>,
     storage: FileStorage,
@@ -46,6 +56,7 @@ impl LayerBuilder {
         };
         let map = AllocMap::new(&header.geometry);
         Ok(LayerBuilder {
+            written: Written::default(),
             target: target.to_path_buf(),
             tmp: Some(tmp),
             storage: FileStorage::new(file),
@@ -53,6 +64,11 @@ impl LayerBuilder {
             map,
             tag,
         })
+    }
+
+    /// What has been stored so far (for the command's report).
+    pub fn written(&self) -> Written {
+        self.written
     }
 
     /// The new layer's header (UUID, geometry, parent).
@@ -71,6 +87,8 @@ impl LayerBuilder {
             .write_at(data, off)
             .map_err(|e| Error::os(self.tmp_path(), "write block", e))?;
         self.map.set(b, BlockState::Data);
+        self.written.data_blocks += 1;
+        self.written.bytes += data.len() as u64;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Crash-safe layer operations. Each one writes new files under temporary names,
 //! syncs them, and makes the change visible with one atomic step (a rename or an A/B
 //! header replace), so a crash leaves the old chain or the new one, never a mix.
-//! [`recover`] finishes or undoes a snapshot interrupted between its steps; run it
+//! [`recover()`] finishes or undoes a snapshot interrupted between its steps; run it
 //! before opening an image.
 
 pub mod builder;

@@ -4,16 +4,16 @@
 
 use std::path::Path;
 
-use cowdisk_core::{OpenOptions, ParentRef, ReferenceStyle};
+use cowdisk_core::{Header, ReferenceStyle};
 
 use crate::error::Result;
 
-/// Repoints the parent reference; returns the new reference.
-pub fn rebase(image: &Path, new_parent: &Path) -> Result<ParentRef> {
+/// Repoints the parent reference; returns the image's new header.
+pub fn rebase(image: &Path, new_parent: &Path) -> Result<Header> {
     Ok(cowdisk_core::rebase(
         image,
         new_parent,
         ReferenceStyle::Relative,
-        &OpenOptions::new(),
+        &crate::open_options(),
     )?)
 }

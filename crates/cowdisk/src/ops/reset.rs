@@ -7,15 +7,15 @@ use std::path::Path;
 use cowdisk_core::create::{sync_folder, write_temp_layer};
 use cowdisk_core::folder_of;
 use cowdisk_core::layer::NewLayer;
-use cowdisk_core::{Disk, OpenOptions};
+use cowdisk_core::{Disk, Header};
 
 use crate::error::{Error, Result};
 use crate::failpoint;
 
-/// Discards the top's changes.
-pub fn reset(image: &Path) -> Result<()> {
+/// Discards the top's changes; returns the new top's header.
+pub fn reset(image: &Path) -> Result<Header> {
     // Opening read-write takes the exclusive lock and validates the chain.
-    let disk = Disk::open(image, &OpenOptions::new())?;
+    let disk = Disk::open(image, &crate::open_options())?;
     let h = disk.top_header();
     let new = NewLayer {
         virtual_size: h.geometry.virtual_size,
@@ -31,5 +31,5 @@ pub fn reset(image: &Path) -> Result<()> {
     }
     sync_folder(&folder_of(image))?;
     drop(disk);
-    Ok(())
+    Ok(new)
 }

@@ -1,7 +1,7 @@
 //! `snapshot IMAGE SNAP`: IMAGE's content becomes the sealed layer SNAP and IMAGE
 //! continues as a fresh empty top over it, under the same path.
 //!
-//! Steps (each durable before the next; [`super::recover`] completes or undoes them):
+//! Steps (each durable before the next; [`super::recover()`] completes or undoes them):
 //! 1. flush IMAGE; compute its block CRCs and seal digest (`Disk::prepare_seal`);
 //! 2. write the new top to `.IMAGE.pending-snapshot` (parent = SNAP with IMAGE's UUID
 //!    and that digest), sync it and the folder;
@@ -13,21 +13,30 @@ use std::path::Path;
 
 use cowdisk_core::create::{reference_for, sync_folder};
 use cowdisk_core::layer::{create_on, NewLayer};
-use cowdisk_core::{folder_of, Disk, FileStorage, OpenOptions, ParentRef, ReferenceStyle};
+use cowdisk_core::{folder_of, Disk, FileStorage, Header, ParentRef, ReferenceStyle};
 
 use super::{exists, pending_snapshot_path, recover};
 use crate::error::{Error, Result};
 use crate::failpoint;
 
+/// What a snapshot made.
+#[derive(Debug)]
+pub struct Snapshotted {
+    /// The sealed layer, now at SNAP (the image's old top, sealed).
+    pub sealed: Header,
+    /// The image's new empty writable top.
+    pub top: Header,
+}
+
 /// Takes the snapshot. On failure the image is left as it was (or, after the commit
 /// point, the snapshot is completed by recovery).
-pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
+pub fn snapshot(image: &Path, snap: &Path) -> Result<Snapshotted> {
     if exists(snap) {
         return Err(Error::invalid(snap, "already exists"));
     }
     let reference = reference_for(image, snap, ReferenceStyle::Relative)?;
     let pending = pending_snapshot_path(image);
-    let disk = Disk::open(image, &OpenOptions::new())?;
+    let disk = Disk::open(image, &crate::open_options())?;
     if disk.depth() > 1
         && folder_of(image).canonicalize().ok() != folder_of(snap).canonicalize().ok()
     {
@@ -53,7 +62,13 @@ pub fn snapshot(image: &Path, snap: &Path) -> Result<()> {
     res
 }
 
-fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: String) -> Result<()> {
+fn steps(
+    disk: &Disk,
+    image: &Path,
+    snap: &Path,
+    pending: &Path,
+    reference: String,
+) -> Result<Snapshotted> {
     let digest = disk.prepare_seal()?;
     let h = disk.top_header();
     let new_top = NewLayer {
@@ -76,6 +91,7 @@ fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: Stri
     sync_folder(&folder_of(pending))?;
     failpoint::hit("snapshot.after_pending");
     disk.commit_seal(digest)?;
+    let sealed = disk.top_header();
     failpoint::hit("snapshot.after_seal");
     std::fs::hard_link(image, snap).map_err(|e| Error::os(snap, "link snapshot", e))?;
     sync_folder(&folder_of(snap))?;
@@ -84,5 +100,8 @@ fn steps(disk: &Disk, image: &Path, snap: &Path, pending: &Path, reference: Stri
         .map_err(|e| Error::os(image, "rename new top into place", e))?;
     sync_folder(&folder_of(image))?;
     failpoint::hit("snapshot.after_rename");
-    Ok(())
+    Ok(Snapshotted {
+        sealed,
+        top: new_top,
+    })
 }

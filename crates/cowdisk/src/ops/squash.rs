@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use cowdisk_core::create::reference_for;
 use cowdisk_core::layer::NewLayer;
-use cowdisk_core::{Disk, Lower, LowerOwner, OpenOptions, ParentRef, ReferenceStyle};
+use cowdisk_core::{Disk, Header, Lower, LowerOwner, ParentRef, ReferenceStyle};
 
-use super::builder::LayerBuilder;
+use super::builder::{LayerBuilder, Written};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::progress::Progress;
@@ -25,6 +25,12 @@ pub struct Squashed {
     pub path: PathBuf,
     /// Layers merged.
     pub merged: usize,
+    /// The new sealed layer's header.
+    pub header: Header,
+    /// The top's header, now pointing at the new layer.
+    pub top: Header,
+    /// Data stored in the new layer.
+    pub written: Written,
 }
 
 /// The name of the merged layer for `image` and the new layer's UUID text.
@@ -36,7 +42,7 @@ pub fn squash_path(image: &Path, uuid_hex8: &str) -> PathBuf {
 
 /// Merges `layers` (default all) sealed layers below the top of `image`.
 pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<Squashed> {
-    let disk = Disk::open(image, &OpenOptions::new())?;
+    let disk = Disk::open(image, &crate::open_options())?;
     let chain = disk.layers();
     let below = chain.len() - 1;
     if below == 0 {
@@ -77,9 +83,10 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
         rest.is_some(),
         show_progress,
     )?;
+    let written = builder.written();
     let new = builder.finish(true)?;
     // Repoint the top: the commit point.
-    disk.set_parent(ParentRef {
+    let top = disk.set_parent(ParentRef {
         path: reference_for(image, &target, ReferenceStyle::Relative)?,
         uuid: new.uuid,
         digest: new.seal_digest,
@@ -89,6 +96,9 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
     Ok(Squashed {
         path: target,
         merged: n,
+        header: new,
+        top,
+        written,
     })
 }
 

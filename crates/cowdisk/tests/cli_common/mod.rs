@@ -1,5 +1,6 @@
 //! Helpers shared by the CLI tests: temp folders, running the built binary, JSON,
-//! file hashes, and a qemu-io raw reference.
+//! file hashes, and a qemu-io raw reference. Tool lookup and the CI rule for missing
+//! tools come from the `test-support` crate.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -123,30 +124,20 @@ pub fn hash(p: &Path) -> String {
         .to_string()
 }
 
-/// True if `tool` runs. If not: fail under CI=true, else print SKIPPED.
-pub fn have(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        assert!(!in_ci(), "{tool} is required in CI");
-        skipped(&format!("{tool} not installed"));
-    }
-    found
-}
-
-/// True under CI (`CI` set to anything but empty, `0` or `false`): missing tools fail.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
-}
-
-/// Says that a test was skipped where the test harness does not swallow it.
-pub fn skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
+/// A small chain in `t`: `base.cow` (1 MiB, 4 KiB blocks, blocks 0-1 filled with
+/// `base_byte`, sealed) under the writable `vm.cow` (block 4 filled with `top_byte`).
+pub fn small_chain(t: &Tmp, base_byte: u8, top_byte: u8) {
+    ok(&[
+        "create",
+        &t.s("base.cow"),
+        "--size",
+        "1M",
+        "--block-size",
+        "4K",
+    ]);
+    apply_image(&t.p("base.cow"), &[Op::Write(0, 8192, base_byte)]);
+    ok(&["create", &t.s("vm.cow"), "--backing", &t.s("base.cow")]);
+    apply_image(&t.p("vm.cow"), &[Op::Write(4 * 4096, 4096, top_byte)]);
 }
 
 /// One change applied both to a cowdisk image and to the raw reference.

@@ -8,7 +8,7 @@ use cowdisk_core::layer::{load_map, read_header, read_verified_block, verify_sea
 use cowdisk_core::layer::{write_header, LoadedHeader};
 use cowdisk_core::{
     open_layer_file, Access, AllocMap, BlockState, ChainWalk, FileStorage, FormatError, Header,
-    IoError, LayerState, LinkError, LocalFiles, OpenError, ReadStorage, Storage, WalkStop,
+    IoError, LayerState, LinkError, OpenError, ReadStorage, Storage, WalkStop,
 };
 use rustix::fs::SeekFrom;
 
@@ -80,10 +80,10 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
         );
         top_needs_check = Some((i, ctx.repairable));
     }
-    let source = LocalFiles::new();
+    let source = crate::layer_source();
     // Every layer stays open (and locked) until the check ends.
     let mut held = Vec::new();
-    for step in ChainWalk::new(&source, image, &header, top_id, true) {
+    for step in ChainWalk::new(&*source, image, &header, top_id, true) {
         let l = match step {
             Ok(l) => l,
             Err((stop, e)) => {
