@@ -17,7 +17,7 @@ use std::thread;
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::handshake::Session;
 use crate::reply::{BufPool, Replier, READ_HEADROOM};
-use crate::validate::{validate, Geometry, Op, Verdict};
+use crate::validate::{validate, ConnPolicy, Op, Verdict};
 use crate::wire::{self, cmd, state, Request};
 use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits, ReadPiece};
 
@@ -202,7 +202,7 @@ pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
         global: &io_shared.bytes,
         global_held: AtomicUsize::new(0),
     };
-    let geo = Geometry {
+    let policy = ConnPolicy {
         size: export.backend.size(),
         read_only: export.backend.is_read_only(),
         structured: session.structured,
@@ -221,9 +221,9 @@ pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
             let pieces = Vec::with_capacity(PIECES);
             let _ = thread::Builder::new()
                 .name("nbd-worker".into())
-                .spawn_scoped(sc, || follower(&conn, &input, &geo, pieces));
+                .spawn_scoped(sc, || follower(&conn, &input, &policy, pieces));
         }
-        follower(&conn, &input, &geo, Vec::with_capacity(PIECES));
+        follower(&conn, &input, &policy, Vec::with_capacity(PIECES));
     });
 }
 
@@ -240,7 +240,7 @@ struct Input<R> {
 fn follower<'a, R: Read, W: Write + AsFd>(
     conn: &Conn<'a, W>,
     input: &Input<R>,
-    geo: &Geometry,
+    policy: &ConnPolicy,
     mut pieces: Vec<ReadPiece<'a>>,
 ) {
     loop {
@@ -253,7 +253,7 @@ fn follower<'a, R: Read, W: Write + AsFd>(
             if *done {
                 return;
             }
-            match next_job(r, conn, geo) {
+            match next_job(r, conn, policy) {
                 Some(job) => job,
                 None => {
                     *done = true;
@@ -270,14 +270,14 @@ fn follower<'a, R: Read, W: Write + AsFd>(
 fn next_job<'c, R: Read, W: Write>(
     r: &mut R,
     conn: &'c Conn<'_, W>,
-    geo: &Geometry,
+    policy: &ConnPolicy,
 ) -> Option<Job<'c>> {
     let mut hdr = [0u8; wire::REQUEST_LEN];
     while !conn.out.failed() {
         r.read_exact(&mut hdr).ok()?;
         // Bad magic: framing is lost, hang up.
         let req = Request::parse(&hdr)?;
-        let op = match validate(&req, geo) {
+        let op = match validate(&req, policy) {
             Verdict::Disconnect | Verdict::Run(Op::Disc) => return None,
             Verdict::Error(e) => {
                 if req.kind == cmd::WRITE && drain(r, u64::from(req.length)).is_err() {
@@ -351,8 +351,8 @@ fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job<'_>, pieces: &mut Vec<R
             len,
             req_one,
         } => {
-            match block_status(conn, &req, offset, len, req_one) {
-                Ok(chunks) => conn.out.send(&chunks),
+            match block_status(conn, offset, len, req_one) {
+                Ok(contexts) => conn.out.block_status(&req, &contexts),
                 Err(e) => conn.out.backend_error(&req, &e),
             }
             return;
@@ -415,14 +415,13 @@ fn pieces_len(pieces: &[ReadPiece<'_>]) -> Option<u64> {
     })
 }
 
-/// Builds one `BLOCK_STATUS` chunk per selected context from one backend query.
+/// Extents per selected context, as `(context id, [(length, flags)])`, from one backend query.
 fn block_status<W: Write>(
     conn: &Conn<'_, W>,
-    req: &Request,
     offset: u64,
     len: u32,
     req_one: bool,
-) -> Result<Vec<u8>, BackendError> {
+) -> Result<Vec<(u32, Vec<(u32, u32)>)>, BackendError> {
     let mut raw = Vec::new();
     conn.export
         .backend
@@ -434,9 +433,8 @@ fn block_status<W: Write>(
             "backend returned no extents",
         ));
     }
-    let contexts: Vec<u32> = conn.session.contexts.entries().map(|(id, _)| id).collect();
     let mut out = Vec::new();
-    for (i, &id) in contexts.iter().enumerate() {
+    for (id, _) in conn.session.contexts.entries() {
         let value = |e: &Extent| match id {
             BASE_ALLOCATION_ID => {
                 // HOLE without ZERO would mean "undefined contents": only report it with ZERO.
@@ -462,21 +460,7 @@ fn block_status<W: Write>(
         if req_one {
             pairs.truncate(1);
         }
-        let flags = if i + 1 == contexts.len() {
-            wire::chunk::FLAG_DONE
-        } else {
-            0
-        };
-        let payload_len = 4 + 8 * pairs.len();
-        let mut hdr = [0u8; wire::CHUNK_HEADER_LEN];
-        let plen = u32::try_from(payload_len).unwrap_or(u32::MAX);
-        wire::chunk_header(&mut hdr, flags, wire::chunk::BLOCK_STATUS, req.cookie, plen);
-        out.extend_from_slice(&hdr);
-        wire::put_u32(&mut out, id);
-        for (l, v) in pairs {
-            wire::put_u32(&mut out, l);
-            wire::put_u32(&mut out, v);
-        }
+        out.push((id, pairs));
     }
     Ok(out)
 }
