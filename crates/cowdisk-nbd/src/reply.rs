@@ -13,6 +13,9 @@ use crate::{BackendError, ReadPiece};
 /// so header and data go out in one write.
 pub(crate) const READ_HEADROOM: usize = wire::CHUNK_HEADER_LEN + 8;
 
+/// One metadata context's part of a BLOCK_STATUS reply: its id and `(length, flags)` extents.
+pub(crate) type ContextExtents = (u32, Vec<(u32, u32)>);
+
 /// Longest error message sent in an `ERROR` chunk.
 const MAX_ERROR_MESSAGE: usize = 256;
 
@@ -121,7 +124,7 @@ impl<'a, W: Write> Replier<'a, W> {
 
     /// Successful BLOCK_STATUS reply: one chunk per metadata context with its
     /// `(length, flags)` extents, the last one marked done.
-    pub fn block_status(&self, req: &Request, contexts: &[(u32, Vec<(u32, u32)>)]) {
+    pub fn block_status(&self, req: &Request, contexts: &[ContextExtents]) {
         let mut out = Vec::new();
         for (i, (id, extents)) in contexts.iter().enumerate() {
             let flags = if i + 1 == contexts.len() {

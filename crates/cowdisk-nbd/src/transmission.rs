@@ -16,7 +16,7 @@ use std::thread;
 
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::handshake::Session;
-use crate::reply::{BufPool, Replier, READ_HEADROOM};
+use crate::reply::{BufPool, ContextExtents, Replier, READ_HEADROOM};
 use crate::validate::{validate, ConnPolicy, Op, Verdict};
 use crate::wire::{self, cmd, state, Request};
 use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits, ReadPiece};
@@ -421,7 +421,7 @@ fn block_status<W: Write>(
     offset: u64,
     len: u32,
     req_one: bool,
-) -> Result<Vec<(u32, Vec<(u32, u32)>)>, BackendError> {
+) -> Result<Vec<ContextExtents>, BackendError> {
     let mut raw = Vec::new();
     conn.export
         .backend
