@@ -45,6 +45,7 @@ pub mod mem;
 mod reply;
 mod server;
 mod stream;
+mod table;
 mod transmission;
 mod validate;
 pub mod wire;

@@ -21,7 +21,11 @@ pub struct Limits {
     pub max_export_name: usize,
     /// Options allowed per connection before it is dropped. Default 64.
     pub max_options: usize,
-    /// Connections served at once; more are accepted and closed at once. Default 128.
+    /// Connections served at once. When the table is full, a new client takes the place of
+    /// the connection idle the longest (waiting for its next request, or still negotiating),
+    /// which is closed: that loses nothing, all its requests were answered. One with a request
+    /// in flight is never closed to make room; if all are busy, the new client is closed at
+    /// once. Default 128.
     pub max_connections: usize,
     /// Time allowed for the whole negotiation phase. Default 10 s.
     pub handshake_timeout: Duration,

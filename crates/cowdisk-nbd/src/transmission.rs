@@ -17,6 +17,7 @@ use std::thread;
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::handshake::Session;
 use crate::reply::{BufPool, ContextExtents, Replier, READ_HEADROOM};
+use crate::table::{Activity, Busy};
 use crate::validate::{validate, ConnPolicy, Op, Verdict};
 use crate::wire::{self, cmd, state, Request};
 use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits, ReadPiece};
@@ -140,6 +141,8 @@ struct Conn<'a, W: Write> {
     global: &'a GlobalBytes,
     /// This connection's share of `global` (only changed under `global`'s lock).
     global_held: AtomicUsize,
+    /// Marks requests in flight, so the connection is evicted only while idle.
+    activity: &'a Activity,
 }
 
 impl<W: Write> Conn<'_, W> {
@@ -179,6 +182,7 @@ impl Drop for ReadBytes<'_> {
 /// Serves requests until `DISC`, EOF, a protocol violation or a dead socket, then waits for
 /// every accepted request to be answered. `abort` must make blocked reads on `r` return (it is
 /// called when a reply cannot be written).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
     r: R,
     w: W,
@@ -187,6 +191,7 @@ pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
     limits: &Limits,
     abort: &(dyn Fn() + Sync),
     io_shared: &ServerIo,
+    activity: &Activity,
 ) {
     let conn = Conn {
         export,
@@ -201,6 +206,7 @@ pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
         pool: &io_shared.pool,
         global: &io_shared.bytes,
         global_held: AtomicUsize::new(0),
+        activity,
     };
     let policy = ConnPolicy {
         size: export.backend.size(),
@@ -244,7 +250,8 @@ fn follower<'a, R: Read, W: Write + AsFd>(
     mut pieces: Vec<ReadPiece<'a>>,
 ) {
     loop {
-        let job = {
+        // The request counts as in flight until its reply is written (`_busy` outlives it).
+        let (job, _busy) = {
             // Poisoned: a thread panicked mid-request, so where the stream stands is unknown.
             let Ok(mut input) = input.r.lock() else {
                 return;
@@ -254,7 +261,7 @@ fn follower<'a, R: Read, W: Write + AsFd>(
                 return;
             }
             match next_job(r, conn, policy) {
-                Some(job) => job,
+                Some(next) => next,
                 None => {
                     *done = true;
                     return;
@@ -266,15 +273,17 @@ fn follower<'a, R: Read, W: Write + AsFd>(
 }
 
 /// Reads requests until one must run; answers invalid ones on the way. `None` ends the
-/// connection (EOF, `DISC`, lost framing, a failed reply, a half-read payload).
+/// connection (EOF, `DISC`, lost framing, a failed reply, a half-read payload, eviction).
 fn next_job<'c, R: Read, W: Write>(
     r: &mut R,
     conn: &'c Conn<'_, W>,
     policy: &ConnPolicy,
-) -> Option<Job<'c>> {
+) -> Option<(Job<'c>, Busy<'c>)> {
     let mut hdr = [0u8; wire::REQUEST_LEN];
     while !conn.out.failed() {
         r.read_exact(&mut hdr).ok()?;
+        // Evicted while idle: too late to serve this request, it will not run.
+        let busy = conn.activity.begin()?;
         // Bad magic: framing is lost, hang up.
         let req = Request::parse(&hdr)?;
         let op = match validate(&req, policy) {
@@ -303,12 +312,13 @@ fn next_job<'c, R: Read, W: Write>(
                 return None;
             }
         }
-        return Some(Job {
+        let job = Job {
             req,
             op,
             payload,
             cost,
-        });
+        };
+        return Some((job, busy));
     }
     None
 }
