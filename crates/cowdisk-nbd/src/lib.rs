@@ -38,10 +38,12 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod budget;
 mod export;
 mod handshake;
 mod limits;
 pub mod mem;
+mod payload;
 mod reply;
 mod server;
 mod stream;

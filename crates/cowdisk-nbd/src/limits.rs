@@ -29,6 +29,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time allowed for the whole negotiation phase. Default 10 s.
     pub handshake_timeout: Duration,
+    /// Time allowed for a WRITE payload to arrive once its request header has; a connection
+    /// whose payload takes longer is closed and the write left unanswered (it may have been
+    /// applied in part, as if the client had crashed). Default 30 s.
+    pub payload_timeout: Duration,
     /// Longest one write of a reply may block (the socket's send timeout, per call: a
     /// client that stops reading is dropped). Default 60 s.
     pub reply_timeout: Duration,
@@ -36,7 +40,8 @@ pub struct Limits {
     /// `workers_per_connection` run at once anyway. Default 64.
     pub max_in_flight: usize,
     /// READ and WRITE bytes in flight per connection (read lengths, zero-copy or not, and
-    /// write payloads). A single larger request still runs, alone. Default 64 MiB.
+    /// write payloads up to their 1 MiB staged piece). A single larger request still runs,
+    /// alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
     /// Read-buffer bytes in flight across all connections; a connection may take more
     /// than half only for a single read larger than that, alone. Zero-copy reads
@@ -44,6 +49,11 @@ pub struct Limits {
     /// CPU, at least 8 MiB: read memory follows the CPUs that process requests, not the
     /// number of clients.
     pub max_total_in_flight_bytes: usize,
+    /// WRITE payload bytes staged in memory across all connections, a piece of at most
+    /// 1 MiB per connection. A payload that finds no room is written to the backend as it
+    /// arrives instead, in receive-buffer pieces, so stalled payloads cannot hold more than
+    /// this nor make other writers wait. Default: as `max_total_in_flight_bytes`.
+    pub max_total_write_bytes: usize,
     /// Threads per connection, the connection's own included, that take turns reading the
     /// next request and each run the request they read. Default 4.
     pub workers_per_connection: usize,
@@ -51,6 +61,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        let per_cpu = std::thread::available_parallelism()
+            .map_or(2, |p| p.get())
+            .saturating_mul(4 * MIB as usize)
+            .max(8 * MIB as usize);
         Self {
             max_payload: 32 * MIB,
             max_drain: 64 * MIB,
@@ -59,13 +73,12 @@ impl Default for Limits {
             max_options: 64,
             max_connections: 128,
             handshake_timeout: Duration::from_secs(10),
+            payload_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(60),
             max_in_flight: 64,
             max_in_flight_bytes: 64 * MIB as usize,
-            max_total_in_flight_bytes: std::thread::available_parallelism()
-                .map_or(2, |p| p.get())
-                .saturating_mul(4 * MIB as usize)
-                .max(8 * MIB as usize),
+            max_total_in_flight_bytes: per_cpu,
+            max_total_write_bytes: per_cpu,
             workers_per_connection: 4,
         }
     }

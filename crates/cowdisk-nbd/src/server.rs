@@ -12,6 +12,7 @@ use std::time::Duration;
 use rustix::event::{poll, PollFd, PollFlags};
 use thiserror::Error;
 
+use crate::budget::SharedBytes;
 use crate::export::{Export, Exports};
 use crate::handshake::{self, Outcome};
 use crate::reply::BufPool;
@@ -156,7 +157,8 @@ impl ServerBuilder {
         let io = Arc::new(transmission::ServerIo {
             // Enough free buffers for every worker of a few busy connections.
             pool: BufPool::new(4 * self.limits.workers_per_connection.max(1) + 8),
-            bytes: transmission::GlobalBytes::new(self.limits.max_total_in_flight_bytes),
+            read_bytes: SharedBytes::new(self.limits.max_total_in_flight_bytes),
+            write_bytes: SharedBytes::new(self.limits.max_total_write_bytes),
         });
         Ok(Server {
             io,
@@ -429,5 +431,12 @@ fn connection(
     }
     let export = exports.get(session.export);
     let abort = || s.shutdown(Shutdown::Both);
-    transmission::serve(s, s, session, export, limits, &abort, io, activity);
+    let cx = transmission::ConnCx {
+        export,
+        limits,
+        abort: &abort,
+        io,
+        activity,
+    };
+    transmission::serve(Deadline::none(s), s, session, &cx);
 }

@@ -386,3 +386,27 @@ fn random_io_matches_shadow_across_connections() {
         }
     }
 }
+
+#[test]
+fn writes_staged_in_pieces_or_passed_through_land_whole() {
+    // No write budget (every byte passed through), room for one piece at a time, plenty.
+    for budget in [0, 3 * MIB as usize, 64 * MIB as usize] {
+        let b = mem();
+        let mut limits = Limits::default();
+        limits.max_total_write_bytes = budget;
+        let srv = TestServer::start(vec![("disk", b.clone())], limits);
+        let mut c = Client::connect(srv.addr);
+        c.handshake("disk", false, &[]);
+        let data: Vec<u8> = (0..5 * MIB + 12345).map(|i| (i % 253) as u8).collect();
+        c.write(777, &data);
+        assert_eq!(c.read(777, data.len() as u32), data, "budget {budget}");
+        // A piece that fails fails the request; the rest is read, so the stream stays in sync.
+        b.fail_next(BackendErrorKind::NoSpace);
+        let len = data.len() as u32;
+        assert_eq!(c.errno(0, cmd::WRITE, 0, len, &data), errno::ENOSPC);
+        c.write(0, &[1u8; 4096]);
+        assert_eq!(c.read(0, 4096), vec![1u8; 4096]);
+        drop(c);
+        srv.stop().expect("clean stop");
+    }
+}
