@@ -160,13 +160,6 @@ impl Held<'_> {
         }
         ok
     }
-
-    /// Gives back `bytes` (at most what is held).
-    pub fn shrink(&mut self, bytes: usize) {
-        let b = bytes.min(self.bytes);
-        self.budget.release(b, self.share);
-        self.bytes -= b;
-    }
 }
 
 impl Drop for Held<'_> {
@@ -191,9 +184,8 @@ mod tests {
         assert!(c.try_grow(50));
         assert!(!c.try_grow(1));
         assert_eq!(b.used(), 100);
-        a.shrink(20);
-        assert_eq!((b.used(), one.load(Ordering::SeqCst)), (80, 30));
         drop(a);
+        assert_eq!((b.used(), one.load(Ordering::SeqCst)), (50, 0));
         drop(c);
         assert_eq!(b.used(), 0);
         // A read larger than the whole budget still runs, alone.

@@ -40,8 +40,7 @@ pub struct Limits {
     /// `workers_per_connection` run at once anyway. Default 64.
     pub max_in_flight: usize,
     /// READ and WRITE bytes in flight per connection (read lengths, zero-copy or not, and
-    /// write payloads up to their 1 MiB staged piece). A single larger request still runs,
-    /// alone. Default 64 MiB.
+    /// write payloads). A single larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
     /// Read-buffer bytes in flight across all connections; a connection may take more
     /// than half only for a single read larger than that, alone. Zero-copy reads
@@ -49,10 +48,12 @@ pub struct Limits {
     /// CPU, at least 8 MiB: read memory follows the CPUs that process requests, not the
     /// number of clients.
     pub max_total_in_flight_bytes: usize,
-    /// WRITE payload bytes staged in memory across all connections, a piece of at most
-    /// 1 MiB per connection. A payload that finds no room is written to the backend as it
-    /// arrives instead, in receive-buffer pieces, so stalled payloads cannot hold more than
-    /// this nor make other writers wait. Default: as `max_total_in_flight_bytes`.
+    /// WRITE payload bytes staged in memory across all connections; a connection may stage
+    /// at most half. A payload is staged whole, and applied once it has all arrived (one cut
+    /// short is never applied), when it fits; otherwise it is written to the backend as it
+    /// arrives, in 64 KiB pieces through one buffer. So stalled payloads cannot hold more than
+    /// this, nor make other writers wait. Default 64 MiB (twice the default `max_payload`), or
+    /// `max_total_in_flight_bytes` if larger.
     pub max_total_write_bytes: usize,
     /// Threads per connection, the connection's own included, that take turns reading the
     /// next request and each run the request they read. Default 4.
@@ -78,7 +79,7 @@ impl Default for Limits {
             max_in_flight: 64,
             max_in_flight_bytes: 64 * MIB as usize,
             max_total_in_flight_bytes: per_cpu,
-            max_total_write_bytes: per_cpu,
+            max_total_write_bytes: per_cpu.max(64 * MIB as usize),
             workers_per_connection: 4,
         }
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::budget::{Budget, Cost, Held, SharedBytes};
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::handshake::Session;
-use crate::payload::{self, Tail, WRITE_PIECE};
+use crate::payload::{self, Received};
 use crate::reply::{BufPool, ContextExtents, Replier, READ_HEADROOM};
 use crate::stream::Deadline;
 use crate::table::{Activity, Busy};
@@ -41,7 +41,7 @@ struct Job<'c> {
     req: Request,
     op: Op,
     /// A WRITE's received payload.
-    payload: Option<Tail<'c>>,
+    payload: Option<Received<'c>>,
     /// The connection budget the request holds until it is dropped (also on a panic).
     cost: Cost<'c>,
 }
@@ -201,8 +201,7 @@ fn next_job<'c, W: Write>(
             Verdict::Run(op) => op,
         };
         let cost = match op {
-            Op::Read { len, .. } => len as usize,
-            Op::Write { len, .. } => (len as usize).min(WRITE_PIECE),
+            Op::Read { len, .. } | Op::Write { len, .. } => len as usize,
             _ => 0,
         };
         // Waiting here holds the input, which is what a full budget should do: stop reading.
@@ -213,10 +212,10 @@ fn next_job<'c, W: Write>(
             let b = &*conn.export.backend;
             // The whole payload must arrive in time: a stalled one is not waited for forever.
             r.get_mut().set(Some(conn.payload_timeout));
-            let tail = payload::receive(r, b, &conn.io.pool, held, offset, len, fua);
+            let received = payload::receive(r, b, &conn.io.pool, held, offset, len, fua);
             r.get_mut().set(None);
             // Half a payload is never answered (the client went away or stalled).
-            payload = Some(tail.ok()?);
+            payload = Some(received.ok()?);
         }
         let job = Job {
             req,
@@ -273,10 +272,10 @@ fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job<'_>, pieces: &mut Vec<R
             }
             return;
         }
-        Op::Write { fua, .. } => {
+        Op::Write { offset, fua, .. } => {
             // The payload and its budgets are free before the reply, which a client that does
             // not read its replies may hold up.
-            let r = payload.map_or(Ok(()), |p| p.finish(b, fua, &conn.io.pool));
+            let r = payload.map_or(Ok(()), |p| p.finish(b, offset, fua, &conn.io.pool));
             drop(cost);
             r
         }

@@ -388,8 +388,8 @@ fn random_io_matches_shadow_across_connections() {
 }
 
 #[test]
-fn writes_staged_in_pieces_or_passed_through_land_whole() {
-    // No write budget (every byte passed through), room for one piece at a time, plenty.
+fn writes_staged_or_passed_through_land_whole() {
+    // No write budget (every byte passed through), too little to stage 5 MiB, plenty.
     for budget in [0, 3 * MIB as usize, 64 * MIB as usize] {
         let b = mem();
         let mut limits = Limits::default();
@@ -407,6 +407,17 @@ fn writes_staged_in_pieces_or_passed_through_land_whole() {
         c.write(0, &[1u8; 4096]);
         assert_eq!(c.read(0, 4096), vec![1u8; 4096]);
         drop(c);
+        if budget == 64 * MIB as usize {
+            // Staged whole: a large payload cut short is not applied either.
+            let mut c = Client::connect(srv.addr);
+            c.handshake("disk", false, &[]);
+            c.send_request(0, cmd::WRITE, 32 * MIB, 8 * MIB as u32, &data[..4 << 20]);
+            c.s.shutdown(std::net::Shutdown::Both).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut c = Client::connect(srv.addr);
+            c.handshake("disk", false, &[]);
+            assert_eq!(c.read(32 * MIB, 4096), vec![0u8; 4096]);
+        }
         srv.stop().expect("clean stop");
     }
 }
