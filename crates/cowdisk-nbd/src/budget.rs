@@ -9,6 +9,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use crate::reply::BufPool;
+
 /// Counts requests and bytes in flight on one connection; `acquire` blocks while the budget
 /// is used up.
 pub(crate) struct Budget {
@@ -159,6 +161,19 @@ impl Held<'_> {
             self.bytes += bytes;
         }
         ok
+    }
+
+    /// A zeroed buffer of `len` bytes, `len` being what this hold was taken for. A pooled
+    /// buffer may be larger: its extra capacity is held too, or a buffer of the exact size is
+    /// allocated instead, so what is held always covers the memory.
+    pub fn buffer(&mut self, pool: &BufPool, len: usize) -> Vec<u8> {
+        let buf = pool.get(len);
+        let extra = buf.capacity().saturating_sub(len);
+        if extra == 0 || self.try_grow(extra) {
+            return buf;
+        }
+        pool.put(buf);
+        vec![0; len]
     }
 }
 

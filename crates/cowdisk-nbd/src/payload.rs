@@ -67,12 +67,13 @@ pub(crate) fn receive<'c, R: Read>(
 ) -> io::Result<Received<'c>> {
     let len = len as usize;
     if held.try_grow(len) {
-        let mut data = pool.get(len);
+        let mut data = held.buffer(pool, len);
         r.read_exact(&mut data)?;
         return Ok(Received::Staged { data, held });
     }
     drop(held);
-    let mut piece = pool.get(PASS_PIECE.min(len));
+    // Exactly one piece, never a larger pooled buffer: it is held outside the budget.
+    let mut piece = vec![0; PASS_PIECE.min(len)];
     let (mut done, mut res) = (0usize, Ok(()));
     while done < len {
         let n = (len - done).min(piece.len());
@@ -83,6 +84,5 @@ pub(crate) fn receive<'c, R: Read>(
         }
         done += n;
     }
-    pool.put(piece);
     Ok(Received::Written(res))
 }

@@ -311,8 +311,9 @@ fn read<'a, W: Write + AsFd>(
         // Zero-copy: no buffer, one copy fewer.
         Ok(true) => conn.out.read_pieces(req, offset, len, pieces),
         Ok(false) => {
-            let _held = conn.read_buffer_bytes(len as usize);
-            let mut buf = conn.io.pool.get(READ_HEADROOM + len as usize);
+            let buf_len = READ_HEADROOM + len as usize;
+            let mut held = conn.read_buffer_bytes(buf_len);
+            let mut buf = held.buffer(&conn.io.pool, buf_len);
             match b.read(offset, &mut buf[READ_HEADROOM..]) {
                 Ok(()) => conn.out.read_data(req, offset, &mut buf),
                 Err(e) => conn.out.backend_error(req, &e),
