@@ -7,11 +7,13 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cowdisk_core::{Access, Disk, LowerCache, OpenOptions};
 use cowdisk_nbd::Server;
 
 use crate::error::Error;
+use crate::size::parse_size;
 
 mod adapter;
 mod process;
@@ -25,7 +27,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Examples:\n  cowdisk serve disk.cow --socket /tmp/disk.sock\n  \
-nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0"
+nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0\n\n\
+Memory for request data stays below, whatever clients do:\n  \
+max(read-budget, 32M) + write-budget + max-connections x 144K + (4 x threads + 8) x 1M\n\
+(defaults, 2 CPUs: 32M + 64M + 18M + 24M = 138M), plus a small stack per thread\n\
+(max-connections x threads of them)."
 )]
 pub struct ServeArgs {
     /// Images to export (each as an export named after its file name).
@@ -48,6 +54,42 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
+    /// Connections served at once (1-65536). When all are taken, the connection idle the
+    /// longest is closed to admit a new client (never one with a request in flight: nothing
+    /// answered is lost); if every one is busy, the new client is turned away.
+    #[arg(long, value_name = "N", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// Seconds a WRITE's data may take to arrive once its request has (1-3600); a connection
+    /// that takes longer is closed and that write left unanswered.
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub payload_timeout: u64,
+    /// Memory for WRITE data waiting to be applied, all connections together (default 64M).
+    /// A write that does not fit goes to the image as it arrives, in 64K pieces.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub write_budget: Option<u64>,
+    /// Memory for READ reply buffers, all connections together (default 4M per CPU, at
+    /// least 8M). Reads served straight from the image files (sendfile) need none.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub read_budget: Option<u64>,
+}
+
+/// The server's limits from the command line.
+fn limits(args: &ServeArgs) -> cowdisk_nbd::Limits {
+    let mut limits = cowdisk_nbd::Limits::default();
+    limits.workers_per_connection = usize::from(args.threads);
+    limits.max_connections = args.max_connections as usize;
+    limits.payload_timeout = Duration::from_secs(args.payload_timeout);
+    // Beyond the address space means no limit at all; saturating says so.
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    if let Some(n) = args.write_budget {
+        limits.max_total_write_bytes = size(n);
+    }
+    if let Some(n) = args.read_budget {
+        limits.max_total_in_flight_bytes = size(n);
+    }
+    limits
 }
 
 fn export_name(path: &Path) -> String {
@@ -71,9 +113,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
         Access::ReadWrite
     };
     let cache = Arc::new(LowerCache::new());
-    let mut limits = cowdisk_nbd::Limits::default();
-    limits.workers_per_connection = usize::from(args.threads);
-    let mut builder = Server::builder().limits(limits);
+    let mut builder = Server::builder().limits(limits(args));
     let mut names = Vec::new();
     for img in &args.images {
         let disk = Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone()))?;
