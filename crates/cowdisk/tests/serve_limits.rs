@@ -181,7 +181,10 @@ fn stalled_writes_keep_server_memory_within_the_write_budget() {
         peak = peak.max(srv.rss().saturating_sub(base));
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("serve RSS growth with 12 stalled writes: {} KiB", peak / 1024);
+    eprintln!(
+        "serve RSS growth with 12 stalled writes: {} KiB",
+        peak / 1024
+    );
     assert!(
         peak < 16 * MIB + 32 * MIB,
         "12 stalled writes (216 MiB of payload) grew the server's RSS by {} MiB",
