@@ -42,7 +42,8 @@ pub struct Limits {
     /// READ and WRITE bytes in flight per connection (read lengths, zero-copy or not, and
     /// write payloads). A single larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
-    /// Read-buffer bytes in flight across all connections; a connection may take more
+    /// Read-buffer bytes in flight across all connections, BLOCK_STATUS replies being built
+    /// included (at most 4096 blocks each, 128 bytes per block); a connection may take more
     /// than half only for a single read larger than that, alone. Zero-copy reads
     /// ([`crate::Backend::read_pieces`]) need no buffer and take none. Default 4 MiB per
     /// CPU, at least 8 MiB: read memory follows the CPUs that process requests, not the

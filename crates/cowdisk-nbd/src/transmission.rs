@@ -37,6 +37,13 @@ const PIECES: usize = 64;
 /// Most extents sent per context in one reply; the client asks again for the rest.
 const MAX_EXTENTS: usize = 1 << 16;
 
+/// Most blocks (of the backend's preferred size) one BLOCK_STATUS query covers.
+const STATUS_BLOCKS: u64 = 4096;
+
+/// Memory one extent takes while a BLOCK_STATUS reply is built: the backend's list (and a
+/// backend's own, e.g. the engine's), the clamped copy, two contexts' pairs, the encoding.
+const STATUS_EXTENT_BYTES: usize = 128;
+
 struct Job<'c> {
     req: Request,
     op: Op,
@@ -266,6 +273,13 @@ fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job<'_>, pieces: &mut Vec<R
             len,
             req_one,
         } => {
+            // At most one extent per block: a query of a bounded number of blocks bounds the
+            // memory of its reply, held against the read budget until the reply is out. The
+            // reply may cover less than asked; clients ask again for the rest.
+            let bs = u64::from(b.preferred_block_size().max(512));
+            let len = u64::from(len).min(STATUS_BLOCKS * bs);
+            let extents = usize::try_from(len.div_ceil(bs) + 1).unwrap_or(usize::MAX);
+            let _held = conn.read_buffer_bytes(extents.saturating_mul(STATUS_EXTENT_BYTES));
             match block_status(conn, offset, len, req_one) {
                 Ok(contexts) => conn.out.block_status(&req, &contexts),
                 Err(e) => conn.out.backend_error(&req, &e),
@@ -334,14 +348,12 @@ fn pieces_len(pieces: &[ReadPiece<'_>]) -> Option<u64> {
 fn block_status<W: Write>(
     conn: &Conn<'_, W>,
     offset: u64,
-    len: u32,
+    len: u64,
     req_one: bool,
 ) -> Result<Vec<ContextExtents>, BackendError> {
     let mut raw = Vec::new();
-    conn.export
-        .backend
-        .block_status(offset, u64::from(len), &mut raw)?;
-    let extents = clamp_extents(&raw, u64::from(len));
+    conn.export.backend.block_status(offset, len, &mut raw)?;
+    let extents = clamp_extents(&raw, len);
     if extents.is_empty() {
         return Err(BackendError::new(
             BackendErrorKind::Io,

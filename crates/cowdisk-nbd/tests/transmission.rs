@@ -421,3 +421,34 @@ fn writes_staged_or_passed_through_land_whole() {
         srv.stop().expect("clean stop");
     }
 }
+
+#[test]
+fn block_status_of_a_fragmented_range_covers_a_bounded_part() {
+    // Every other 4 KiB block allocated over 48 MiB: one extent per block.
+    let b = mem();
+    for i in (0..48 * MIB / 4096).step_by(2) {
+        b.fill(i * 4096, &[1u8; 4096]).unwrap();
+    }
+    let srv = server(b);
+    let mut c = Client::connect(srv.addr);
+    c.handshake("disk", true, &["base:allocation"]);
+    let mut offset = 0u64;
+    let mut replies = 0;
+    while offset < 48 * MIB {
+        let st = c.block_status(0, offset, (48 * MIB - offset) as u32);
+        let covered: u64 = st[0].1.iter().map(|&(l, _)| u64::from(l)).sum();
+        // Bounded: at most 4096 blocks per reply, then the client asks again.
+        assert!(covered > 0 && covered <= 4096 * 4096, "covered {covered}");
+        assert_eq!(
+            st[0].1[0].1,
+            if (offset / 4096).is_multiple_of(2) {
+                0
+            } else {
+                state::HOLE | state::ZERO
+            }
+        );
+        offset += covered;
+        replies += 1;
+    }
+    assert_eq!((offset, replies), (48 * MIB, 3));
+}

@@ -69,8 +69,9 @@ pub struct ServeArgs {
     /// A write that does not fit goes to the image as it arrives, in 64K pieces.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub write_budget: Option<u64>,
-    /// Memory for READ reply buffers, all connections together (default 4M per CPU, at
-    /// least 8M). Reads served straight from the image files (sendfile) need none.
+    /// Memory for READ and BLOCK_STATUS replies being built, all connections together
+    /// (default 4M per CPU, at least 8M). Reads served straight from the image files
+    /// (sendfile) need none.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub read_budget: Option<u64>,
 }
