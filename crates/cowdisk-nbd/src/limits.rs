@@ -29,6 +29,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time allowed for the whole negotiation phase. Default 10 s.
     pub handshake_timeout: Duration,
+    /// Time a connection may stay idle (no request in flight, none arriving) in the
+    /// transmission phase before it is closed; `None` keeps idle connections open (a full
+    /// table still closes the longest-idle one). Default `None`.
+    pub idle_timeout: Option<Duration>,
     /// Time allowed for a WRITE payload to arrive once its request header has; a connection
     /// whose payload takes longer is closed and the write left unanswered (it may have been
     /// applied in part, as if the client had crashed). Default 30 s.
@@ -75,6 +79,7 @@ impl Default for Limits {
             max_options: 64,
             max_connections: 128,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
             payload_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(60),
             max_in_flight: 64,

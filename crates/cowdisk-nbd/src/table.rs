@@ -54,6 +54,11 @@ impl Activity {
         Some(Busy(self))
     }
 
+    /// Whether no request is in flight.
+    pub fn is_idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+    }
+
     /// Claims an idle connection for eviction; fails if a request is in flight.
     fn evict(&self) -> bool {
         self.busy

@@ -8,7 +8,7 @@
 //! ([`crate::payload`]), so many clients at once do not multiply memory. Reads a backend
 //! serves zero-copy (`sendfile`) need no buffer and take no read-buffer bytes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::AtomicUsize;
@@ -82,6 +82,7 @@ struct Conn<'a, W: Write> {
     io: &'a ServerIo,
     activity: &'a Activity,
     payload_timeout: Duration,
+    idle_timeout: Option<Duration>,
     /// This connection's shares of the server-wide budgets (only changed under their locks).
     read_share: AtomicUsize,
     write_share: AtomicUsize,
@@ -112,6 +113,7 @@ pub(crate) fn serve<W: Write + AsFd + Send>(
         io: cx.io,
         activity: cx.activity,
         payload_timeout: limits.payload_timeout,
+        idle_timeout: limits.idle_timeout,
         read_share: AtomicUsize::new(0),
         write_share: AtomicUsize::new(0),
     };
@@ -188,6 +190,7 @@ fn next_job<'c, W: Write>(
 ) -> Option<(Job<'c>, Busy<'c>)> {
     let mut hdr = [0u8; wire::REQUEST_LEN];
     while !conn.out.failed() {
+        wait_for_request(r, conn)?;
         r.read_exact(&mut hdr).ok()?;
         // Evicted while idle: too late to serve this request, it will not run.
         let busy = conn.activity.begin()?;
@@ -233,6 +236,35 @@ fn next_job<'c, W: Write>(
         return Some((job, busy));
     }
     None
+}
+
+/// Waits for the next request's first byte. With an idle timeout, `None` once the connection
+/// has been idle that long; requests still in flight (a slow flush) keep it open.
+fn wait_for_request<W: Write>(
+    r: &mut io::BufReader<Deadline<'_>>,
+    conn: &Conn<'_, W>,
+) -> Option<()> {
+    let Some(idle) = conn.idle_timeout else {
+        return Some(());
+    };
+    loop {
+        r.get_mut().set(Some(idle));
+        let res = r.fill_buf().map(|b| b.is_empty());
+        r.get_mut().set(None);
+        match res {
+            Ok(false) => return Some(()),
+            Err(e) if is_timeout(&e) && !conn.activity.is_idle() => {}
+            // EOF, a dead socket, or idle too long.
+            _ => return None,
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Reads and discards `len` bytes through a small fixed buffer.

@@ -1,8 +1,10 @@
 //! Idle connections must not deny service: when the connection table is full, the connection
 //! idle the longest makes room for a new client, and one with a request in flight is kept.
+//! An idle timeout, when set, closes idle connections only.
 
 mod client;
 
+use std::io::{ErrorKind, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,5 +81,42 @@ fn idle_connections_cannot_lock_new_clients_out() {
     assert_eq!((reply.cookie(), reply.errno()), (cookie, 0));
     assert_eq!(busy.read(4096, 512), vec![0u8; 512]);
     drop((busy, idle, good));
+    srv.stop().expect("clean stop");
+}
+
+/// Waits (≤ 10 s, the client's read timeout) for the server to close the connection.
+fn closed_by_server(c: &mut Client) -> bool {
+    let mut b = [0u8; 1];
+    match c.stream().read(&mut b) {
+        Ok(0) => true,
+        Err(e) => e.kind() == ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn an_idle_timeout_closes_idle_connections_only() {
+    let backend: Arc<dyn Backend> = Arc::new(HookedReads {
+        inner: MemBackend::new(8 * MIB),
+        // A read far slower than the idle timeout.
+        hook: Box::new(|| std::thread::sleep(Duration::from_millis(1500))),
+    });
+    let mut limits = Limits::default();
+    limits.idle_timeout = Some(Duration::from_millis(300));
+    let srv = TestServer::start(vec![("m", backend)], limits);
+    let mut idle = Client::connect(srv.addr);
+    idle.handshake("m", false, &[]);
+    let mut busy = Client::connect(srv.addr);
+    busy.handshake("m", false, &[]);
+    assert_eq!(
+        busy.read(0, 512),
+        vec![0u8; 512],
+        "closed while a request ran"
+    );
+    assert!(closed_by_server(&mut idle), "idle connection left open");
+    assert!(
+        closed_by_server(&mut busy),
+        "connection idle after its read left open"
+    );
     srv.stop().expect("clean stop");
 }

@@ -196,3 +196,15 @@ fn stalled_writes_keep_server_memory_within_the_write_budget() {
         assert_closed(st, "stalled write");
     }
 }
+
+#[test]
+fn idle_timeout_closes_idle_connections() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let d = TempDir::new();
+    let srv = Serve::start(&d.0, &["--idle-timeout", "1"]);
+    let mut idle = srv.connect();
+    qemu_io_write_read(&srv.uri(), "1M");
+    assert_closed(&mut idle, "connection idle past --idle-timeout");
+}

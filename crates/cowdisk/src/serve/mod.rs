@@ -60,6 +60,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
+    /// Close a connection idle this many seconds (no request in flight, none arriving;
+    /// 1-86400). By default idle connections stay open until the table is full.
+    #[arg(long, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub idle_timeout: Option<u64>,
     /// Seconds a WRITE's data may take to arrive once its request has (1-3600); a connection
     /// that takes longer is closed and that write left unanswered.
     #[arg(long, value_name = "SECS", default_value_t = 30,
@@ -82,6 +87,7 @@ fn limits(args: &ServeArgs) -> cowdisk_nbd::Limits {
     limits.workers_per_connection = usize::from(args.threads);
     limits.max_connections = args.max_connections as usize;
     limits.payload_timeout = Duration::from_secs(args.payload_timeout);
+    limits.idle_timeout = args.idle_timeout.map(Duration::from_secs);
     // Beyond the address space means no limit at all; saturating says so.
     let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     if let Some(n) = args.write_budget {
