@@ -1,13 +1,14 @@
 //! NBD (network block device) server protocol for cowdisk.
 //!
 //! ```text
-//!   listeners (TCP, Unix) ── server: accept, connection cap, shutdown
-//!        │ per connection
+//!   listeners (TCP, Unix) ── server: accept, shutdown; table: connection cap, the
+//!        │ per connection             longest-idle connection closed to admit a new one
 //!        ▼
 //!   handshake (fixed newstyle options) ──► transmission: N threads take turns reading;
 //!                                          each runs what it read on the Backend (one per
 //!                                          export), then replies (write / sendfile)
-//!                                               │ validate (pure)
+//!                                               │ validate (pure), budget (memory),
+//!                                               │ payload (WRITE data), reply
 //!                                               ▼
 //!                                          wire (pure codec)
 //! ```
@@ -38,13 +39,16 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod budget;
 mod export;
 mod handshake;
 mod limits;
 pub mod mem;
+mod payload;
 mod reply;
 mod server;
 mod stream;
+mod table;
 mod transmission;
 mod validate;
 pub mod wire;

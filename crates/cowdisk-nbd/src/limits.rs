@@ -21,10 +21,22 @@ pub struct Limits {
     pub max_export_name: usize,
     /// Options allowed per connection before it is dropped. Default 64.
     pub max_options: usize,
-    /// Connections served at once; more are accepted and closed at once. Default 128.
+    /// Connections served at once. When the table is full, a new client takes the place of
+    /// the connection idle the longest (waiting for its next request, or still negotiating),
+    /// which is closed: that loses nothing, all its requests were answered. One with a request
+    /// in flight is never closed to make room; if all are busy, the new client is closed at
+    /// once. Default 128.
     pub max_connections: usize,
     /// Time allowed for the whole negotiation phase. Default 10 s.
     pub handshake_timeout: Duration,
+    /// Time a connection may stay idle (no request in flight, none arriving) in the
+    /// transmission phase before it is closed; `None` keeps idle connections open (a full
+    /// table still closes the longest-idle one). Default `None`.
+    pub idle_timeout: Option<Duration>,
+    /// Time allowed for a WRITE payload to arrive once its request header has; a connection
+    /// whose payload takes longer is closed and the write left unanswered (it may have been
+    /// applied in part, as if the client had crashed). Default 30 s.
+    pub payload_timeout: Duration,
     /// Longest one write of a reply may block (the socket's send timeout, per call: a
     /// client that stops reading is dropped). Default 60 s.
     pub reply_timeout: Duration,
@@ -34,12 +46,20 @@ pub struct Limits {
     /// READ and WRITE bytes in flight per connection (read lengths, zero-copy or not, and
     /// write payloads). A single larger request still runs, alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
-    /// Read-buffer bytes in flight across all connections; a connection may take more
+    /// Read-buffer bytes in flight across all connections, BLOCK_STATUS replies being built
+    /// included (at most 4096 blocks each, 128 bytes per block); a connection may take more
     /// than half only for a single read larger than that, alone. Zero-copy reads
     /// ([`crate::Backend::read_pieces`]) need no buffer and take none. Default 4 MiB per
     /// CPU, at least 8 MiB: read memory follows the CPUs that process requests, not the
     /// number of clients.
     pub max_total_in_flight_bytes: usize,
+    /// WRITE payload bytes staged in memory across all connections; a connection may stage
+    /// at most half. A payload is staged whole, and applied once it has all arrived (one cut
+    /// short is never applied), when it fits; otherwise it is written to the backend as it
+    /// arrives, in 64 KiB pieces through one buffer. So stalled payloads cannot hold more than
+    /// this, nor make other writers wait. Default 64 MiB (twice the default `max_payload`), or
+    /// `max_total_in_flight_bytes` if larger.
+    pub max_total_write_bytes: usize,
     /// Threads per connection, the connection's own included, that take turns reading the
     /// next request and each run the request they read. Default 4.
     pub workers_per_connection: usize,
@@ -47,6 +67,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        let per_cpu = std::thread::available_parallelism()
+            .map_or(2, |p| p.get())
+            .saturating_mul(4 * MIB as usize)
+            .max(8 * MIB as usize);
         Self {
             max_payload: 32 * MIB,
             max_drain: 64 * MIB,
@@ -55,13 +79,13 @@ impl Default for Limits {
             max_options: 64,
             max_connections: 128,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            payload_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(60),
             max_in_flight: 64,
             max_in_flight_bytes: 64 * MIB as usize,
-            max_total_in_flight_bytes: std::thread::available_parallelism()
-                .map_or(2, |p| p.get())
-                .saturating_mul(4 * MIB as usize)
-                .max(8 * MIB as usize),
+            max_total_in_flight_bytes: per_cpu,
+            max_total_write_bytes: per_cpu.max(64 * MIB as usize),
             workers_per_connection: 4,
         }
     }

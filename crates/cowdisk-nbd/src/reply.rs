@@ -13,6 +13,9 @@ use crate::{BackendError, ReadPiece};
 /// so header and data go out in one write.
 pub(crate) const READ_HEADROOM: usize = wire::CHUNK_HEADER_LEN + 8;
 
+/// One metadata context's part of a BLOCK_STATUS reply: its id and `(length, flags)` extents.
+pub(crate) type ContextExtents = (u32, Vec<(u32, u32)>);
+
 /// Longest error message sent in an `ERROR` chunk.
 const MAX_ERROR_MESSAGE: usize = 256;
 
@@ -117,6 +120,30 @@ impl<'a, W: Write> Replier<'a, W> {
     /// Error reply for a failed backend call.
     pub fn backend_error(&self, req: &Request, e: &BackendError) {
         self.error(req, e.kind.errno(), &e.message);
+    }
+
+    /// Successful BLOCK_STATUS reply: one chunk per metadata context with its
+    /// `(length, flags)` extents, the last one marked done.
+    pub fn block_status(&self, req: &Request, contexts: &[ContextExtents]) {
+        let mut out = Vec::new();
+        for (i, (id, extents)) in contexts.iter().enumerate() {
+            let flags = if i + 1 == contexts.len() {
+                chunk::FLAG_DONE
+            } else {
+                0
+            };
+            let mut h = [0u8; wire::CHUNK_HEADER_LEN];
+            // Callers cap the extents per context far below u32::MAX / 8.
+            let plen = u32::try_from(4 + 8 * extents.len()).unwrap_or(u32::MAX);
+            wire::chunk_header(&mut h, flags, chunk::BLOCK_STATUS, req.cookie, plen);
+            out.extend_from_slice(&h);
+            wire::put_u32(&mut out, *id);
+            for &(len, state) in extents {
+                wire::put_u32(&mut out, len);
+                wire::put_u32(&mut out, state);
+            }
+        }
+        self.send(&out);
     }
 
     /// Successful READ reply; `buf` holds [`READ_HEADROOM`] spare bytes followed by the data.

@@ -1,11 +1,10 @@
 //! Listening, accepting, per-connection threads and orderly shutdown.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -13,10 +12,12 @@ use std::time::Duration;
 use rustix::event::{poll, PollFd, PollFlags};
 use thiserror::Error;
 
+use crate::budget::SharedBytes;
 use crate::export::{Export, Exports};
 use crate::handshake::{self, Outcome};
 use crate::reply::BufPool;
 use crate::stream::{Deadline, Stream};
+use crate::table::{Activity, Table};
 use crate::{transmission, Backend, BackendError, Limits};
 
 /// Errors building or running a [`Server`].
@@ -156,7 +157,8 @@ impl ServerBuilder {
         let io = Arc::new(transmission::ServerIo {
             // Enough free buffers for every worker of a few busy connections.
             pool: BufPool::new(4 * self.limits.workers_per_connection.max(1) + 8),
-            bytes: transmission::GlobalBytes::new(self.limits.max_total_in_flight_bytes),
+            read_bytes: SharedBytes::new(self.limits.max_total_in_flight_bytes),
+            write_bytes: SharedBytes::new(self.limits.max_total_write_bytes),
         });
         Ok(Server {
             io,
@@ -169,8 +171,7 @@ impl ServerBuilder {
                 wake_rx,
                 state: Mutex::new(RunState::Idle),
                 finished: Condvar::new(),
-                conns: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(0),
+                table: Table::new(),
             }),
         })
     }
@@ -189,15 +190,11 @@ struct Shared {
     wake_rx: UnixStream,
     state: Mutex<RunState>,
     finished: Condvar,
-    /// Clones of live connections, so shutdown can end their blocking reads.
-    conns: Mutex<HashMap<u64, Stream>>,
-    next_id: AtomicU64,
+    /// Live connections, so shutdown can end their blocking reads.
+    table: Table,
 }
 
 impl Shared {
-    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Stream>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
-    }
     fn state(&self) -> MutexGuard<'_, RunState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -282,9 +279,7 @@ impl Server {
         let result = self.accept_loop(&mut handles);
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         // Reads end with EOF; replies to requests already received can still be written.
-        for s in self.shared.conns().values() {
-            s.shutdown(Shutdown::Read);
-        }
+        self.shared.table.shutdown_reads();
         for h in handles {
             // A panicking connection thread has already lost its connection; keep going.
             let _ = h.join();
@@ -367,13 +362,11 @@ impl Server {
 
     fn spawn_connection(&self, s: Stream) -> Option<JoinHandle<()>> {
         let shared = &self.shared;
-        if shared.conns().len() >= self.limits.max_connections {
-            return None; // Dropping closes it: the cap holds even under a connection flood.
-        }
         // Accepted sockets must block; the listener's non-blocking mode is not wanted here.
         s.set_nonblocking(false).ok()?;
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        shared.conns().insert(id, s.try_clone().ok()?);
+        // Full of busy connections: dropping the new one closes it, so the cap holds even
+        // under a connection flood.
+        let (id, activity) = shared.table.admit(&s, self.limits.max_connections)?;
         let (exports, limits, sh) = (self.exports.clone(), self.limits.clone(), shared.clone());
         let io = self.io.clone();
         let spawned = thread::Builder::new()
@@ -385,12 +378,12 @@ impl Server {
                     stream: &s,
                     id,
                 };
-                connection(&s, &exports, &limits, &sh.shutting_down, &io);
+                connection(&s, &exports, &limits, &sh.shutting_down, &io, &activity);
             });
         match spawned {
             Ok(h) => Some(h),
             Err(_) => {
-                shared.conns().remove(&id);
+                shared.table.remove(id);
                 None
             }
         }
@@ -407,7 +400,7 @@ struct Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.stream.shutdown(Shutdown::Both);
-        self.shared.conns().remove(&self.id);
+        self.shared.table.remove(self.id);
     }
 }
 
@@ -417,6 +410,7 @@ fn connection(
     limits: &Limits,
     shutting_down: &AtomicBool,
     io: &transmission::ServerIo,
+    activity: &Activity,
 ) {
     if shutting_down.load(Ordering::SeqCst) {
         return;
@@ -437,5 +431,12 @@ fn connection(
     }
     let export = exports.get(session.export);
     let abort = || s.shutdown(Shutdown::Both);
-    transmission::serve(s, s, session, export, limits, &abort, io);
+    let cx = transmission::ConnCx {
+        export,
+        limits,
+        abort: &abort,
+        io,
+        activity,
+    };
+    transmission::serve(Deadline::none(s), s, session, &cx);
 }

@@ -88,28 +88,50 @@ impl Write for &Stream {
 }
 
 /// Reads with a deadline for the whole exchange, so a client dribbling bytes (slowloris)
-/// cannot hold a negotiation slot longer than the handshake timeout.
+/// cannot hold a negotiation slot longer than the handshake timeout, nor a WRITE payload
+/// longer than the payload timeout. Without a deadline, reads wait as long as it takes.
 pub(crate) struct Deadline<'a> {
     stream: &'a Stream,
-    deadline: Instant,
+    deadline: Option<Instant>,
+    /// Whether the socket has a read timeout set (cleared once the deadline is lifted).
+    armed: bool,
 }
 
 impl<'a> Deadline<'a> {
     pub fn new(stream: &'a Stream, timeout: Duration) -> Self {
+        let mut d = Self::none(stream);
+        d.set(Some(timeout));
+        d
+    }
+
+    /// No deadline (yet).
+    pub fn none(stream: &'a Stream) -> Self {
         Self {
             stream,
-            deadline: Instant::now() + timeout,
+            deadline: None,
+            armed: false,
         }
+    }
+
+    /// Sets a deadline `timeout` from now, or lifts it.
+    pub fn set(&mut self, timeout: Option<Duration>) {
+        self.deadline = timeout.map(|t| Instant::now() + t);
     }
 }
 
 impl Read for Deadline<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            self.armed = true;
+        } else if self.armed {
+            self.stream.set_read_timeout(None)?;
+            self.armed = false;
         }
-        self.stream.set_read_timeout(Some(left))?;
         let mut s = self.stream;
         s.read(buf)
     }

@@ -2,22 +2,28 @@
 //! each runs the request it read against the backend; replies go out under one mutex so each
 //! is written atomically and out of order.
 //!
-//! Memory is bounded by in-flight budgets: per connection (request count and bytes, taken
-//! before a payload is read), and server-wide for read buffers (taken before one is filled;
-//! shared, as are the buffers), so many clients reading at once do not multiply memory. Reads
-//! a backend serves zero-copy (`sendfile`) need no buffer and take no read-buffer bytes.
+//! Memory is bounded by in-flight budgets ([`crate::budget`]): per connection (request count
+//! and bytes, taken before a payload is read), and server-wide for read buffers (taken before
+//! one is filled; shared, as are the buffers) and for staged WRITE payloads
+//! ([`crate::payload`]), so many clients at once do not multiply memory. Reads a backend
+//! serves zero-copy (`sendfile`) need no buffer and take no read-buffer bytes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
 use std::thread;
+use std::time::Duration;
 
+use crate::budget::{Budget, Cost, Held, SharedBytes};
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::handshake::Session;
-use crate::reply::{BufPool, Replier, READ_HEADROOM};
-use crate::validate::{validate, Geometry, Op, Verdict};
+use crate::payload::{self, Received};
+use crate::reply::{BufPool, ContextExtents, Replier, READ_HEADROOM};
+use crate::stream::Deadline;
+use crate::table::{Activity, Busy};
+use crate::validate::{validate, ConnPolicy, Op, Verdict};
 use crate::wire::{self, cmd, state, Request};
 use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits, ReadPiece};
 
@@ -31,103 +37,40 @@ const PIECES: usize = 64;
 /// Most extents sent per context in one reply; the client asks again for the rest.
 const MAX_EXTENTS: usize = 1 << 16;
 
+/// Most blocks (of the backend's preferred size) one BLOCK_STATUS query covers.
+const STATUS_BLOCKS: u64 = 4096;
+
+/// Memory one extent takes while a BLOCK_STATUS reply is built: the backend's list (and a
+/// backend's own, e.g. the engine's), the clamped copy, two contexts' pairs, the encoding.
+const STATUS_EXTENT_BYTES: usize = 128;
+
 struct Job<'c> {
     req: Request,
     op: Op,
-    payload: Vec<u8>,
+    /// A WRITE's received payload.
+    payload: Option<Received<'c>>,
     /// The connection budget the request holds until it is dropped (also on a panic).
     cost: Cost<'c>,
 }
 
-/// Per-connection budget held by one request.
-struct Cost<'c> {
-    budget: &'c Budget,
-    bytes: usize,
-}
-
-impl Drop for Cost<'_> {
-    fn drop(&mut self) {
-        self.budget.release(self.bytes);
-    }
-}
-
-/// Counts requests and bytes in flight; `acquire` blocks while the budget is used up.
-struct Budget {
-    used: Mutex<(usize, usize)>,
-    freed: Condvar,
-    max_count: usize,
-    max_bytes: usize,
-}
-
-impl Budget {
-    fn acquire(&self, bytes: usize) {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        // A single request larger than the byte budget may run alone.
-        while u.0 >= self.max_count || (u.0 > 0 && u.1 + bytes > self.max_bytes) {
-            u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
-        }
-        u.0 += 1;
-        u.1 += bytes;
-    }
-    fn release(&self, bytes: usize) {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        u.0 = u.0.saturating_sub(1);
-        u.1 = u.1.saturating_sub(bytes);
-        self.freed.notify_all();
-    }
-}
-
-/// Read-buffer bytes in flight across all connections: what many clients reading at once
-/// would otherwise multiply. A connection may hold at most half, so one that stops reading
-/// its replies cannot starve the others.
-pub(crate) struct GlobalBytes {
-    used: Mutex<usize>,
-    freed: Condvar,
-    max: usize,
-}
-
-impl GlobalBytes {
-    /// A budget of `max` bytes.
-    pub fn new(max: usize) -> GlobalBytes {
-        GlobalBytes {
-            used: Mutex::new(0),
-            freed: Condvar::new(),
-            max: max.max(1),
-        }
-    }
-    /// Takes `bytes` for a connection whose share is `held` (only changed under our lock, so
-    /// waiting here never blocks that connection's releases).
-    fn acquire(&self, bytes: usize, held: &AtomicUsize) {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        // A single request larger than the budget may run alone.
-        loop {
-            let h = held.load(Ordering::SeqCst);
-            let over_all = *u > 0 && *u + bytes > self.max;
-            let over_share = h > 0 && h + bytes > self.max / 2;
-            if !over_all && !over_share {
-                break;
-            }
-            u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
-        }
-        *u += bytes;
-        held.fetch_add(bytes, Ordering::SeqCst);
-    }
-    fn release(&self, bytes: usize, held: &AtomicUsize) {
-        if bytes == 0 {
-            return;
-        }
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *u = u.saturating_sub(bytes);
-        held.fetch_sub(bytes.min(held.load(Ordering::SeqCst)), Ordering::SeqCst);
-        drop(u);
-        self.freed.notify_all();
-    }
-}
-
-/// What every connection shares: the buffer pool and the byte budget.
+/// What every connection shares: the buffer pool and the server-wide byte budgets.
 pub(crate) struct ServerIo {
     pub pool: BufPool,
-    pub bytes: GlobalBytes,
+    /// Read buffers in flight.
+    pub read_bytes: SharedBytes,
+    /// WRITE payload pieces staged in memory.
+    pub write_bytes: SharedBytes,
+}
+
+/// What a connection is served with, besides its streams and session.
+pub(crate) struct ConnCx<'a> {
+    pub export: &'a Export,
+    pub limits: &'a Limits,
+    /// Must make blocked reads return (called when a reply cannot be written).
+    pub abort: &'a (dyn Fn() + Sync),
+    pub io: &'a ServerIo,
+    /// Marks requests in flight, so the connection is evicted only while idle.
+    pub activity: &'a Activity,
 }
 
 /// Shared per-connection state used by the reader and the workers.
@@ -136,73 +79,45 @@ struct Conn<'a, W: Write> {
     session: Session,
     out: Replier<'a, W>,
     budget: Budget,
-    pool: &'a BufPool,
-    global: &'a GlobalBytes,
-    /// This connection's share of `global` (only changed under `global`'s lock).
-    global_held: AtomicUsize,
+    io: &'a ServerIo,
+    activity: &'a Activity,
+    payload_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    /// This connection's shares of the server-wide budgets (only changed under their locks).
+    read_share: AtomicUsize,
+    write_share: AtomicUsize,
 }
 
 impl<W: Write> Conn<'_, W> {
-    /// Takes per-connection budget for a request, given back when the guard drops.
-    fn cost(&self, bytes: usize) -> Cost<'_> {
-        self.budget.acquire(bytes);
-        Cost {
-            budget: &self.budget,
-            bytes,
-        }
-    }
     /// Takes server-wide read-buffer bytes, given back when the guard drops (also on a
     /// panic). Only reads that need a buffer take them: zero-copy reads hold no memory.
-    fn read_buffer_bytes(&self, bytes: usize) -> ReadBytes<'_> {
-        self.global.acquire(bytes, &self.global_held);
-        ReadBytes {
-            global: self.global,
-            held: &self.global_held,
-            bytes,
-        }
-    }
-}
-
-/// Server-wide read-buffer bytes held by one request.
-struct ReadBytes<'a> {
-    global: &'a GlobalBytes,
-    held: &'a AtomicUsize,
-    bytes: usize,
-}
-
-impl Drop for ReadBytes<'_> {
-    fn drop(&mut self) {
-        self.global.release(self.bytes, self.held);
+    fn read_buffer_bytes(&self, bytes: usize) -> Held<'_> {
+        self.io.read_bytes.acquire(bytes, &self.read_share)
     }
 }
 
 /// Serves requests until `DISC`, EOF, a protocol violation or a dead socket, then waits for
-/// every accepted request to be answered. `abort` must make blocked reads on `r` return (it is
-/// called when a reply cannot be written).
-pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
-    r: R,
+/// every accepted request to be answered.
+pub(crate) fn serve<W: Write + AsFd + Send>(
+    r: Deadline<'_>,
     w: W,
     session: Session,
-    export: &Export,
-    limits: &Limits,
-    abort: &(dyn Fn() + Sync),
-    io_shared: &ServerIo,
+    cx: &ConnCx<'_>,
 ) {
+    let (export, limits) = (cx.export, cx.limits);
     let conn = Conn {
         export,
         session,
-        out: Replier::new(w, session.structured, abort),
-        budget: Budget {
-            used: Mutex::new((0, 0)),
-            freed: Condvar::new(),
-            max_count: limits.max_in_flight.max(1),
-            max_bytes: limits.max_in_flight_bytes,
-        },
-        pool: &io_shared.pool,
-        global: &io_shared.bytes,
-        global_held: AtomicUsize::new(0),
+        out: Replier::new(w, session.structured, cx.abort),
+        budget: Budget::new(limits.max_in_flight, limits.max_in_flight_bytes),
+        io: cx.io,
+        activity: cx.activity,
+        payload_timeout: limits.payload_timeout,
+        idle_timeout: limits.idle_timeout,
+        read_share: AtomicUsize::new(0),
+        write_share: AtomicUsize::new(0),
     };
-    let geo = Geometry {
+    let policy = ConnPolicy {
         size: export.backend.size(),
         read_only: export.backend.is_read_only(),
         structured: session.structured,
@@ -221,30 +136,31 @@ pub(crate) fn serve<R: Read + Send, W: Write + AsFd + Send>(
             let pieces = Vec::with_capacity(PIECES);
             let _ = thread::Builder::new()
                 .name("nbd-worker".into())
-                .spawn_scoped(sc, || follower(&conn, &input, &geo, pieces));
+                .spawn_scoped(sc, || follower(&conn, &input, &policy, pieces));
         }
-        follower(&conn, &input, &geo, Vec::with_capacity(PIECES));
+        follower(&conn, &input, &policy, Vec::with_capacity(PIECES));
     });
 }
 
 /// The connection's request stream, read by one thread at a time, and whether it ended
 /// (EOF, `DISC`, a protocol violation, a failed reply).
-struct Input<R> {
-    r: Mutex<(io::BufReader<R>, bool)>,
+struct Input<'s> {
+    r: Mutex<(io::BufReader<Deadline<'s>>, bool)>,
 }
 
 /// Leader/follower: whichever thread holds the input reads the next request, releases the
 /// input to the next waiting thread and runs the request itself. A request never changes
 /// threads, so it costs no wake-up on its path (a reader handing jobs to workers cost one
 /// context switch per request, a third of small-write throughput on 2 CPUs).
-fn follower<'a, R: Read, W: Write + AsFd>(
+fn follower<'a, W: Write + AsFd>(
     conn: &Conn<'a, W>,
-    input: &Input<R>,
-    geo: &Geometry,
+    input: &Input<'_>,
+    policy: &ConnPolicy,
     mut pieces: Vec<ReadPiece<'a>>,
 ) {
     loop {
-        let job = {
+        // The request counts as in flight until its reply is written (`_busy` outlives it).
+        let (job, _busy) = {
             // Poisoned: a thread panicked mid-request, so where the stream stands is unknown.
             let Ok(mut input) = input.r.lock() else {
                 return;
@@ -253,8 +169,8 @@ fn follower<'a, R: Read, W: Write + AsFd>(
             if *done {
                 return;
             }
-            match next_job(r, conn, geo) {
-                Some(job) => job,
+            match next_job(r, conn, policy) {
+                Some(next) => next,
                 None => {
                     *done = true;
                     return;
@@ -266,22 +182,28 @@ fn follower<'a, R: Read, W: Write + AsFd>(
 }
 
 /// Reads requests until one must run; answers invalid ones on the way. `None` ends the
-/// connection (EOF, `DISC`, lost framing, a failed reply, a half-read payload).
-fn next_job<'c, R: Read, W: Write>(
-    r: &mut R,
+/// connection (EOF, `DISC`, lost framing, a failed reply, a half-read payload, eviction).
+fn next_job<'c, W: Write>(
+    r: &mut io::BufReader<Deadline<'_>>,
     conn: &'c Conn<'_, W>,
-    geo: &Geometry,
-) -> Option<Job<'c>> {
+    policy: &ConnPolicy,
+) -> Option<(Job<'c>, Busy<'c>)> {
     let mut hdr = [0u8; wire::REQUEST_LEN];
     while !conn.out.failed() {
+        wait_for_request(r, conn)?;
         r.read_exact(&mut hdr).ok()?;
+        // Evicted while idle: too late to serve this request, it will not run.
+        let busy = conn.activity.begin()?;
         // Bad magic: framing is lost, hang up.
         let req = Request::parse(&hdr)?;
-        let op = match validate(&req, geo) {
+        let op = match validate(&req, policy) {
             Verdict::Disconnect | Verdict::Run(Op::Disc) => return None,
             Verdict::Error(e) => {
-                if req.kind == cmd::WRITE && drain(r, u64::from(req.length)).is_err() {
-                    return None;
+                if req.kind == cmd::WRITE {
+                    r.get_mut().set(Some(conn.payload_timeout));
+                    let drained = drain(r, u64::from(req.length));
+                    r.get_mut().set(None);
+                    drained.ok()?;
                 }
                 conn.out.error(&req, e, "");
                 continue;
@@ -293,24 +215,56 @@ fn next_job<'c, R: Read, W: Write>(
             _ => 0,
         };
         // Waiting here holds the input, which is what a full budget should do: stop reading.
-        let cost = conn.cost(cost);
-        let mut payload = Vec::new();
-        if let Op::Write { len, .. } = op {
-            payload = conn.pool.get(len as usize);
-            if r.read_exact(&mut payload).is_err() {
-                // Half a payload is never applied (the client went away).
-                conn.pool.put(payload);
-                return None;
-            }
+        let cost = conn.budget.acquire(cost);
+        let mut payload = None;
+        if let Op::Write { offset, len, fua } = op {
+            let held = conn.io.write_bytes.none(&conn.write_share);
+            let b = &*conn.export.backend;
+            // The whole payload must arrive in time: a stalled one is not waited for forever.
+            r.get_mut().set(Some(conn.payload_timeout));
+            let received = payload::receive(r, b, &conn.io.pool, held, offset, len, fua);
+            r.get_mut().set(None);
+            // Half a payload is never answered (the client went away or stalled).
+            payload = Some(received.ok()?);
         }
-        return Some(Job {
+        let job = Job {
             req,
             op,
             payload,
             cost,
-        });
+        };
+        return Some((job, busy));
     }
     None
+}
+
+/// Waits for the next request's first byte. With an idle timeout, `None` once the connection
+/// has been idle that long; requests still in flight (a slow flush) keep it open.
+fn wait_for_request<W: Write>(
+    r: &mut io::BufReader<Deadline<'_>>,
+    conn: &Conn<'_, W>,
+) -> Option<()> {
+    let Some(idle) = conn.idle_timeout else {
+        return Some(());
+    };
+    loop {
+        r.get_mut().set(Some(idle));
+        let res = r.fill_buf().map(|b| b.is_empty());
+        r.get_mut().set(None);
+        match res {
+            Ok(false) => return Some(()),
+            Err(e) if is_timeout(&e) && !conn.activity.is_idle() => {}
+            // EOF, a dead socket, or idle too long.
+            _ => return None,
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Reads and discards `len` bytes through a small fixed buffer.
@@ -351,17 +305,23 @@ fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job<'_>, pieces: &mut Vec<R
             len,
             req_one,
         } => {
-            match block_status(conn, &req, offset, len, req_one) {
-                Ok(chunks) => conn.out.send(&chunks),
+            // At most one extent per block: a query of a bounded number of blocks bounds the
+            // memory of its reply, held against the read budget until the reply is out. The
+            // reply may cover less than asked; clients ask again for the rest.
+            let bs = u64::from(b.preferred_block_size().max(512));
+            let len = u64::from(len).min(STATUS_BLOCKS * bs);
+            let extents = usize::try_from(len.div_ceil(bs) + 1).unwrap_or(usize::MAX);
+            let _held = conn.read_buffer_bytes(extents.saturating_mul(STATUS_EXTENT_BYTES));
+            match block_status(conn, offset, len, req_one) {
+                Ok(contexts) => conn.out.block_status(&req, &contexts),
                 Err(e) => conn.out.backend_error(&req, &e),
             }
             return;
         }
         Op::Write { offset, fua, .. } => {
-            let r = b.write(offset, &payload, fua);
-            // The payload and its budget are free before the reply, which a client that does
+            // The payload and its budgets are free before the reply, which a client that does
             // not read its replies may hold up.
-            conn.pool.put(payload);
+            let r = payload.map_or(Ok(()), |p| p.finish(b, offset, fua, &conn.io.pool));
             drop(cost);
             r
         }
@@ -397,13 +357,14 @@ fn read<'a, W: Write + AsFd>(
         // Zero-copy: no buffer, one copy fewer.
         Ok(true) => conn.out.read_pieces(req, offset, len, pieces),
         Ok(false) => {
-            let _held = conn.read_buffer_bytes(len as usize);
-            let mut buf = conn.pool.get(READ_HEADROOM + len as usize);
+            let buf_len = READ_HEADROOM + len as usize;
+            let mut held = conn.read_buffer_bytes(buf_len);
+            let mut buf = held.buffer(&conn.io.pool, buf_len);
             match b.read(offset, &mut buf[READ_HEADROOM..]) {
                 Ok(()) => conn.out.read_data(req, offset, &mut buf),
                 Err(e) => conn.out.backend_error(req, &e),
             }
-            conn.pool.put(buf);
+            conn.io.pool.put(buf);
         }
         Err(e) => conn.out.backend_error(req, &e),
     }
@@ -415,28 +376,24 @@ fn pieces_len(pieces: &[ReadPiece<'_>]) -> Option<u64> {
     })
 }
 
-/// Builds one `BLOCK_STATUS` chunk per selected context from one backend query.
+/// Extents per selected context, as `(context id, [(length, flags)])`, from one backend query.
 fn block_status<W: Write>(
     conn: &Conn<'_, W>,
-    req: &Request,
     offset: u64,
-    len: u32,
+    len: u64,
     req_one: bool,
-) -> Result<Vec<u8>, BackendError> {
+) -> Result<Vec<ContextExtents>, BackendError> {
     let mut raw = Vec::new();
-    conn.export
-        .backend
-        .block_status(offset, u64::from(len), &mut raw)?;
-    let extents = clamp_extents(&raw, u64::from(len));
+    conn.export.backend.block_status(offset, len, &mut raw)?;
+    let extents = clamp_extents(&raw, len);
     if extents.is_empty() {
         return Err(BackendError::new(
             BackendErrorKind::Io,
             "backend returned no extents",
         ));
     }
-    let contexts: Vec<u32> = conn.session.contexts.entries().map(|(id, _)| id).collect();
     let mut out = Vec::new();
-    for (i, &id) in contexts.iter().enumerate() {
+    for (id, _) in conn.session.contexts.entries() {
         let value = |e: &Extent| match id {
             BASE_ALLOCATION_ID => {
                 // HOLE without ZERO would mean "undefined contents": only report it with ZERO.
@@ -462,21 +419,7 @@ fn block_status<W: Write>(
         if req_one {
             pairs.truncate(1);
         }
-        let flags = if i + 1 == contexts.len() {
-            wire::chunk::FLAG_DONE
-        } else {
-            0
-        };
-        let payload_len = 4 + 8 * pairs.len();
-        let mut hdr = [0u8; wire::CHUNK_HEADER_LEN];
-        let plen = u32::try_from(payload_len).unwrap_or(u32::MAX);
-        wire::chunk_header(&mut hdr, flags, wire::chunk::BLOCK_STATUS, req.cookie, plen);
-        out.extend_from_slice(&hdr);
-        wire::put_u32(&mut out, id);
-        for (l, v) in pairs {
-            wire::put_u32(&mut out, l);
-            wire::put_u32(&mut out, v);
-        }
+        out.push((id, pairs));
     }
     Ok(out)
 }

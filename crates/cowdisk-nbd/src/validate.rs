@@ -4,9 +4,10 @@ use crate::export::MetaContexts;
 use crate::wire::{cmd, cmd_flags, errno, Request};
 use crate::ZeroFlags;
 
-/// What the validator needs to know about the connection and its export.
+/// What this connection allows: its export's size and mode, what the handshake agreed and
+/// the server's payload limits.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Geometry {
+pub(crate) struct ConnPolicy {
     pub size: u64,
     pub read_only: bool,
     pub structured: bool,
@@ -15,6 +16,61 @@ pub(crate) struct Geometry {
     pub max_payload: u32,
     /// Largest WRITE payload drained before an error reply; above it the connection is dropped.
     pub max_drain: u32,
+}
+
+/// The transmission commands this server knows. Matches on it are exhaustive, so a command
+/// added here must be handled everywhere rather than falling into another's arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Command {
+    Read,
+    Write,
+    Disc,
+    Flush,
+    Trim,
+    Cache,
+    WriteZeroes,
+    BlockStatus,
+}
+
+impl Command {
+    /// The command a request's type field names, if known.
+    pub fn from_wire(kind: u16) -> Option<Command> {
+        Some(match kind {
+            cmd::READ => Command::Read,
+            cmd::WRITE => Command::Write,
+            cmd::DISC => Command::Disc,
+            cmd::FLUSH => Command::Flush,
+            cmd::TRIM => Command::Trim,
+            cmd::CACHE => Command::Cache,
+            cmd::WRITE_ZEROES => Command::WriteZeroes,
+            cmd::BLOCK_STATUS => Command::BlockStatus,
+            _ => return None,
+        })
+    }
+
+    /// Flags the command may carry. `FUA` is tolerated on non-writes, as the spec allows.
+    fn allowed_flags(self, p: &ConnPolicy) -> u16 {
+        use cmd_flags::*;
+        match self {
+            Command::Read if p.structured => FUA | DF,
+            Command::Read | Command::Flush | Command::Cache | Command::Trim | Command::Write => FUA,
+            Command::WriteZeroes => FUA | NO_HOLE | FAST_ZERO,
+            Command::BlockStatus => FUA | REQ_ONE,
+            Command::Disc => 0,
+        }
+    }
+
+    /// Whether the command changes the disk (refused on a read-only export).
+    fn writes(self) -> bool {
+        match self {
+            Command::Write | Command::Trim | Command::WriteZeroes => true,
+            Command::Read
+            | Command::Disc
+            | Command::Flush
+            | Command::Cache
+            | Command::BlockStatus => false,
+        }
+    }
 }
 
 /// A validated command, ready for the backend.
@@ -59,52 +115,28 @@ pub(crate) enum Verdict {
     Disconnect,
 }
 
-/// Flags each command may carry. `FUA` is tolerated on non-writes, as the spec allows.
-fn allowed_flags(kind: u16, g: &Geometry) -> u16 {
-    use cmd_flags::*;
-    match kind {
-        cmd::READ if g.structured => FUA | DF,
-        cmd::READ | cmd::FLUSH | cmd::CACHE | cmd::TRIM | cmd::WRITE => FUA,
-        cmd::WRITE_ZEROES => FUA | NO_HOLE | FAST_ZERO,
-        cmd::BLOCK_STATUS => FUA | REQ_ONE,
-        _ => 0,
-    }
-}
-
 /// Decides what to do with `r`. Checks run in a fixed order: framing (payload size), command,
 /// flags, read-only, zero length, payload limits, range (`checked_add`), command specifics.
-pub(crate) fn validate(r: &Request, g: &Geometry) -> Verdict {
+pub(crate) fn validate(r: &Request, p: &ConnPolicy) -> Verdict {
     use Verdict::Error;
-    if r.kind == cmd::WRITE && r.length > g.max_drain {
+    if r.kind == cmd::WRITE && r.length > p.max_drain {
         // Cannot stay in sync without reading that much; hang up instead.
         return Verdict::Disconnect;
     }
-    let known = matches!(
-        r.kind,
-        cmd::READ
-            | cmd::WRITE
-            | cmd::DISC
-            | cmd::FLUSH
-            | cmd::TRIM
-            | cmd::CACHE
-            | cmd::WRITE_ZEROES
-            | cmd::BLOCK_STATUS
-    );
-    if !known {
+    let Some(command) = Command::from_wire(r.kind) else {
         return Error(errno::EINVAL);
-    }
-    if r.kind == cmd::DISC {
+    };
+    if command == Command::Disc {
         return Verdict::Run(Op::Disc);
     }
-    if r.flags & !allowed_flags(r.kind, g) != 0 {
+    if r.flags & !command.allowed_flags(p) != 0 {
         return Error(errno::EINVAL);
     }
     let fua = r.flags & cmd_flags::FUA != 0;
-    let writes = matches!(r.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
-    if writes && g.read_only {
+    if command.writes() && p.read_only {
         return Error(errno::EPERM);
     }
-    if r.kind == cmd::FLUSH {
+    if command == Command::Flush {
         if r.offset != 0 || r.length != 0 {
             return Error(errno::EINVAL);
         }
@@ -113,28 +145,28 @@ pub(crate) fn validate(r: &Request, g: &Geometry) -> Verdict {
     if r.length == 0 {
         return Error(errno::EINVAL);
     }
-    if matches!(r.kind, cmd::READ | cmd::WRITE) && r.length > g.max_payload {
+    if matches!(command, Command::Read | Command::Write) && r.length > p.max_payload {
         let df = r.flags & cmd_flags::DF != 0;
         return Error(if df { errno::EOVERFLOW } else { errno::EINVAL });
     }
     let in_range = r
         .offset
         .checked_add(u64::from(r.length))
-        .is_some_and(|end| end <= g.size);
+        .is_some_and(|end| end <= p.size);
     if !in_range {
-        let e = match r.kind {
-            cmd::WRITE | cmd::WRITE_ZEROES => errno::ENOSPC,
+        let e = match command {
+            Command::Write | Command::WriteZeroes => errno::ENOSPC,
             _ => errno::EINVAL,
         };
         return Error(e);
     }
     let (offset, len) = (r.offset, r.length);
-    let op = match r.kind {
-        cmd::READ => Op::Read { offset, len },
-        cmd::WRITE => Op::Write { offset, len, fua },
-        cmd::TRIM => Op::Trim { offset, len, fua },
-        cmd::CACHE => Op::Cache,
-        cmd::WRITE_ZEROES => Op::WriteZeroes {
+    let op = match command {
+        Command::Read => Op::Read { offset, len },
+        Command::Write => Op::Write { offset, len, fua },
+        Command::Trim => Op::Trim { offset, len, fua },
+        Command::Cache => Op::Cache,
+        Command::WriteZeroes => Op::WriteZeroes {
             offset,
             len,
             flags: ZeroFlags {
@@ -143,8 +175,8 @@ pub(crate) fn validate(r: &Request, g: &Geometry) -> Verdict {
                 fast: r.flags & cmd_flags::FAST_ZERO != 0,
             },
         },
-        _ => {
-            if !g.structured || !g.contexts.any() {
+        Command::BlockStatus => {
+            if !p.structured || !p.contexts.any() {
                 return Error(errno::EINVAL);
             }
             Op::BlockStatus {
@@ -153,6 +185,9 @@ pub(crate) fn validate(r: &Request, g: &Geometry) -> Verdict {
                 req_one: r.flags & cmd_flags::REQ_ONE != 0,
             }
         }
+        // Answered before the range checks.
+        Command::Disc => Op::Disc,
+        Command::Flush => Op::Flush,
     };
     Verdict::Run(op)
 }
@@ -163,8 +198,8 @@ mod tests {
 
     const MIB: u32 = 1 << 20;
 
-    fn geo() -> Geometry {
-        Geometry {
+    fn policy() -> ConnPolicy {
+        ConnPolicy {
             size: 1 << 30,
             read_only: false,
             structured: true,
@@ -184,13 +219,13 @@ mod tests {
         }
     }
 
-    fn check(r: Request, g: Geometry) -> Verdict {
+    fn check(r: Request, g: ConnPolicy) -> Verdict {
         validate(&r, &g)
     }
 
     #[test]
     fn ranges_and_errnos() {
-        let g = geo();
+        let g = policy();
         let size = g.size;
         assert_eq!(
             check(req(cmd::READ, 0, size - 1, 1), g),
@@ -226,7 +261,7 @@ mod tests {
 
     #[test]
     fn flags_lengths_and_read_only() {
-        let g = geo();
+        let g = policy();
         assert_eq!(check(req(cmd::READ, 0, 0, 0), g), Error(errno::EINVAL));
         assert_eq!(check(req(9, 0, 0, 1), g), Error(errno::EINVAL));
         assert_eq!(check(req(cmd::WRITE, 0x100, 0, 1), g), Error(errno::EINVAL));
@@ -255,14 +290,14 @@ mod tests {
             check(req(cmd::WRITE, 0, 0, 65 * MIB), g),
             Verdict::Disconnect
         );
-        let ro = Geometry {
+        let ro = ConnPolicy {
             read_only: true,
             ..g
         };
         for k in [cmd::WRITE, cmd::TRIM, cmd::WRITE_ZEROES] {
             assert_eq!(check(req(k, 0, 0, 512), ro), Error(errno::EPERM));
         }
-        let simple = Geometry {
+        let simple = ConnPolicy {
             structured: false,
             contexts: MetaContexts::default(),
             ..g

@@ -386,3 +386,69 @@ fn random_io_matches_shadow_across_connections() {
         }
     }
 }
+
+#[test]
+fn writes_staged_or_passed_through_land_whole() {
+    // No write budget (every byte passed through), too little to stage 5 MiB, plenty.
+    for budget in [0, 3 * MIB as usize, 64 * MIB as usize] {
+        let b = mem();
+        let mut limits = Limits::default();
+        limits.max_total_write_bytes = budget;
+        let srv = TestServer::start(vec![("disk", b.clone())], limits);
+        let mut c = Client::connect(srv.addr);
+        c.handshake("disk", false, &[]);
+        let data: Vec<u8> = (0..5 * MIB + 12345).map(|i| (i % 253) as u8).collect();
+        c.write(777, &data);
+        assert_eq!(c.read(777, data.len() as u32), data, "budget {budget}");
+        // A piece that fails fails the request; the rest is read, so the stream stays in sync.
+        b.fail_next(BackendErrorKind::NoSpace);
+        let len = data.len() as u32;
+        assert_eq!(c.errno(0, cmd::WRITE, 0, len, &data), errno::ENOSPC);
+        c.write(0, &[1u8; 4096]);
+        assert_eq!(c.read(0, 4096), vec![1u8; 4096]);
+        drop(c);
+        if budget == 64 * MIB as usize {
+            // Staged whole: a large payload cut short is not applied either.
+            let mut c = Client::connect(srv.addr);
+            c.handshake("disk", false, &[]);
+            c.send_request(0, cmd::WRITE, 32 * MIB, 8 * MIB as u32, &data[..4 << 20]);
+            c.s.shutdown(std::net::Shutdown::Both).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut c = Client::connect(srv.addr);
+            c.handshake("disk", false, &[]);
+            assert_eq!(c.read(32 * MIB, 4096), vec![0u8; 4096]);
+        }
+        srv.stop().expect("clean stop");
+    }
+}
+
+#[test]
+fn block_status_of_a_fragmented_range_covers_a_bounded_part() {
+    // Every other 4 KiB block allocated over 48 MiB: one extent per block.
+    let b = mem();
+    for i in (0..48 * MIB / 4096).step_by(2) {
+        b.fill(i * 4096, &[1u8; 4096]).unwrap();
+    }
+    let srv = server(b);
+    let mut c = Client::connect(srv.addr);
+    c.handshake("disk", true, &["base:allocation"]);
+    let mut offset = 0u64;
+    let mut replies = 0;
+    while offset < 48 * MIB {
+        let st = c.block_status(0, offset, (48 * MIB - offset) as u32);
+        let covered: u64 = st[0].1.iter().map(|&(l, _)| u64::from(l)).sum();
+        // Bounded: at most 4096 blocks per reply, then the client asks again.
+        assert!(covered > 0 && covered <= 4096 * 4096, "covered {covered}");
+        assert_eq!(
+            st[0].1[0].1,
+            if (offset / 4096).is_multiple_of(2) {
+                0
+            } else {
+                state::HOLE | state::ZERO
+            }
+        );
+        offset += covered;
+        replies += 1;
+    }
+    assert_eq!((offset, replies), (48 * MIB, 3));
+}

@@ -1,0 +1,88 @@
+//! Receiving WRITE payloads without letting them pin memory.
+//!
+//! A payload is staged whole, and applied only once it has all arrived, when the server-wide
+//! write budget has room for it; a payload cut short is then never applied. With no room
+//! (the budget is held by other payloads, stalled ones perhaps, or the payload is over half
+//! of it), the payload goes to the backend as it arrives, in [`PASS_PIECE`] pieces (offsets
+//! relative to the request, so aligned requests stay aligned), through one pooled buffer.
+//! So staged payloads never exceed the budget, a payload that stops arriving holds its
+//! budget share or one piece until the payload timeout, and a budget used up makes nobody
+//! wait. (NBD promises no atomicity: like a crash, a passed-through write that is never
+//! answered may be applied in part.)
+
+use std::io::{self, Read};
+
+use crate::budget::Held;
+use crate::reply::BufPool;
+use crate::{Backend, BackendError};
+
+/// Piece of a payload written to the backend at once when it cannot be staged: one
+/// copy-on-write block at the default block size.
+pub(crate) const PASS_PIECE: usize = 64 << 10;
+
+/// A received payload, ready to be applied by the request's worker (after the connection's
+/// input is free): staged bytes, or the outcome of passing it through.
+pub(crate) enum Received<'c> {
+    Staged {
+        data: Vec<u8>,
+        /// Its share of the write budget, freed with it.
+        held: Held<'c>,
+    },
+    Written(Result<(), BackendError>),
+}
+
+impl Received<'_> {
+    /// Applies a staged payload at `offset`; frees its memory and budget before returning, so
+    /// the reply never waits with them held.
+    pub fn finish(
+        self,
+        b: &dyn Backend,
+        offset: u64,
+        fua: bool,
+        pool: &BufPool,
+    ) -> Result<(), BackendError> {
+        match self {
+            Received::Staged { data, held } => {
+                let res = b.write(offset, &data, fua);
+                pool.put(data);
+                drop(held);
+                res
+            }
+            Received::Written(res) => res,
+        }
+    }
+}
+
+/// Reads a `len`-byte payload for `offset`, staged within `held`'s budget if it has room,
+/// written through otherwise. An error (EOF, the payload deadline) means the payload is
+/// incomplete: the connection must end and the request goes unanswered.
+pub(crate) fn receive<'c, R: Read>(
+    r: &mut R,
+    b: &dyn Backend,
+    pool: &BufPool,
+    mut held: Held<'c>,
+    offset: u64,
+    len: u32,
+    fua: bool,
+) -> io::Result<Received<'c>> {
+    let len = len as usize;
+    if held.try_grow(len) {
+        let mut data = held.buffer(pool, len);
+        r.read_exact(&mut data)?;
+        return Ok(Received::Staged { data, held });
+    }
+    drop(held);
+    // Exactly one piece, never a larger pooled buffer: it is held outside the budget.
+    let mut piece = vec![0; PASS_PIECE.min(len)];
+    let (mut done, mut res) = (0usize, Ok(()));
+    while done < len {
+        let n = (len - done).min(piece.len());
+        r.read_exact(&mut piece[..n])?;
+        // After a failure the rest is only read, to keep the stream in sync.
+        if res.is_ok() {
+            res = b.write(offset + done as u64, &piece[..n], fua);
+        }
+        done += n;
+    }
+    Ok(Received::Written(res))
+}

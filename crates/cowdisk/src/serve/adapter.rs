@@ -1,0 +1,158 @@
+//! The NBD backend over an open [`Disk`]: maps requests and errors between the two crates.
+
+use cowdisk_core::{Disk, ExtentState, IoError, IoErrorKind, WriteFlags};
+use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, ZeroFlags};
+
+/// Adapts an open [`Disk`] to the NBD server's backend trait.
+pub struct DiskBackend {
+    disk: Disk,
+}
+
+impl DiskBackend {
+    /// Wraps a disk.
+    pub fn new(disk: Disk) -> DiskBackend {
+        DiskBackend { disk }
+    }
+}
+
+fn nbd_err(e: IoError) -> BackendError {
+    let kind = match e.kind() {
+        IoErrorKind::Invalid => BackendErrorKind::Invalid,
+        IoErrorKind::ReadOnly => BackendErrorKind::ReadOnly,
+        IoErrorKind::NoSpace => BackendErrorKind::NoSpace,
+        IoErrorKind::NotSupported => BackendErrorKind::NotSupported,
+        IoErrorKind::Io => BackendErrorKind::Io,
+    };
+    // The client learns what failed, not where: layer paths stay on the server, whose
+    // stderr gets the whole message for an I/O error (rare, and what an admin must see).
+    let message = match kind {
+        BackendErrorKind::Io => {
+            eprintln!("cowdisk: serve: {e}");
+            "I/O error on the image (details in the server's log)".to_string()
+        }
+        BackendErrorKind::NoSpace => "no space left for the image's top layer".to_string(),
+        _ => e.to_string(),
+    };
+    BackendError::new(kind, message)
+}
+
+impl Backend for DiskBackend {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn preferred_block_size(&self) -> u32 {
+        self.disk.block_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.disk.is_read_only()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.disk.read(offset, buf).map_err(nbd_err)
+    }
+    fn read_pieces<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<ReadPiece<'a>>,
+    ) -> Result<bool, BackendError> {
+        let complete = self
+            .disk
+            .read_pieces(offset, len, |p| {
+                out.push(match p {
+                    cowdisk_core::ReadPiece::Zeros(n) => ReadPiece::Zeros(n),
+                    cowdisk_core::ReadPiece::File { fd, offset, len } => {
+                        ReadPiece::File { fd, offset, len }
+                    }
+                })
+            })
+            .map_err(nbd_err)?;
+        if !complete {
+            out.clear();
+        }
+        Ok(complete)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.disk
+            .write(offset, data, WriteFlags { fua })
+            .map_err(nbd_err)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.disk.flush().map_err(nbd_err)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        self.disk
+            .discard(offset, len, WriteFlags { fua })
+            .map_err(nbd_err)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, f: ZeroFlags) -> Result<(), BackendError> {
+        let flags = cowdisk_core::ZeroFlags {
+            fua: f.fua,
+            no_hole: f.no_hole,
+            fast: f.fast,
+        };
+        self.disk.write_zeroes(offset, len, flags).map_err(nbd_err)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<(), BackendError> {
+        // Cap the work per request: clients (nbdinfo) ask for ~4 GiB and accept less.
+        let len = len
+            .min(1 << 30)
+            .min(self.disk.size() - offset.min(self.disk.size()));
+        let mut exts = Vec::new();
+        self.disk
+            .block_status(offset, len, &mut exts)
+            .map_err(nbd_err)?;
+        out.extend(exts.iter().map(|e| {
+            let (zero, hole) = match e.state {
+                ExtentState::Data => (false, false),
+                // A whiteout uses no data space: reads zero, allocated as metadata only.
+                ExtentState::Zero | ExtentState::Hole => (true, true),
+            };
+            Extent {
+                length: e.length,
+                zero,
+                hole,
+                depth: e.depth.map_or(0, |d| d + 1),
+            }
+        }));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_get_the_failure_without_server_paths() {
+        let e = nbd_err(IoError::Checksum {
+            path: "/srv/images/base.cow".into(),
+            block: 3,
+            stored: 1,
+            actual: 2,
+        });
+        assert_eq!(e.kind, BackendErrorKind::Io);
+        assert!(!e.message.contains("/srv"), "{}", e.message);
+        let enospc = IoError::Storage {
+            path: "/srv/images/top.cow".into(),
+            op: "write",
+            offset: 0,
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let e = nbd_err(enospc);
+        assert_eq!(e.kind, BackendErrorKind::NoSpace);
+        assert!(!e.message.contains("/srv"), "{}", e.message);
+        // Errors without a path keep their text.
+        let e = nbd_err(IoError::OutOfRange {
+            offset: 10,
+            len: 10,
+            size: 15,
+        });
+        assert_eq!(e.kind, BackendErrorKind::Invalid);
+        assert!(e.message.contains("outside the disk"), "{}", e.message);
+    }
+}

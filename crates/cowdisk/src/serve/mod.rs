@@ -1,0 +1,169 @@
+//! `cowdisk serve`: exports images over NBD.
+//!
+//! Every image is opened once and shared by all of its connections (so a flush on one
+//! connection covers writes from all of them: multi-conn). Images over the same base
+//! share the base's resolved lower chain through one [`LowerCache`].
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cowdisk_core::{Access, Disk, LowerCache, OpenOptions};
+use cowdisk_nbd::Server;
+
+use crate::error::Error;
+use crate::size::parse_size;
+
+mod adapter;
+mod process;
+
+pub use adapter::DiskBackend;
+
+/// Default TCP address: loopback only unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+/// Arguments of `cowdisk serve`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  cowdisk serve disk.cow --socket /tmp/disk.sock\n  \
+nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0\n\n\
+Memory for request data stays below, whatever clients do:\n  \
+max(read-budget, 32M) + write-budget + max-connections x 144K + (4 x threads + 8) x 1M\n\
+(defaults, 2 CPUs: 32M + 64M + 18M + 24M = 138M), plus about 16K of stack per\n\
+thread (max-connections x threads of them)."
+)]
+pub struct ServeArgs {
+    /// Images to export (each as an export named after its file name).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// TCP address to listen on (default 127.0.0.1:10809; port 0 picks a free one).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "socket")]
+    pub listen: Option<String>,
+    /// Unix socket to listen on (created with mode 0600; must not exist yet).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Refuse writes (the top layer is opened read-only too).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Export name (only with a single image).
+    #[arg(long, value_name = "NAME")]
+    pub export_name: Option<String>,
+    /// Threads per connection that read and run requests (1-64). Requests of one connection
+    /// run in parallel up to this many; more help only when the storage itself waits.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+    /// Connections served at once (1-65536). When all are taken, the connection idle the
+    /// longest is closed to admit a new client (never one with a request in flight: nothing
+    /// answered is lost); if every one is busy, the new client is turned away.
+    #[arg(long, value_name = "N", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// Close a connection idle this many seconds (no request in flight, none arriving;
+    /// 1-86400). By default idle connections stay open until the table is full.
+    #[arg(long, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub idle_timeout: Option<u64>,
+    /// Seconds a WRITE's data may take to arrive once its request has (1-3600); a connection
+    /// that takes longer is closed and that write left unanswered.
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub payload_timeout: u64,
+    /// Memory for WRITE data waiting to be applied, all connections together (default 64M).
+    /// A write that does not fit goes to the image as it arrives, in 64K pieces.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub write_budget: Option<u64>,
+    /// Memory for READ and BLOCK_STATUS replies being built, all connections together
+    /// (default 4M per CPU, at least 8M). Reads served straight from the image files
+    /// (sendfile) need none.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub read_budget: Option<u64>,
+}
+
+/// The server's limits from the command line.
+fn limits(args: &ServeArgs) -> cowdisk_nbd::Limits {
+    let mut limits = cowdisk_nbd::Limits::default();
+    limits.workers_per_connection = usize::from(args.threads);
+    limits.max_connections = args.max_connections as usize;
+    limits.payload_timeout = Duration::from_secs(args.payload_timeout);
+    limits.idle_timeout = args.idle_timeout.map(Duration::from_secs);
+    // Beyond the address space means no limit at all; saturating says so.
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    if let Some(n) = args.write_budget {
+        limits.max_total_write_bytes = size(n);
+    }
+    if let Some(n) = args.read_budget {
+        limits.max_total_in_flight_bytes = size(n);
+    }
+    limits
+}
+
+fn export_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Runs the server until SIGINT/SIGTERM, then flushes every export. The caller has run
+/// recovery on every image.
+pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
+    if args.export_name.is_some() && args.images.len() != 1 {
+        return Err(Error::invalid(
+            Path::new("--export-name"),
+            "needs exactly one image",
+        ));
+    }
+    let access = if args.read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let cache = Arc::new(LowerCache::new());
+    let mut builder = Server::builder().limits(limits(args));
+    let mut names = Vec::new();
+    for img in &args.images {
+        let disk = Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone()))?;
+        let name = args.export_name.clone().unwrap_or_else(|| export_name(img));
+        if names.contains(&name) {
+            return Err(Error::invalid(
+                img,
+                format!("export name {name:?} is used twice"),
+            ));
+        }
+        names.push(name.clone());
+        builder = builder.export(name, Arc::new(DiskBackend::new(disk)));
+    }
+    if names.len() == 1 {
+        builder = builder.default_export(names[0].clone());
+    }
+    let socket = args.socket.clone();
+    let address = if let Some(path) = &socket {
+        builder = builder.unix_listener(process::bind_unix(path)?);
+        format!(
+            "{} (nbd+unix:///?socket={})",
+            path.display(),
+            path.display()
+        )
+    } else {
+        let addr = args.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let l = TcpListener::bind(addr).map_err(|e| Error::os(Path::new(addr), "bind", e))?;
+        let local = l
+            .local_addr()
+            .map_err(|e| Error::os(Path::new(addr), "local address", e))?;
+        builder = builder.tcp_listener(l);
+        format!("{local} (nbd://{local}/)")
+    };
+    let server = builder
+        .build()
+        .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()))?;
+    process::stop_on_signals(server.shutdown_handle())?;
+    process::announce(&names, &address);
+    let res = server
+        .serve()
+        .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()));
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    res
+}
