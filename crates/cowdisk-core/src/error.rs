@@ -148,6 +148,16 @@ pub enum OpenError {
     /// I/O on the open disk failed during a header update (e.g. the flush before a seal).
     #[error(transparent)]
     Disk(#[from] IoError),
+    /// The chain's metadata would take more memory than allowed.
+    #[error("{}: the chain's metadata needs {} MiB of memory so far, more than the limit of {} MiB (raise it with --max-metadata)", path.display(), needed >> 20, limit >> 20)]
+    TooLarge {
+        /// The layer at which the limit was passed.
+        path: PathBuf,
+        /// Bytes needed so far.
+        needed: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// Bad arguments to create.
     #[error("{}: {reason}", path.display())]
     Invalid {

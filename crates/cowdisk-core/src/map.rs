@@ -6,7 +6,7 @@
 //! sequence number, so a torn page write leaves the previous version intact.
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
@@ -14,7 +14,7 @@ use crate::error::FormatError;
 use crate::format::{
     self, BlockState, Geometry, PageSlot, ENTRIES_PER_PAGE, PAGE_HEADER, PAGE_SIZE,
 };
-use crate::storage::Storage;
+use crate::storage::{ReadStorage, Storage};
 
 const ENTRIES_PER_WORD: u64 = 32;
 const WORDS_PER_PAGE: u64 = ENTRIES_PER_PAGE / ENTRIES_PER_WORD;
@@ -37,13 +37,35 @@ struct PageMeta {
     sequence: u64,
 }
 
-/// One layer's allocation map.
+/// One layer's allocation map. Pages are materialised only once they hold a non-absent
+/// entry, so a huge, mostly empty layer costs memory in proportion to what it holds
+/// (plus a few dozen bytes per page of its virtual size).
 #[derive(Debug)]
 pub struct AllocMap {
-    words: Vec<AtomicU64>,
+    pages: Box<[OnceLock<Box<[AtomicU64]>>]>,
     blocks: u64,
     dirty: Vec<AtomicU64>,
-    pages: Mutex<Vec<PageMeta>>,
+    metas: Mutex<Vec<PageMeta>>,
+}
+
+/// Bytes of memory a map costs before any page is materialised, and per materialised page.
+pub const MAP_BYTES_PER_PAGE: u64 = 40;
+/// Bytes of one materialised map page in memory.
+pub const MAP_PAGE_BYTES: u64 = WORDS_PER_PAGE * 8;
+
+/// Allocates `n` items without aborting when `n` comes from untrusted input.
+fn try_vec<T>(n: u64, f: impl FnMut() -> T) -> Result<Vec<T>, FormatError> {
+    let mut v = Vec::new();
+    usize::try_from(n)
+        .ok()
+        .and_then(|n| v.try_reserve_exact(n).ok())
+        .ok_or(FormatError::Field {
+            field: "virtual_size",
+            value: Some(n),
+            reason: "map too large for this host's memory",
+        })?;
+    v.extend(std::iter::repeat_with(f).take(n as usize));
+    Ok(v)
 }
 
 /// Pages encoded for writing, taken before the data sync of a flush.
@@ -54,86 +76,118 @@ pub struct PendingPages {
 impl AllocMap {
     /// An all-absent map (a new layer).
     pub fn new(g: &Geometry) -> AllocMap {
-        let nwords = (g.map_pages * WORDS_PER_PAGE) as usize;
-        AllocMap {
-            words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
-            blocks: g.blocks,
-            dirty: (0..g.map_pages.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            pages: Mutex::new(vec![
-                PageMeta {
-                    active: None,
-                    sequence: 0
-                };
-                g.map_pages as usize
-            ]),
-        }
+        AllocMap::try_new(g).expect("map of a validated geometry")
     }
 
-    /// Reads and validates every page, choosing the newer valid slot of each.
+    /// As [`AllocMap::new`], failing instead of aborting where memory runs out.
+    pub fn try_new(g: &Geometry) -> Result<AllocMap, FormatError> {
+        let meta = PageMeta {
+            active: None,
+            sequence: 0,
+        };
+        Ok(AllocMap {
+            pages: try_vec(g.map_pages, OnceLock::new)?.into_boxed_slice(),
+            blocks: g.blocks,
+            dirty: try_vec(g.map_pages.div_ceil(64), || AtomicU64::new(0))?,
+            metas: Mutex::new(try_vec(g.map_pages, || meta)?),
+        })
+    }
+
+    /// Reads and validates every page, choosing the newer valid slot of each. Pages in a
+    /// hole of the file (never written) are skipped without reading.
     pub fn load(
-        storage: &dyn crate::storage::ReadStorage,
+        storage: &dyn ReadStorage,
         g: &Geometry,
     ) -> Result<(AllocMap, Vec<SlotFinding>), LoadError> {
-        let map = AllocMap::new(g);
+        let map = AllocMap::try_new(g).map_err(LoadError::Format)?;
         let mut findings = Vec::new();
         let mut buf = vec![0u8; 2 * PAGE_SIZE as usize];
-        let mut metas = Vec::with_capacity(g.map_pages as usize);
+        let mut metas = lock(&map.metas);
+        let mut data_at = Some(0);
         for p in 0..g.map_pages {
-            storage
-                .read_at(&mut buf, g.page_offset(p, 0))
-                .map_err(LoadError::Io)?;
-            let slots = [
-                format::decode_page(&buf[..PAGE_SIZE as usize], p),
-                format::decode_page(&buf[PAGE_SIZE as usize..], p),
-            ];
-            let mut best: Option<(usize, u64)> = None;
-            for (s, slot) in slots.iter().enumerate() {
-                match slot {
-                    PageSlot::Valid { sequence } => {
-                        if best.is_none_or(|(_, q)| *sequence > q) {
-                            best = Some((s, *sequence));
-                        }
+            let off = g.page_offset(p, 0);
+            if data_at.is_some_and(|d| d < off) {
+                data_at = storage.data_after(off).map_err(LoadError::Io)?;
+            }
+            if data_at.is_none_or(|d| d >= off + 2 * PAGE_SIZE) {
+                continue;
+            }
+            storage.read_at(&mut buf, off).map_err(LoadError::Io)?;
+            let Some((s, seq)) = map.load_page(p, &buf, &mut findings)? else {
+                continue;
+            };
+            metas[p as usize] = PageMeta {
+                active: Some(s),
+                sequence: seq,
+            };
+        }
+        drop(metas);
+        Ok((map, findings))
+    }
+
+    /// Decodes both slots of page `p`, keeps the newer valid one's entries; returns its
+    /// slot and sequence (`None` if neither was ever written).
+    fn load_page(
+        &self,
+        p: u64,
+        buf: &[u8],
+        findings: &mut Vec<SlotFinding>,
+    ) -> Result<Option<(usize, u64)>, LoadError> {
+        let slots = [
+            format::decode_page(&buf[..PAGE_SIZE as usize], p),
+            format::decode_page(&buf[PAGE_SIZE as usize..], p),
+        ];
+        let mut best: Option<(usize, u64)> = None;
+        for (s, slot) in slots.iter().enumerate() {
+            match slot {
+                PageSlot::Valid { sequence } => {
+                    if best.is_none_or(|(_, q)| *sequence > q) {
+                        best = Some((s, *sequence));
                     }
-                    PageSlot::Invalid(reason) => findings.push(SlotFinding {
-                        page: p,
-                        slot: s,
-                        reason,
-                    }),
-                    PageSlot::Empty => {}
                 }
-            }
-            let all_invalid = slots.iter().all(|s| matches!(s, PageSlot::Invalid(_)));
-            if all_invalid {
-                let reason = match &slots[0] {
-                    PageSlot::Invalid(r) => r,
-                    _ => "damaged",
-                };
-                return Err(LoadError::Format(FormatError::MapPage { page: p, reason }));
-            }
-            if let Some((s, seq)) = best {
-                let start = s * PAGE_SIZE as usize + PAGE_HEADER;
-                let entries = &buf[start..start + (PAGE_SIZE as usize - PAGE_HEADER)];
-                for w in 0..WORDS_PER_PAGE {
-                    let word = LE::read_u64(&entries[(w * 8) as usize..]);
-                    map.check_word(p * WORDS_PER_PAGE + w, word)
-                        .map_err(LoadError::Format)?;
-                    map.words[(p * WORDS_PER_PAGE + w) as usize].store(word, SeqCst);
-                }
-                metas.push(PageMeta {
-                    active: Some(s),
-                    sequence: seq,
-                });
-            } else {
-                metas.push(PageMeta {
-                    active: None,
-                    sequence: 0,
-                });
+                PageSlot::Invalid(reason) => findings.push(SlotFinding {
+                    page: p,
+                    slot: s,
+                    reason,
+                }),
+                PageSlot::Empty => {}
             }
         }
-        *map.pages.lock().unwrap_or_else(|e| e.into_inner()) = metas;
-        Ok((map, findings))
+        if slots.iter().all(|s| matches!(s, PageSlot::Invalid(_))) {
+            let reason = match &slots[0] {
+                PageSlot::Invalid(r) => r,
+                _ => "damaged",
+            };
+            return Err(LoadError::Format(FormatError::MapPage { page: p, reason }));
+        }
+        let Some((s, _)) = best else { return Ok(None) };
+        let start = s * PAGE_SIZE as usize + PAGE_HEADER;
+        let entries = &buf[start..start + (PAGE_SIZE as usize - PAGE_HEADER)];
+        for w in 0..WORDS_PER_PAGE {
+            let word = LE::read_u64(&entries[(w * 8) as usize..]);
+            if word != 0 {
+                self.check_word(p * WORDS_PER_PAGE + w, word)
+                    .map_err(LoadError::Format)?;
+                self.page_mut(p)[w as usize].store(word, SeqCst);
+            }
+        }
+        Ok(best)
+    }
+
+    /// Page `p`'s words, materialised.
+    fn page_mut(&self, p: u64) -> &[AtomicU64] {
+        self.pages[p as usize].get_or_init(|| {
+            (0..WORDS_PER_PAGE)
+                .map(|_| AtomicU64::new(0))
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+        })
+    }
+
+    /// Memory this map holds: the per-page index and the materialised pages.
+    pub fn memory_bytes(&self) -> u64 {
+        let held = self.pages.iter().filter(|p| p.get().is_some()).count() as u64;
+        self.pages.len() as u64 * MAP_BYTES_PER_PAGE + held * MAP_PAGE_BYTES
     }
 
     fn check_word(&self, widx: u64, word: u64) -> Result<(), FormatError> {
@@ -167,7 +221,7 @@ impl AllocMap {
     /// State of block `b` (must be < blocks).
     #[inline]
     pub fn get(&self, b: u64) -> BlockState {
-        let w = self.words[(b / ENTRIES_PER_WORD) as usize].load(SeqCst);
+        let w = self.word((b / ENTRIES_PER_WORD) as usize);
         match (w >> (2 * (b % ENTRIES_PER_WORD))) & 3 {
             1 => BlockState::Data,
             2 => BlockState::Zero,
@@ -175,13 +229,62 @@ impl AllocMap {
         }
     }
 
-    /// The raw word holding blocks `32*i .. 32*i+32` (for fast scans).
-    pub fn word(&self, i: usize) -> u64 {
-        self.words.get(i).map_or(0, |w| w.load(SeqCst))
+    /// The raw word holding blocks `32*i .. 32*i+32` (0 where the page is not held).
+    pub(crate) fn word(&self, i: usize) -> u64 {
+        let (p, w) = (i as u64 / WORDS_PER_PAGE, i as u64 % WORDS_PER_PAGE);
+        match self.pages.get(p as usize).and_then(OnceLock::get) {
+            Some(ws) => ws[w as usize].load(SeqCst),
+            None => 0,
+        }
+    }
+
+    /// Calls `f(word index, word)` for every non-zero word, skipping pages not held.
+    pub(crate) fn for_each_word(&self, mut f: impl FnMut(usize, u64)) {
+        for (p, page) in self.pages.iter().enumerate() {
+            let Some(ws) = page.get() else { continue };
+            for (j, w) in ws.iter().enumerate() {
+                let w = w.load(SeqCst);
+                if w != 0 {
+                    f(p * WORDS_PER_PAGE as usize + j, w);
+                }
+            }
+        }
+    }
+
+    /// True if every block of `[first, first + n)` lies in pages that hold nothing.
+    pub(crate) fn unheld(&self, first: u64, n: u64) -> bool {
+        let (p0, p1) = (
+            first / ENTRIES_PER_PAGE,
+            (first + n).div_ceil(ENTRIES_PER_PAGE),
+        );
+        (p0..p1).all(|p| self.page_unheld(p))
+    }
+
+    /// The end of the run of blocks from `b` that lie in a page holding nothing (`b`
+    /// itself if its page holds something).
+    pub(crate) fn unheld_until(&self, b: u64) -> u64 {
+        let p = b / ENTRIES_PER_PAGE;
+        if self.page_unheld(p) {
+            (p + 1) * ENTRIES_PER_PAGE
+        } else {
+            b
+        }
+    }
+
+    /// True if no entry of page `p` was ever non-absent.
+    fn page_unheld(&self, p: u64) -> bool {
+        self.pages.get(p as usize).is_none_or(|x| x.get().is_none())
     }
 
     /// True if any block in `[first, first + n)` holds data (`first` word-aligned).
     pub fn any_data(&self, first: u64, n: u64) -> bool {
+        let (p0, p1) = (
+            first / ENTRIES_PER_PAGE,
+            (first + n).div_ceil(ENTRIES_PER_PAGE),
+        );
+        if (p0..p1).all(|p| self.page_unheld(p)) {
+            return false;
+        }
         let words =
             (first / ENTRIES_PER_WORD) as usize..(first + n).div_ceil(ENTRIES_PER_WORD) as usize;
         // The low bit of each 2-bit entry is set only for data.
@@ -196,7 +299,11 @@ impl AllocMap {
         let end = first + n;
         let mut b = first;
         while b < end {
-            if b.is_multiple_of(ENTRIES_PER_WORD)
+            let page_end = ((b / ENTRIES_PER_PAGE + 1) * ENTRIES_PER_PAGE).min(end);
+            if self.page_unheld(b / ENTRIES_PER_PAGE) {
+                digest.absent(page_end - b);
+                b = page_end;
+            } else if b.is_multiple_of(ENTRIES_PER_WORD)
                 && end - b >= ENTRIES_PER_WORD
                 && self.word((b / ENTRIES_PER_WORD) as usize) == 0
             {
@@ -209,16 +316,15 @@ impl AllocMap {
         }
     }
 
-    /// Number of words.
-    pub fn word_count(&self) -> usize {
-        self.words.len()
-    }
-
     /// Sets block `b`'s state and marks its page dirty. Callers publish a state only
     /// after the data it exposes was written (see `flush`).
     pub fn set(&self, b: u64, state: BlockState) {
         let shift = 2 * (b % ENTRIES_PER_WORD);
-        let word = &self.words[(b / ENTRIES_PER_WORD) as usize];
+        let page = b / ENTRIES_PER_PAGE;
+        if state == BlockState::Absent && self.page_unheld(page) {
+            return;
+        }
+        let word = &self.page_mut(page)[((b % ENTRIES_PER_PAGE) / ENTRIES_PER_WORD) as usize];
         let mut cur = word.load(SeqCst);
         loop {
             let new = (cur & !(3 << shift)) | ((state as u64) << shift);
@@ -230,7 +336,6 @@ impl AllocMap {
                 Err(actual) => cur = actual,
             }
         }
-        let page = b / ENTRIES_PER_PAGE;
         self.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), SeqCst);
     }
 
@@ -242,27 +347,30 @@ impl AllocMap {
         }
     }
 
-    /// The blocks in `state` (not `Absent`), in order, skipping empty words.
+    /// The blocks in `state` (not `Absent`), in order, skipping pages not held.
     pub fn blocks_in(&self, state: BlockState) -> impl Iterator<Item = u64> + '_ {
-        (0..self.words.len()).flat_map(move |wi| {
-            let w = self.word(wi);
-            let first = wi as u64 * ENTRIES_PER_WORD;
-            (0..ENTRIES_PER_WORD)
-                .filter(move |j| w != 0 && (w >> (2 * j)) & 3 == state as u64)
-                .map(move |j| first + j)
-                .filter(move |&b| b < self.blocks)
-        })
+        let held = self.pages.iter().enumerate();
+        held.filter_map(|(p, pg)| pg.get().map(|ws| (p as u64, ws)))
+            .flat_map(move |(p, ws)| {
+                ws.iter().enumerate().flat_map(move |(j, w)| {
+                    let w = w.load(SeqCst);
+                    let first = (p * WORDS_PER_PAGE + j as u64) * ENTRIES_PER_WORD;
+                    (0..ENTRIES_PER_WORD)
+                        .filter(move |k| w != 0 && (w >> (2 * k)) & 3 == state as u64)
+                        .map(move |k| first + k)
+                })
+            })
+            .filter(move |&b| b < self.blocks)
     }
 
     /// Counts (data, zero) blocks.
     pub fn counts(&self) -> (u64, u64) {
         let (mut data, mut zero) = (0, 0);
-        for w in &self.words {
-            let w = w.load(SeqCst);
+        self.for_each_word(|_, w| {
             // Low bit of each pair = data, high bit = zero.
             data += u64::from((w & 0x5555_5555_5555_5555).count_ones());
             zero += u64::from((w & 0xAAAA_AAAA_AAAA_AAAA).count_ones());
-        }
+        });
         (data, zero)
     }
 
@@ -279,7 +387,7 @@ impl AllocMap {
                 let p = i as u64 * 64 + j;
                 let mut entries = vec![0u8; (WORDS_PER_PAGE * 8) as usize];
                 for w in 0..WORDS_PER_PAGE {
-                    let word = self.words[(p * WORDS_PER_PAGE + w) as usize].load(SeqCst);
+                    let word = self.word((p * WORDS_PER_PAGE + w) as usize);
                     LE::write_u64(&mut entries[(w * 8) as usize..], word);
                 }
                 pages.push((p, entries));
@@ -306,7 +414,7 @@ impl AllocMap {
         if pending.pages.is_empty() {
             return Ok(());
         }
-        let mut metas = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut metas = lock(&self.metas);
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         let mut next = Vec::with_capacity(pending.pages.len());
         for (p, entries) in &pending.pages {
@@ -332,6 +440,10 @@ impl AllocMap {
         }
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Why a map could not be loaded.

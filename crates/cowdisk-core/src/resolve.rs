@@ -31,17 +31,18 @@ pub struct ResolvedMap {
 }
 
 impl ResolvedMap {
+    /// Memory the chunk index takes for `blocks` blocks, before any chunk is made.
+    pub fn index_bytes(blocks: u64) -> u64 {
+        blocks.div_ceil(CHUNK) * 8
+    }
+
     /// Builds the map from lower layers' allocation maps, top-most first.
     pub fn build(blocks: u64, maps: &[&AllocMap]) -> ResolvedMap {
         let mut chunks: Vec<Option<Box<[u16]>>> =
             (0..blocks.div_ceil(CHUNK)).map(|_| None).collect();
         for (i, map) in maps.iter().enumerate() {
             let code = (i + 1) as u16;
-            for wi in 0..map.word_count() {
-                let w = map.word(wi);
-                if w == 0 {
-                    continue;
-                }
+            map.for_each_word(|wi, w| {
                 for j in 0..32u64 {
                     let v = (w >> (2 * j)) & 3;
                     let b = wi as u64 * 32 + j;
@@ -59,7 +60,7 @@ impl ResolvedMap {
                         };
                     }
                 }
-            }
+            });
         }
         ResolvedMap { chunks }
     }
@@ -79,6 +80,15 @@ impl ResolvedMap {
             }
         }
         Ok(())
+    }
+
+    /// The end of the run of blocks from `b` in a chunk no layer holds (`b` itself if
+    /// its chunk holds something).
+    pub fn unheld_until(&self, b: u64) -> u64 {
+        match self.chunks.get((b / CHUNK) as usize) {
+            Some(Some(_)) => b,
+            _ => (b / CHUNK + 1) * CHUNK,
+        }
     }
 
     /// The owner of block `b`.

@@ -26,6 +26,12 @@ pub trait ReadStorage: Send + Sync {
     fn allocated_bytes(&self) -> u64 {
         0
     }
+    /// The first offset at or after `offset` that may hold data (`None`: only holes
+    /// follow), so metadata in never-written holes is skipped unread. Where holes are
+    /// unknown every offset may hold data.
+    fn data_after(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok(Some(offset))
+    }
     /// The open file, for callers that move bytes without copying them (`sendfile`);
     /// `None` where there is no real file.
     fn fd(&self) -> Option<BorrowedFd<'_>> {
@@ -75,6 +81,15 @@ impl ReadStorage for FileStorage {
     }
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.file.as_fd())
+    }
+    fn data_after(&self, offset: u64) -> io::Result<Option<u64>> {
+        match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(d) => Ok(Some(d)),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            // No SEEK_DATA here: every offset may hold data.
+            Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(Some(offset)),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

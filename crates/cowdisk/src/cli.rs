@@ -23,6 +23,11 @@ pub struct Cli {
     /// colon-separated): for hosts that serve images they did not build.
     #[arg(long = "image-root", value_name = "DIR", global = true)]
     pub image_roots: Vec<PathBuf>,
+    /// Refuse chains whose metadata (maps, resolution) would take more memory than SIZE
+    /// [default: 1G]. Images hold about 40 bytes per 64 MiB of virtual size per layer,
+    /// plus 4 KiB per 16K blocks they hold.
+    #[arg(long = "max-metadata", value_name = "SIZE", global = true, value_parser = parse_size)]
+    pub max_metadata: Option<u64>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,

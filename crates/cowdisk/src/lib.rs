@@ -50,6 +50,8 @@ pub const EXIT_LEAKS: i32 = 4;
 
 /// Where parents come from in this process: confined to the image roots, if any.
 static SOURCE: OnceLock<Arc<dyn LayerSource>> = OnceLock::new();
+/// The cap on an open chain's metadata memory (`--max-metadata`).
+static MAX_METADATA: OnceLock<u64> = OnceLock::new();
 
 /// Confines every parent reference to `roots` (from `--image-root` and
 /// `COWDISK_IMAGE_ROOT`) for the rest of the process. No roots: unconfined.
@@ -70,7 +72,10 @@ pub fn layer_source() -> Arc<dyn LayerSource> {
 
 /// The options every command opens chains with: the process's layer source.
 pub fn open_options() -> OpenOptions {
-    let o = OpenOptions::new();
+    let mut o = OpenOptions::new();
+    if let Some(&m) = MAX_METADATA.get() {
+        o = o.metadata_limit(m);
+    }
     match SOURCE.get() {
         Some(s) => o.source(s.clone()),
         None => o,
@@ -96,6 +101,9 @@ pub fn run() -> i32 {
             return code;
         }
     };
+    if let Some(m) = cli.max_metadata {
+        let _ = MAX_METADATA.set(m);
+    }
     match set_image_roots(&image_roots(&cli)).and_then(|()| cmd::dispatch(&cli)) {
         Ok(code) => code,
         Err(e) => {

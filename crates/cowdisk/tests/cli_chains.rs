@@ -160,3 +160,37 @@ fn references_to_other_things_are_refused() {
         assert_eq!(hash(&topp), before, "{target}: the top changed");
     }
 }
+
+/// Issue 10, defect 4: three 15 TiB layers of 4 KiB blocks (a few KiB on disk) once
+/// took 1-4 GB to open and aborted under a memory limit. Memory now follows what the
+/// layers hold, and a cap refuses with a clear error instead of aborting.
+#[test]
+fn huge_sparse_chains_open_in_little_memory() {
+    let t = Tmp::new("chains-huge");
+    ok(&[
+        "create",
+        &t.s("a.cow"),
+        "--size",
+        "15T",
+        "--block-size",
+        "4K",
+    ]);
+    ok(&["create", &t.s("b.cow"), "--backing", &t.s("a.cow")]);
+    ok(&["create", &t.s("c.cow"), "--backing", &t.s("b.cow")]);
+    let bin = env!("CARGO_BIN_EXE_cowdisk");
+    for cmd in ["info", "map", "check"] {
+        // 600 MB of address space: the old engine needed 4 GB for `info`.
+        let o = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -v 600000; exec {bin} {cmd} {}",
+                t.s("c.cow")
+            ))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{cmd}: {:?} {}", o.status, stderr(&o));
+    }
+    let o = run(&["info", &t.s("c.cow"), "--max-metadata", "16M"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("--max-metadata"), "{}", stderr(&o));
+}

@@ -12,14 +12,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
 pub use relink::rebase;
+
 pub use source::{folder_of, open_layer_file, LayerId, LayerSource, LocalFiles, OpenedLayer};
 pub use walk::{check_link, link_problems, ChainWalk, LinkError, WalkStop, WalkedLayer, MAX_DEPTH};
 
-use crate::disk::{Access, Disk, Lower, LowerLayer, Top, TopHeader};
+use crate::disk::{verified_index_bytes, Access, Disk, Lower, LowerLayer, Top, TopHeader};
 use crate::error::OpenError;
 use crate::format::{Header, LayerState, FLAG_NEEDS_CHECK};
 use crate::layer::{load_map, read_header, verify_seal_digest};
 use crate::map::AllocMap;
+use crate::resolve::ResolvedMap;
 use crate::storage::{FileStorage, ReadStorage, Storage};
 
 /// Shares resolved lower chains between disks opened in one process, keyed by the
@@ -55,7 +57,13 @@ pub struct OpenOptions {
     cache: Option<Arc<LowerCache>>,
     force_share: bool,
     source: Option<Arc<dyn LayerSource>>,
+    metadata_limit: u64,
 }
+
+/// Default cap on the memory an open chain's metadata may take (maps, resolution,
+/// verification bits): far above what real images need, far below what a crafted chain
+/// of huge empty layers would ask.
+pub const DEFAULT_METADATA_LIMIT: u64 = 1 << 30;
 
 impl Default for OpenOptions {
     fn default() -> Self {
@@ -64,6 +72,7 @@ impl Default for OpenOptions {
             cache: None,
             force_share: false,
             source: None,
+            metadata_limit: DEFAULT_METADATA_LIMIT,
         }
     }
 }
@@ -89,6 +98,12 @@ impl OpenOptions {
     /// effect on read-write opens, which always lock.
     pub fn force_share(mut self) -> OpenOptions {
         self.force_share = true;
+        self
+    }
+    /// Caps the memory the chain's metadata may take (default
+    /// [`DEFAULT_METADATA_LIMIT`]); a chain that would need more is refused at open.
+    pub fn metadata_limit(mut self, bytes: u64) -> OpenOptions {
+        self.metadata_limit = bytes;
         self
     }
     /// Where parents come from (default: [`LocalFiles`], unconfined).
@@ -162,9 +177,11 @@ impl Disk {
         let (file, top_id) = open_layer_file(path, opts.access, opts.locking())?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let (top, header) = load_top(storage, path, opts.access)?;
+        let mut budget = Budget::new(opts.metadata_limit);
+        budget.add(path, top.map.memory_bytes())?;
         let lower = match &header.parent {
             None => Arc::new(Lower::empty()),
-            Some(_) => open_lowers(path, &header, top_id, opts)?,
+            Some(_) => open_lowers(path, &header, top_id, opts, &mut budget)?,
         };
         Ok(Disk::assemble(top, lower, opts.access))
     }
@@ -211,6 +228,30 @@ impl Disk {
     }
 }
 
+/// Memory an opening chain's metadata takes so far, against the limit.
+struct Budget {
+    used: u64,
+    limit: u64,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Budget {
+        Budget { used: 0, limit }
+    }
+    /// Counts `bytes` for the layer at `path`; refuses the chain past the limit.
+    fn add(&mut self, path: &Path, bytes: u64) -> Result<(), OpenError> {
+        self.used = self.used.saturating_add(bytes);
+        if self.used > self.limit {
+            return Err(OpenError::TooLarge {
+                path: path.to_path_buf(),
+                needed: self.used,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Walks parent references from `top`, validating each link, or takes the resolved
 /// chain from the cache when its first layer is already open in this process.
 fn open_lowers(
@@ -218,6 +259,7 @@ fn open_lowers(
     top: &Header,
     top_id: LayerId,
     opts: &OpenOptions,
+    budget: &mut Budget,
 ) -> Result<Arc<Lower>, OpenError> {
     let local;
     let source: &dyn LayerSource = match &opts.source {
@@ -247,9 +289,12 @@ fn open_lowers(
         }
         child_path = l.path.clone();
         let (layer, map) = load_lower(l.storage, &l.path, l.loaded.header)?;
+        let blocks = layer.header.geometry.blocks;
+        budget.add(&l.path, map.memory_bytes() + verified_index_bytes(blocks))?;
         layers.push(layer);
         maps.push(map);
     }
+    budget.add(top_path, ResolvedMap::index_bytes(top.geometry.blocks))?;
     let lower = Arc::new(Lower::new(layers, &maps, top.geometry.blocks));
     if let (Some(c), Some(id)) = (cache, first_id) {
         c.put(id, &lower);

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::IoError;
 use crate::format::{Header, COMPAT_BLOCK_CRCS};
@@ -19,9 +19,20 @@ pub struct LowerLayer {
     pub(crate) header: Header,
     pub(crate) data_blocks: u64,
     pub(crate) zero_blocks: u64,
-    /// One bit per block: its data was checked against its stored CRC once. Sealed
-    /// layers never change, so once is enough; shared by every disk using the layer.
-    verified: Box<[AtomicU64]>,
+    /// One bit per block, in chunks made on first use: its data was checked against its
+    /// stored CRC once. Sealed layers never change, so once is enough; shared by every
+    /// disk using the layer.
+    verified: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    /// Without stored CRCs there is nothing to verify against.
+    no_crcs: bool,
+}
+
+/// Words (64 blocks each) per chunk of verified bits.
+const VERIFIED_CHUNK: u64 = 1024;
+
+/// Memory a layer's verified-bit index costs per block, before any chunk is made.
+pub(crate) fn verified_index_bytes(blocks: u64) -> u64 {
+    blocks.div_ceil(64 * VERIFIED_CHUNK) * 24
 }
 
 impl LowerLayer {
@@ -31,20 +42,15 @@ impl LowerLayer {
         header: Header,
         counts: (u64, u64),
     ) -> LowerLayer {
-        let words = header.geometry.blocks.div_ceil(64) as usize;
-        // Without stored CRCs there is nothing to verify against.
-        let init = if header.compat & COMPAT_BLOCK_CRCS != 0 {
-            0
-        } else {
-            u64::MAX
-        };
+        let chunks = header.geometry.blocks.div_ceil(64 * VERIFIED_CHUNK) as usize;
         LowerLayer {
             storage,
             path,
+            no_crcs: header.compat & COMPAT_BLOCK_CRCS == 0,
             header,
             data_blocks: counts.0,
             zero_blocks: counts.1,
-            verified: (0..words).map(|_| AtomicU64::new(init)).collect(),
+            verified: (0..chunks).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -59,7 +65,11 @@ impl LowerLayer {
     }
 
     pub(crate) fn is_verified(&self, b: u64) -> bool {
-        self.verified[(b / 64) as usize].load(SeqCst) & (1 << (b % 64)) != 0
+        let (c, w) = ((b / 64) / VERIFIED_CHUNK, (b / 64) % VERIFIED_CHUNK);
+        self.no_crcs
+            || self.verified[c as usize]
+                .get()
+                .is_some_and(|ws| ws[w as usize].load(SeqCst) & (1 << (b % 64)) != 0)
     }
 
     /// Compares `data` (block `b`'s bytes, its virtual length) with the stored CRC.
@@ -70,7 +80,10 @@ impl LowerLayer {
     /// As [`LowerLayer::verify`], with the CRC of the block's bytes already computed.
     pub(crate) fn verify_crc(&self, b: u64, actual: u32) -> Result<(), IoError> {
         verify_block_crc(&*self.storage, &self.path, &self.header.geometry, b, actual)?;
-        self.verified[(b / 64) as usize].fetch_or(1 << (b % 64), SeqCst);
+        let (c, w) = ((b / 64) / VERIFIED_CHUNK, (b / 64) % VERIFIED_CHUNK);
+        let ws = self.verified[c as usize]
+            .get_or_init(|| (0..VERIFIED_CHUNK).map(|_| AtomicU64::new(0)).collect());
+        ws[w as usize].fetch_or(1 << (b % 64), SeqCst);
         Ok(())
     }
 

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub(crate) use lower::verified_index_bytes;
 pub use lower::{Lower, LowerLayer};
 pub use types::{Access, Extent, ExtentState, LayerInfo, ReadPiece, WriteFlags, ZeroFlags};
 
@@ -179,6 +180,14 @@ impl Disk {
         }
     }
 
+    /// How many blocks from `b` (itself unallocated) are surely unallocated too: up to the
+    /// end of the top's map page and of the resolved chunk, where either holds nothing.
+    fn unheld_run(&self, b: u64) -> u64 {
+        let top = self.top.map.unheld_until(b);
+        let low = self.lower.resolved.unheld_until(b);
+        top.min(low).min(self.geometry.blocks).max(b + 1) - b
+    }
+
     fn kind_of(&self, b: u64) -> MappingKind {
         block_kind(self.top.map.get(b), || self.lower.resolved.get(b))
     }
@@ -204,8 +213,13 @@ impl Disk {
         let mut run: Option<Mapping> = None;
         while b * bs < end {
             let kind = self.kind_of(b);
+            // A region no layer holds is skipped as a whole, not block by block.
+            let step = match kind {
+                MappingKind::Unallocated => self.unheld_run(b),
+                _ => 1,
+            };
             let start = (b * bs).max(offset);
-            let stop = ((b + 1) * bs).min(end);
+            let stop = ((b + step) * bs).min(end);
             match &mut run {
                 Some(r) if r.kind == kind => r.len += stop - start,
                 _ => {
@@ -219,7 +233,7 @@ impl Disk {
                     });
                 }
             }
-            b += 1;
+            b += step;
         }
         if let Some(r) = run {
             f(r)?;

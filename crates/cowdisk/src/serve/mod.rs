@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cowdisk_core::{Access, Disk, LowerCache, OpenOptions};
+use cowdisk_core::{Access, Disk, LowerCache};
 use cowdisk_nbd::Server;
 
 use crate::error::Error;
@@ -123,7 +123,10 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let mut builder = Server::builder().limits(limits(args));
     let mut names = Vec::new();
     for img in &args.images {
-        let disk = Disk::open(img, &OpenOptions::new().access(access).cache(cache.clone()))?;
+        let disk = Disk::open(
+            img,
+            &crate::open_options().access(access).cache(cache.clone()),
+        )?;
         let name = args.export_name.clone().unwrap_or_else(|| export_name(img));
         if names.contains(&name) {
             return Err(Error::invalid(
