@@ -45,6 +45,9 @@ pub struct AllocMap {
     pages: Box<[OnceLock<Box<[AtomicU64]>>]>,
     blocks: u64,
     dirty: Vec<AtomicU64>,
+    /// One bit per page: space for both its slots was reserved in this process, so its
+    /// write-back needs no allocation.
+    space_ready: Vec<AtomicU64>,
     metas: Mutex<Vec<PageMeta>>,
 }
 
@@ -89,6 +92,7 @@ impl AllocMap {
             pages: try_vec(g.map_pages, OnceLock::new)?.into_boxed_slice(),
             blocks: g.blocks,
             dirty: try_vec(g.map_pages.div_ceil(64), || AtomicU64::new(0))?,
+            space_ready: try_vec(g.map_pages.div_ceil(64), || AtomicU64::new(0))?,
             metas: Mutex::new(try_vec(g.map_pages, || meta)?),
         })
     }
@@ -251,6 +255,21 @@ impl AllocMap {
         }
     }
 
+    /// True once both slots of page `p` have space reserved.
+    pub(crate) fn page_space_ready(&self, p: u64) -> bool {
+        self.space_ready[(p / 64) as usize].load(SeqCst) & (1 << (p % 64)) != 0
+    }
+
+    /// Records that both slots of page `p` have space reserved.
+    pub(crate) fn set_page_space_ready(&self, p: u64) {
+        self.space_ready[(p / 64) as usize].fetch_or(1 << (p % 64), SeqCst);
+    }
+
+    /// The pages that hold entries, for reserving their slots when a top is opened.
+    pub(crate) fn held_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.pages.len() as u64).filter(|&p| !self.page_unheld(p))
+    }
+
     /// True if every block of `[first, first + n)` lies in pages that hold nothing.
     pub(crate) fn unheld(&self, first: u64, n: u64) -> bool {
         let (p0, p1) = (
@@ -404,13 +423,14 @@ impl AllocMap {
     }
 
     /// Writes pending pages into their inactive slots and syncs. On success the
-    /// written slots become active.
+    /// written slots become active. An error says whether the sync failed (`true`) or a
+    /// page write did (`false`, nothing changed that a retry would not redo).
     pub fn write_back(
         &self,
         storage: &dyn Storage,
         g: &Geometry,
         pending: &PendingPages,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), (bool, std::io::Error)> {
         if pending.pages.is_empty() {
             return Ok(());
         }
@@ -425,7 +445,9 @@ impl AllocMap {
             };
             let seq = meta.sequence + 1;
             format::encode_page(&mut buf, *p, seq, entries);
-            storage.write_at(&buf, g.page_offset(*p, slot))?;
+            storage
+                .write_at(&buf, g.page_offset(*p, slot))
+                .map_err(|e| (false, e))?;
             next.push((
                 *p,
                 PageMeta {
@@ -434,7 +456,7 @@ impl AllocMap {
                 },
             ));
         }
-        storage.sync()?;
+        storage.sync().map_err(|e| (true, e))?;
         for (p, m) in next {
             metas[p as usize] = m;
         }

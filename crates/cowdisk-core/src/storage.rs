@@ -49,6 +49,12 @@ pub trait Storage: ReadStorage {
     fn sync(&self) -> io::Result<()>;
     /// Deallocates a range; it reads as zeros afterwards.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Reserves space for a range (without changing what it reads), so later writes into
+    /// it need no allocation. Where that cannot be reserved, does nothing.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 /// A real file.
@@ -94,6 +100,14 @@ impl ReadStorage for FileStorage {
 }
 
 impl Storage for FileStorage {
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(&self.file, FallocateFlags::KEEP_SIZE, offset, len) {
+            // File systems that cannot reserve space allocate on write, as before.
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => Ok(()),
+            r => r.map_err(Into::into),
+        }
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
     }

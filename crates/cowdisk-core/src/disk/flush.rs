@@ -7,7 +7,9 @@ use crate::error::IoError;
 
 impl Disk {
     /// Makes every write completed before this call durable. After a failed sync the
-    /// disk is poisoned: this and every later flush fails.
+    /// disk is poisoned: this and every later flush fails. A failed map-page write (it
+    /// should not happen: page space is reserved before a write needs it) fails this
+    /// flush only; the pages stay dirty for the next one.
     pub fn flush(&self) -> Result<(), IoError> {
         if self.access == Access::ReadOnly {
             return Ok(());
@@ -20,19 +22,34 @@ impl Disk {
         }
         let pending = self.top.map.take_dirty();
         let st = &*self.top.storage;
+        let path = &self.top.path;
         let res = st
             .sync()
-            .map_err(|e| Self::io_err(&self.top.path, "sync data", 0, e))
+            .map_err(|e| (true, Self::io_err(path, "sync data", 0, e)))
             .and_then(|()| {
                 self.top
                     .map
                     .write_back(st, &self.geometry, &pending)
-                    .map_err(|e| Self::io_err(&self.top.path, "write allocation map", 0, e))
+                    .map_err(|(failed_sync, e)| {
+                        let op = if failed_sync {
+                            "sync allocation map"
+                        } else {
+                            "write allocation map"
+                        };
+                        (failed_sync, Self::io_err(path, op, 0, e))
+                    })
             });
-        if res.is_err() {
-            self.poisoned.store(true, SeqCst);
-            self.top.map.redirty(&pending);
+        match res {
+            Ok(()) => Ok(()),
+            Err((failed_sync, e)) => {
+                // Only a failed sync loses writes the kernel may have dropped: that is
+                // what poisons. A write that found no space can simply be tried again.
+                if failed_sync {
+                    self.poisoned.store(true, SeqCst);
+                }
+                self.top.map.redirty(&pending);
+                Err(e)
+            }
         }
-        res
     }
 }

@@ -78,6 +78,21 @@ impl Disk {
         let geometry = header.geometry;
         let sealed_top = (header.state == LayerState::Sealed)
             .then(|| LowerLayer::new(top.storage.clone(), top.path.clone(), header, (0, 0)));
+        if access == Access::ReadWrite {
+            // Pages written before this open may have one slot only; reserve the other
+            // now, while it is likely free, so later flushes need no space. Best effort:
+            // a page left without is reserved by the next write that changes it.
+            for p in top.map.held_pages().collect::<Vec<_>>() {
+                let off = geometry.page_offset(p, 0);
+                if top
+                    .storage
+                    .allocate(off, 2 * crate::format::PAGE_SIZE)
+                    .is_ok()
+                {
+                    top.map.set_page_space_ready(p);
+                }
+            }
+        }
         Disk {
             top,
             sealed_top,

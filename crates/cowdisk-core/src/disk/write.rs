@@ -33,7 +33,6 @@ impl Disk {
         let top = &*self.top.storage;
         let path = &self.top.path;
         let off = self.geometry.block_offset(b);
-        let blen = self.geometry.block_len(b);
         let state = self.top.map.get(b);
         if state == BlockState::Data {
             let o = off + within as u64;
@@ -41,7 +40,33 @@ impl Disk {
                 .write_at(chunk, o)
                 .map_err(|e| Self::io_err(path, "write", o, e));
         }
-        if within == 0 && chunk.len() == blen {
+        // The map page that will expose this block gets its space first, so the flush
+        // that commits it never allocates (a full file system fails this write instead).
+        self.ensure_map_space(b)?;
+        let res = self.fill_new_block(b, state, within, chunk);
+        if res.is_err() {
+            // Give back what a failed write allocated: a full disk costs only the writes
+            // that succeed. Best effort; `check` reports anything left.
+            let _ = top.punch_hole(off, u64::from(self.geometry.block_size));
+            return res;
+        }
+        self.top.map.set(b, BlockState::Data);
+        Ok(())
+    }
+
+    /// Writes `chunk` into block `b`, which the top does not hold yet (`state`): whole,
+    /// copied up from below, or over zeros.
+    fn fill_new_block(
+        &self,
+        b: u64,
+        state: BlockState,
+        within: usize,
+        chunk: &[u8],
+    ) -> Result<(), IoError> {
+        let top = &*self.top.storage;
+        let path = &self.top.path;
+        let off = self.geometry.block_offset(b);
+        if within == 0 && chunk.len() == self.geometry.block_len(b) {
             // Covers the whole block: nothing below matters.
             top.write_at(chunk, off)
                 .map_err(|e| Self::io_err(path, "write", off, e))?;
@@ -64,7 +89,22 @@ impl Disk {
                 }
             }
         }
-        self.top.map.set(b, BlockState::Data);
+        Ok(())
+    }
+
+    /// Allocates both slots of the map page holding block `b` if they may not be yet.
+    pub(super) fn ensure_map_space(&self, b: u64) -> Result<(), IoError> {
+        let page = b / crate::format::ENTRIES_PER_PAGE;
+        if self.top.map.page_space_ready(page) {
+            return Ok(());
+        }
+        let off = self.geometry.page_offset(page, 0);
+        let len = 2 * crate::format::PAGE_SIZE;
+        self.top
+            .storage
+            .allocate(off, len)
+            .map_err(|e| Self::io_err(&self.top.path, "allocate map page", off, e))?;
+        self.top.map.set_page_space_ready(page);
         Ok(())
     }
 
@@ -158,6 +198,7 @@ impl Disk {
             BlockState::Absent => {
                 // Only lower data needs hiding; anything else already reads zeros.
                 if matches!(self.lower.resolved.get(b), LowerOwner::Data(_)) {
+                    self.ensure_map_space(b)?;
                     self.top.map.set(b, BlockState::Zero);
                 }
                 Ok(())

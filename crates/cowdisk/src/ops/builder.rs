@@ -107,7 +107,7 @@ impl LayerBuilder {
             .map_err(|e| Error::os(&tmp, "sync data", e))?;
         self.map
             .write_back(&self.storage, &g, &pending)
-            .map_err(|e| Error::os(&tmp, "write allocation map", e))?;
+            .map_err(|(_, e)| Error::os(&tmp, "write allocation map", e))?;
         failpoint::hit(&format!("{}.after_temp", self.tag));
         if seal {
             let loaded = read_header(&self.storage, &tmp)?;

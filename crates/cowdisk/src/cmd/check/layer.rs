@@ -186,7 +186,7 @@ fn check_layer(
             slots.iter().for_each(|s| map.mark_page_dirty(s.page));
             let pending = map.take_dirty();
             map.write_back(w, &g, &pending)
-                .map_err(|e| Error::os(&path, "rewrite map slots", e))?;
+                .map_err(|(_, e)| Error::os(&path, "rewrite map slots", e))?;
             failpoint::hit("check.repair.after_map");
             idx.into_iter().for_each(|i| ctx.repaired(i));
         }
