@@ -101,6 +101,7 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
         check_layer(&mut ctx, &*l.storage, None, false, show, l.loaded)?;
         held.push(l.storage);
     }
+    super::temps::check_temps(&mut report, image, repair)?;
     if let Some((i, true)) = top_needs_check {
         let others = report
             .findings

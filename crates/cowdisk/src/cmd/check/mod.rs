@@ -3,13 +3,15 @@
 //!
 //! Findings are errors (corruption: the disk may read wrong, or the chain does not
 //! open) or leaks (harmless: damaged *inactive* header or map slots left by a torn
-//! update, space allocated for unreferenced blocks, bytes past the layout's end).
-//! `--repair` only writes a writable top layer, only makes changes that do not alter
+//! update, space allocated for unreferenced blocks, bytes past the layout's end, stale
+//! temp files). `--repair` only writes a writable top layer (and removes stale temp
+//! files), only makes changes that do not alter
 //! what the disk reads (rewrite an inactive slot from the valid one, punch unreferenced
 //! blocks, truncate trailing bytes) and clears the needs-check flag when nothing else
 //! is wrong. Lower layers are never written.
 
 mod layer;
+mod temps;
 
 use std::path::{Path, PathBuf};
 
