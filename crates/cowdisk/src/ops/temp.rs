@@ -90,10 +90,14 @@ fn is_uuid(s: &str) -> bool {
         })
 }
 
-/// Opens `path` (no symlinks, no FIFOs waiting) and tries its lock: `Some(file)` holding
+/// Opens `path` (regular files only, no symlinks) and tries its lock: `Some(file)` holding
 /// the lock if it is a regular file nobody holds.
 fn lock_if_unheld(path: &Path) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Never open a device or FIFO that merely carries a temp file's name.
+    if !path.symlink_metadata().ok()?.is_file() {
+        return None;
+    }
     let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
     let file = std::fs::OpenOptions::new()
         .read(true)
