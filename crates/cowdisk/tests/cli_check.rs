@@ -537,4 +537,28 @@ fn damaged_newest_map_slot_is_an_error_and_repair_keeps_its_data() {
     assert_eq!(content(&vm), older);
     assert_eq!(peek(&vm, g.block_offset(7), 4096), vec![0; 4096]);
     assert_eq!(hash(&t.p("base.cow")), base);
+
+    // Garbage in slot B of a page never flushed (slot A empty): discarding must overwrite
+    // slot B itself, not only fill slot A.
+    let t = Tmp::new("check-newest-slot-b");
+    ok(&[
+        "create",
+        &t.s("new.cow"),
+        "--size",
+        "1M",
+        "--block-size",
+        "4K",
+    ]);
+    poke(&t.p("new.cow"), 8192 + 4096, b"CDMPxxxxxxxxxxxxxxxxxxxx");
+    let (c, v) = check(&t.s("new.cow"), false);
+    assert_eq!((c, kinds(&v)), (2, vec!["map_slot_newer".to_string()]));
+    let o = run(&[
+        "check",
+        &t.s("new.cow"),
+        "--repair",
+        "--discard-unreferenced",
+    ]);
+    assert_eq!(code(&o), 3, "{}", stdout(&o));
+    let (c, v) = check(&t.s("new.cow"), false);
+    assert_eq!(c, 0, "{v}");
 }

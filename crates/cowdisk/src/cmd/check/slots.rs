@@ -61,6 +61,10 @@ pub(super) fn check_slots(
             // The operator accepts the loss: the older slot's view becomes final first,
             // so a crash from here on leaves only plain leaks.
             rewrite_pages(ctx, w, g, map, [s.page].into_iter())?;
+            if s.current_sequence.is_none() && s.slot == 1 {
+                // A never-written page's first write goes to slot A; slot B needs a second.
+                rewrite_pages(ctx, w, g, map, [s.page].into_iter())?;
+            }
             failpoint::hit("check.repair.after_discard_slot");
             punch(ctx, w, g, &at_risk)?;
             ctx.repaired(i);
