@@ -27,6 +27,7 @@ pub mod error;
 pub mod format;
 pub mod layer;
 mod map;
+mod map_slots;
 mod resolve;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -44,5 +45,6 @@ pub use disk::{
 pub use error::{FormatError, IoError, IoErrorKind, OpenError};
 pub use format::{BlockState, Geometry, Header, LayerState, ParentRef, Uuid, DEFAULT_BLOCK_SIZE};
 pub use map::{AllocMap, PendingPages, SlotFinding};
+pub use map_slots::SlotEntries;
 pub use resolve::{LowerOwner, Mapping, MappingKind};
 pub use storage::{FileStorage, ReadStorage, Storage};

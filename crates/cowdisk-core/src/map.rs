@@ -28,6 +28,17 @@ pub struct SlotFinding {
     pub slot: usize,
     /// What was wrong.
     pub reason: &'static str,
+    /// False only when the slot is provably the older copy of its page (harmless). True
+    /// when it may hold a newer flush than the slot in use: a torn flush, or damage
+    /// after a completed one, which the format cannot tell apart (FORMAT.md).
+    pub maybe_newer: bool,
+    /// The sequence the slot claims, when its magic and page index are intact.
+    pub claimed_sequence: Option<u64>,
+    /// The sequence of the slot in use (`None`: the page reads as all absent).
+    pub current_sequence: Option<u64>,
+    /// Data and whiteouts the damaged slot records beyond the slot in use, when its
+    /// magic and page index are intact.
+    pub beyond_current: Option<crate::map_slots::SlotEntries>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -143,18 +154,15 @@ impl AllocMap {
         ];
         let mut best: Option<(usize, u64)> = None;
         for (s, slot) in slots.iter().enumerate() {
-            match slot {
-                PageSlot::Valid { sequence } => {
-                    if best.is_none_or(|(_, q)| *sequence > q) {
-                        best = Some((s, *sequence));
-                    }
+            if let PageSlot::Valid { sequence } = slot {
+                if best.is_none_or(|(_, q)| *sequence > q) {
+                    best = Some((s, *sequence));
                 }
-                PageSlot::Invalid(reason) => findings.push(SlotFinding {
-                    page: p,
-                    slot: s,
-                    reason,
-                }),
-                PageSlot::Empty => {}
+            }
+        }
+        for (s, slot) in slots.iter().enumerate() {
+            if let PageSlot::Invalid(reason) = slot {
+                findings.push(slot_finding(buf, p, s, reason, best, self.blocks));
             }
         }
         if slots.iter().all(|s| matches!(s, PageSlot::Invalid(_))) {
@@ -461,6 +469,34 @@ impl AllocMap {
             metas[p as usize] = m;
         }
         Ok(())
+    }
+}
+
+/// Describes damaged slot `s` of page `p` (`buf` holds both slots) against the slot in
+/// use, `best`.
+fn slot_finding(
+    buf: &[u8],
+    p: u64,
+    s: usize,
+    reason: &'static str,
+    best: Option<(usize, u64)>,
+    blocks: u64,
+) -> SlotFinding {
+    let ps = PAGE_SIZE as usize;
+    let d = crate::map_slots::Damaged {
+        page: p,
+        raw: &buf[s * ps..(s + 1) * ps],
+        current: best.map(|(c, q)| (q, &buf[c * ps + PAGE_HEADER..(c + 1) * ps])),
+        blocks,
+    };
+    SlotFinding {
+        page: p,
+        slot: s,
+        reason,
+        maybe_newer: d.maybe_newer(),
+        claimed_sequence: d.claimed_sequence(),
+        current_sequence: best.map(|(_, q)| q),
+        beyond_current: d.entries_beyond_current(),
     }
 }
 

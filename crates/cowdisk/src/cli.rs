@@ -56,7 +56,9 @@ cowdisk create vm2.cow --backing base.cow --json | jq -r .image.uuid"
         after_help = "Example:\n  cowdisk check vm1.cow\n  cowdisk check vm1.cow --repair --json\n\n\
 Exit codes: 0 clean, 1 check could not run, 2 corruption found, 3 problems found and all repaired, \
 4 only harmless leaks found (run with --repair to reclaim them).\n\
---repair only writes the top layer and never changes what the disk reads as."
+--repair only writes the top layer and never changes what the disk reads as. It keeps data that a\n\
+damaged newer map slot may reference (`map_slot_newer`: flushed writes may be lost) and flags the\n\
+image needs-check; --repair --discard-unreferenced accepts that loss and drops them."
     )]
     Check(CheckArgs),
     /// Freeze the image's content as a sealed layer; the image continues over it.
@@ -134,6 +136,11 @@ pub struct CheckArgs {
     /// Repair what can be repaired safely (top layer only).
     #[arg(long)]
     pub repair: bool,
+    /// With --repair: also accept findings that may mean lost flushed writes
+    /// (`map_slot_newer`): fall back to the older map slot for good and punch the data
+    /// blocks only the damaged slot may have referenced.
+    #[arg(long, requires = "repair")]
+    pub discard_unreferenced: bool,
     /// Machine-readable output (schema in README.md, "JSON output").
     #[arg(long)]
     pub json: bool,

@@ -109,19 +109,37 @@ fn damaged_inactive_header_slot_is_a_leak_and_repairable() {
     assert_eq!(hash(&t.p("base.cow")), base);
 }
 
+/// A second flush of `vm.cow` (block 5), so map page 0's slot B holds sequence 2 and
+/// slot A the older sequence 1; then damages slot A's entries (its sequence stays
+/// readable, so it is provably the older copy).
+fn damage_older_map_slot(vm: &Path) {
+    apply_image(vm, &[Op::Write(5 * BS, BS, 0x55)]);
+    poke(vm, 8192 + 100, b"garbage");
+}
+
 #[test]
-fn damaged_inactive_map_slot_is_repairable() {
+fn damaged_older_map_slot_is_a_leak_and_repairable() {
     let t = Tmp::new("check-map");
     small_chain(&t, 5, 6);
+    damage_older_map_slot(&t.p("vm.cow"));
     let before = content(&t.p("vm.cow"));
-    // Page 0's slot B (slot A holds the one flushed version).
-    poke(&t.p("vm.cow"), 8192 + 4096, b"CDMPxxxxxxxxxxxxxxxxxxxx");
     let (c, v) = check(&t.s("vm.cow"), false);
     assert_eq!(c, 4, "{v}");
     assert_eq!(kinds(&v), ["map_slot"]);
     assert_eq!(check(&t.s("vm.cow"), true).0, 3);
     assert_eq!(check(&t.s("vm.cow"), false).0, 0);
     assert_eq!(content(&t.p("vm.cow")), before);
+
+    // Garbage in slot B next to slot A's sequence 1: B was never legitimately written
+    // before A, so it can only be a newer (torn or damaged) flush: not a leak.
+    let t = Tmp::new("check-map-b");
+    small_chain(&t, 5, 6);
+    poke(&t.p("vm.cow"), 8192 + 4096, b"CDMPxxxxxxxxxxxxxxxxxxxx");
+    let (c, v) = check(&t.s("vm.cow"), false);
+    assert_eq!(c, 2, "{v}");
+    assert_eq!(kinds(&v), ["map_slot_newer"]);
+    let msg = v["findings"][0]["message"].as_str().unwrap();
+    assert!(msg.contains("sequence is unreadable"), "{msg}");
 }
 
 #[test]
@@ -254,62 +272,154 @@ fn needs_check_flag_cleared_by_repair() {
     ok(&["snapshot", &t.s("vm.cow"), &t.s("s.cow")]);
 }
 
-/// docs/reliability.md P10: `check --repair` killed after each of its writes. Content
-/// never changes, the base is never written, and running it again converges to a clean
-/// image.
-#[test]
-fn repair_killed_at_every_step_converges() {
-    for fp in [
-        "check.repair.after_header",
-        "check.repair.after_map",
-        "check.repair.after_truncate",
-        "check.repair.after_first_punch",
-        "check.repair.after_flag",
-    ] {
-        let t = Tmp::new(&format!("check-kill-{fp}"));
-        small_chain(&t, 5, 6);
-        let vm = t.p("vm.cow");
-        let before = content(&vm);
-        let base = hash(&t.p("base.cow"));
-        // Every repairable finding at once: needs-check flag, a damaged inactive header slot,
-        // a damaged inactive map slot, an unreferenced block and trailing bytes.
+/// How a `check` exit code ranks: clean < leaks < corrupt.
+fn rank(code: i32) -> u8 {
+    match code {
+        0 => 0,
+        4 => 1,
+        _ => 2,
+    }
+}
+
+/// A stale temp file of a killed `flatten` beside the image (nobody holds its lock).
+fn stale_temp(t: &Tmp) -> std::path::PathBuf {
+    let p = t.p(".out.cow.flatten-0123abcd-0123-4567-89ab-0123456789ab.tmp");
+    std::fs::write(&p, b"partial layer").unwrap();
+    p
+}
+
+/// The scenarios of [`repair_killed_at_every_step_converges`]: extra `check` flags, the
+/// failpoints they reach, and whether the image stays flagged (data kept).
+const SCENARIOS: [(&str, &[&str], &[&str]); 3] = [
+    (
+        "every-leak",
+        &[],
+        &[
+            "check.repair.after_header",
+            "check.repair.after_map",
+            "check.repair.after_truncate",
+            "check.repair.after_first_punch",
+            "check.repair.after_temp",
+            "check.repair.after_flag",
+        ],
+    ),
+    ("newer-kept", &[], &["check.repair.after_keep_flag"]),
+    (
+        "newer-discarded",
+        &["--discard-unreferenced"],
+        &[
+            "check.repair.after_discard_slot",
+            "check.repair.after_first_punch",
+        ],
+    ),
+];
+
+/// Builds scenario `name` in `t`.
+fn damage_for(t: &Tmp, name: &str) {
+    small_chain(t, 5, 6);
+    let vm = t.p("vm.cow");
+    if name == "every-leak" {
+        // Every repairable finding at once: needs-check flag, a damaged inactive header
+        // slot, a damaged older map slot, an unreferenced block, trailing bytes, a stale
+        // temp file.
+        damage_older_map_slot(&vm);
         let active = set_needs_check(&vm);
         poke(&vm, (1 - active) * 4096 + 100, b"garbage");
-        poke(&vm, 8192 + 4096, b"CDMPxxxxxxxxxxxxxxxxxxxx");
         let g = Geometry::new(SIZE, BS as u32).unwrap();
         poke(&vm, g.block_offset(9), &[0xee; 4096]);
         poke(&vm, g.file_len() + 100, b"tail");
-        let (c, v) = check(&t.s("vm.cow"), false);
-        assert_eq!(c, 2, "{fp}: {v}");
-        let mut k = kinds(&v);
-        k.sort();
-        assert_eq!(
-            k,
-            [
-                "header_slot",
-                "map_slot",
-                "needs_check",
-                "trailing_bytes",
-                "unreferenced_blocks"
-            ],
-            "{fp}"
-        );
+        stale_temp(t);
+    } else {
+        // Defect 5's image: slot B (seq 2, data in block 7, a whiteout in block 0) damaged.
+        apply_image(&vm, &[Op::Write(7 * BS, BS, 0x77), Op::Discard(0, BS)]);
+        flip_bit(&vm, 8192 + 4096 + 16);
+    }
+}
 
-        let o = run_env(
-            &["check", &t.s("vm.cow"), "--repair"],
-            &[("COWDISK_FAILPOINT", fp)],
-        );
-        assert_eq!(code(&o), 137, "{fp}: the failpoint did not fire");
-        assert_eq!(content(&vm), before, "{fp}: content changed");
-        // No new kind of finding: what is left is a subset of what was there.
-        let (_, v) = check(&t.s("vm.cow"), false);
-        assert!(kinds(&v).iter().all(|x| k.contains(x)), "{fp}: {v}");
-        let (c, v) = check(&t.s("vm.cow"), true);
-        assert!(c == 3 || c == 0, "{fp}: rerun exit {c}: {v}");
-        let (c, v) = check(&t.s("vm.cow"), false);
-        assert_eq!(c, 0, "{fp}: not clean after the rerun: {v}");
-        assert_eq!(content(&vm), before, "{fp}: content changed");
-        assert_eq!(hash(&t.p("base.cow")), base, "{fp}: base written");
+/// The `check.repair.*` failpoints in the check sources.
+fn repair_failpoints_in_source() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cmd/check");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        for part in text.split("failpoint::hit(\"").skip(1) {
+            out.push(part.split('"').next().unwrap().to_string());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// docs/reliability.md P10: `check --repair` killed after each of its writes, in every
+/// scenario that reaches it. After the kill the image opens with the same content, a
+/// check finds nothing worse than before (exit code and finding kinds), the base is never
+/// written, and running the repair again converges.
+#[test]
+fn repair_killed_at_every_step_converges() {
+    let mut covered: Vec<String> = SCENARIOS
+        .iter()
+        .flat_map(|s| s.2.iter().map(|f| f.to_string()))
+        .collect();
+    covered.sort();
+    covered.dedup();
+    assert_eq!(
+        covered,
+        repair_failpoints_in_source(),
+        "a failpoint is untested"
+    );
+    for (name, flags, points) in SCENARIOS {
+        let kept = name == "newer-kept";
+        for fp in points {
+            let t = Tmp::new(&format!("check-kill-{name}-{fp}"));
+            damage_for(&t, name);
+            let vm = t.p("vm.cow");
+            let before = content(&vm);
+            let base = hash(&t.p("base.cow"));
+            let (c0, v) = check(&t.s("vm.cow"), false);
+            assert!(c0 != 0, "{fp}: nothing to repair: {v}");
+            let k0 = kinds(&v);
+
+            let mut args = vec!["check", t.s("vm.cow").leak() as &str, "--repair"];
+            args.extend_from_slice(flags);
+            let o = run_env(&args, &[("COWDISK_FAILPOINT", fp)]);
+            assert_eq!(code(&o), 137, "{name} {fp}: the failpoint did not fire");
+            assert_eq!(content(&vm), before, "{name} {fp}: content changed");
+            let (c, v) = check(&t.s("vm.cow"), false);
+            assert!(
+                rank(c) <= rank(c0),
+                "{name} {fp}: exit {c} after, {c0} before: {v}"
+            );
+            // No new kind of finding, except the flag that keeping the data sets, and the
+            // plain leak that data becomes once the operator gave it up.
+            let new: Vec<_> = kinds(&v).into_iter().filter(|x| !k0.contains(x)).collect();
+            let allowed: &[&str] = match name {
+                "newer-kept" => &["needs_check"],
+                "newer-discarded" => &["unreferenced_blocks"],
+                _ => &[],
+            };
+            assert!(
+                new.iter().all(|x| allowed.contains(&x.as_str())),
+                "{name} {fp}: {v}"
+            );
+
+            let o = run(&args);
+            let c = code(&o);
+            if kept {
+                assert_eq!(c, 2, "{name} {fp}: {}", stdout(&o));
+                assert_eq!(check(&t.s("vm.cow"), false).0, 2, "{name} {fp}");
+            } else {
+                assert!(
+                    c == 3 || c == 0,
+                    "{name} {fp}: rerun exit {c}: {}",
+                    stdout(&o)
+                );
+                let (c, v) = check(&t.s("vm.cow"), false);
+                assert_eq!(c, 0, "{name} {fp}: not clean after the rerun: {v}");
+            }
+            assert_eq!(content(&vm), before, "{name} {fp}: content changed");
+            assert_eq!(hash(&t.p("base.cow")), base, "{name} {fp}: base written");
+        }
     }
 }
 
@@ -328,4 +438,127 @@ fn repair_is_suggested_only_for_leaks_it_can_reclaim() {
     let o = run(&["check", &t.s("vm.cow")]);
     assert_eq!(code(&o), 4, "{}", stdout(&o));
     assert!(stdout(&o).contains("run with --repair"), "{}", stdout(&o));
+}
+
+/// Reads `len` bytes of `p` at `off`.
+fn peek(p: &Path, off: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(p).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+/// Flips bit 0 of the byte at `off`.
+fn flip_bit(p: &Path, off: u64) {
+    let b = peek(p, off, 1)[0];
+    poke(p, off, &[b ^ 1]);
+}
+
+/// Defect 5: the newest slot of a map page (sequence 2, slot B) is damaged after its flush
+/// completed. The image opens from slot A (sequence 1), so a flushed whiteout and a flushed
+/// data block vanish. `check` must call that an error naming what may be lost, and
+/// `--repair` must keep the data (and the damaged slot) unless told to discard them.
+#[test]
+fn damaged_newest_map_slot_is_an_error_and_repair_keeps_its_data() {
+    let t = Tmp::new("check-newest-slot");
+    small_chain(&t, 5, 6);
+    let vm = t.p("vm.cow");
+    let g = Geometry::new(SIZE, BS as u32).unwrap();
+    // Second flush: data in block 7, a whiteout over the base's block 0 (page 0, slot B, seq 2).
+    apply_image(&vm, &[Op::Write(7 * BS, BS, 0x77), Op::Discard(0, BS)]);
+    let slot_b = 8192 + 4096;
+    assert_eq!(
+        peek(&vm, slot_b + 8, 8),
+        2u64.to_le_bytes(),
+        "slot B holds seq 2"
+    );
+    let base = hash(&t.p("base.cow"));
+    // One flipped bit in slot B's CRC field: the entries and the sequence stay readable.
+    flip_bit(&vm, slot_b + 16);
+    let damaged = peek(&vm, slot_b, 4096);
+
+    let (c, v) = check(&t.s("vm.cow"), false);
+    assert_eq!(c, 2, "a possibly lost flush is not a leak: {v}");
+    let f = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "map_slot_newer")
+        .unwrap_or_else(|| panic!("no map_slot_newer finding: {v}"));
+    assert_eq!(f["severity"], "error", "{v}");
+    let msg = f["message"].as_str().unwrap();
+    for needle in [
+        "map page 0",
+        "blocks 0-255",
+        "sequence 2",
+        "block 7",
+        "whiteout",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} missing from {msg:?}");
+    }
+    // Block 7's data is named there, not as a harmless leak.
+    assert!(
+        !kinds(&v).contains(&"unreferenced_blocks".to_string()),
+        "{v}"
+    );
+
+    // Plain --repair keeps the data and the damaged slot, and flags the image so that
+    // serving it cannot overwrite them.
+    let (c, v) = check(&t.s("vm.cow"), true);
+    assert_eq!(c, 2, "{v}");
+    assert_eq!(
+        peek(&vm, g.block_offset(7), 4096),
+        vec![0x77; 4096],
+        "data punched"
+    );
+    assert_eq!(peek(&vm, slot_b, 4096), damaged, "damaged slot overwritten");
+    assert_eq!(
+        json(&["info", &t.s("vm.cow"), "--json"])["layers"][0]["needs_check"],
+        true
+    );
+    let o = run(&["check", &t.s("vm.cow")]);
+    assert!(
+        stdout(&o).contains("--discard-unreferenced"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(hash(&t.p("base.cow")), base);
+
+    // The operator accepts the loss: the older view becomes the clean state.
+    let older = content(&vm);
+    let o = run(&[
+        "check",
+        &t.s("vm.cow"),
+        "--repair",
+        "--discard-unreferenced",
+    ]);
+    assert_eq!(code(&o), 3, "{}", stdout(&o));
+    assert_eq!(check(&t.s("vm.cow"), false).0, 0);
+    assert_eq!(content(&vm), older);
+    assert_eq!(peek(&vm, g.block_offset(7), 4096), vec![0; 4096]);
+    assert_eq!(hash(&t.p("base.cow")), base);
+
+    // Garbage in slot B of a page never flushed (slot A empty): discarding must overwrite
+    // slot B itself, not only fill slot A.
+    let t = Tmp::new("check-newest-slot-b");
+    ok(&[
+        "create",
+        &t.s("new.cow"),
+        "--size",
+        "1M",
+        "--block-size",
+        "4K",
+    ]);
+    poke(&t.p("new.cow"), 8192 + 4096, b"CDMPxxxxxxxxxxxxxxxxxxxx");
+    let (c, v) = check(&t.s("new.cow"), false);
+    assert_eq!((c, kinds(&v)), (2, vec!["map_slot_newer".to_string()]));
+    let o = run(&[
+        "check",
+        &t.s("new.cow"),
+        "--repair",
+        "--discard-unreferenced",
+    ]);
+    assert_eq!(code(&o), 3, "{}", stdout(&o));
+    let (c, v) = check(&t.s("new.cow"), false);
+    assert_eq!(c, 0, "{v}");
 }

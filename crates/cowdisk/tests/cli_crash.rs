@@ -226,3 +226,77 @@ fn every_command_recovers_once_before_running() {
         no_temps(&t.0);
     }
 }
+
+/// Hidden files in `dir` whose name starts with `prefix`, sorted.
+fn hidden(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `import`, `flatten` and `export` killed mid-write leave their temp file behind (up to
+/// the full data size). `check` lists it as a `stale_temp_file` leak; the next run of the
+/// same command to the same target removes it; a temp file a live process holds (locked,
+/// same name pattern) is neither listed nor removed.
+#[test]
+fn killed_transfers_leave_temps_that_the_next_run_removes() {
+    for cmd in ["import", "flatten", "export"] {
+        let t = Tmp::new(&format!("stale-{cmd}"));
+        small_chain(&t, 0x11, 0x22);
+        ok(&["export", &t.s("vm.cow"), &t.s("src.raw")]);
+        let target = if cmd == "export" {
+            "out.raw"
+        } else {
+            "out.cow"
+        };
+        let source = if cmd == "import" { "src.raw" } else { "vm.cow" };
+        let args = [cmd, &t.s(source), &t.s(target)];
+        let live = t.p(&format!(
+            ".{target}.{cmd}-0123abcd-0123-4567-89ab-0123456789ab.tmp"
+        ));
+        let held = std::fs::File::create(&live).unwrap();
+        held.lock().unwrap();
+
+        let fp = format!("{cmd}.after_first_block");
+        let o = run_env(&args, &[("COWDISK_FAILPOINT", &fp)]);
+        assert_eq!(code(&o), 137, "{cmd}: {}", stderr(&o));
+        assert!(!t.p(target).exists(), "{cmd}");
+        let prefix = format!(".{target}.{cmd}-");
+        let left = hidden(&t.0, &prefix);
+        assert_eq!(left.len(), 2, "{cmd}: {left:?}");
+        let stale = left.iter().find(|p| **p != live).unwrap().clone();
+        assert!(std::fs::metadata(&stale).unwrap().len() > 0, "{cmd}");
+
+        let o = run(&["check", &t.s("vm.cow"), "--json"]);
+        assert_eq!(code(&o), 4, "{cmd}: {}", stdout(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let f = &v["findings"];
+        assert_eq!(f.as_array().unwrap().len(), 1, "{cmd}: {v}");
+        assert_eq!(f[0]["kind"], "stale_temp_file", "{cmd}: {v}");
+        assert_eq!(f[0]["severity"], "leak", "{cmd}: {v}");
+        assert_eq!(f[0]["file"], stale.display().to_string(), "{cmd}: {v}");
+
+        // The next run of the same command cleans up after the killed one, not the live one.
+        ok(&args);
+        assert_eq!(hidden(&t.0, &prefix), std::slice::from_ref(&live), "{cmd}");
+        let out_raw = if cmd == "export" {
+            t.p(target)
+        } else {
+            ok(&["export", &t.s(target), &t.s("check.raw")]);
+            t.p("check.raw")
+        };
+        assert_eq!(
+            std::fs::read(&out_raw).unwrap(),
+            std::fs::read(t.p("src.raw")).unwrap(),
+            "{cmd}: content"
+        );
+        let o = run(&["check", &t.s("vm.cow"), "--repair"]);
+        assert_eq!(code(&o), 0, "{cmd}: {}", stdout(&o));
+        assert!(live.exists(), "{cmd}: a held temp file was removed");
+        drop(held);
+    }
+}

@@ -68,7 +68,14 @@ fn run_command(cli: &Cli) -> Result<i32> {
         Command::Create(a) => create::run(a)?,
         Command::Info(a) => inspect::info(&a.image, a.json, a.force_share)?,
         Command::Map(a) => inspect::map(&a.image, a.json, a.force_share)?,
-        Command::Check(a) => return check::run(&a.image, a.repair, a.json, show),
+        Command::Check(a) => {
+            let opts = check::Options {
+                repair: a.repair,
+                discard_unreferenced: a.discard_unreferenced,
+                show,
+            };
+            return check::run(&a.image, &opts, a.json);
+        }
         Command::Snapshot(a) => layers::snapshot(&a.image, &a.snapshot, a.json)?,
         Command::Reset(a) => layers::reset(&a.image, a.json)?,
         Command::Squash(a) => layers::squash(&a.image, a.layers, show, a.json)?,

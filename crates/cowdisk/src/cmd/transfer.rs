@@ -1,12 +1,14 @@
 //! `import`, `export`, `flatten`: moving content between images and raw files. All
 //! are sparse-aware (all-zero blocks are neither stored nor written) and write their
-//! output under a temp name, renamed into place only when complete and synced.
+//! output under a temp name, renamed into place only when complete and synced. Each
+//! first removes the temp files a killed earlier run of itself left for the same
+//! target (`ops::temp`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use cowdisk_core::create::{rename_noreplace, temp_path};
+use cowdisk_core::create::rename_noreplace;
 use cowdisk_core::layer::NewLayer;
 use cowdisk_core::{Disk, ExtentState, Header, DEFAULT_BLOCK_SIZE};
 use rustix::fs::SeekFrom;
@@ -14,8 +16,9 @@ use serde_json::{json, Value};
 
 use super::inspect::for_each_extent;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::ops::builder::{LayerBuilder, Written};
-use crate::ops::exists;
+use crate::ops::{exists, temp};
 use crate::output::{allocated_bytes, layer_json, print_json, report};
 use crate::progress::Progress;
 
@@ -71,6 +74,7 @@ pub fn flatten(image: &Path, output: &Path, show: bool, json_out: bool) -> Resul
         parent: None,
     }
     .header(output)?;
+    temp::sweep(output, "flatten")?;
     let mut builder = LayerBuilder::create(output, header, "flatten")?;
     for_each_data_block(&disk, image, "flatten", show, |b, data| {
         builder.write_block(b, data)
@@ -95,22 +99,21 @@ pub fn export(image: &Path, raw: &Path, show: bool, json_out: bool) -> Result<()
     if exists(raw) {
         return Err(Error::invalid(raw, "already exists"));
     }
-    let tmp = temp_path(raw, "export");
+    temp::sweep(raw, "export")?;
+    let (tmp, file) = temp::create_locked(raw, "export")?;
     let mut written = 0u64;
     let res = (|| {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::os(raw, "create", e))?;
         file.set_len(disk.size())
             .map_err(|e| Error::os(raw, "set length", e))?;
         let bs = u64::from(disk.block_size());
         for_each_data_block(&disk, image, "export", show, |b, data| {
             written += data.len() as u64;
             file.write_all_at(data, b * bs)
-                .map_err(|e| Error::os(raw, "write", e))
+                .map_err(|e| Error::os(raw, "write", e))?;
+            if written == data.len() as u64 {
+                failpoint::hit("export.after_first_block");
+            }
+            Ok(())
         })?;
         file.sync_all().map_err(|e| Error::os(raw, "sync", e))?;
         rename_noreplace(&tmp, raw)?;
@@ -177,6 +180,7 @@ pub fn import(
     }
     .header(image)?;
     let g = header.geometry;
+    temp::sweep(image, "import")?;
     let mut builder = LayerBuilder::create(image, header, "import")?;
     let bsz = u64::from(bs);
     let mut buf = vec![0u8; bs as usize];

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cowdisk_core::create::{rename_noreplace, write_temp_layer};
-use cowdisk_core::layer::{commit_seal, read_header};
+use cowdisk_core::create::rename_noreplace;
+use cowdisk_core::layer::{commit_seal, create_on, read_header};
 use cowdisk_core::AllocMap;
 use cowdisk_core::{BlockState, FileStorage, Header, Storage};
 
@@ -42,24 +42,19 @@ impl LayerBuilder {
         if exists(target) {
             return Err(Error::invalid(target, "already exists"));
         }
-        let tmp = write_temp_layer(target, &header, tag)?;
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&tmp)
-        {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(Error::os(&tmp, "open", e));
-            }
-        };
+        // Locked while we write it, so a later run can tell it from a killed run's.
+        let (tmp, file) = super::temp::create_locked(target, tag)?;
+        let storage = FileStorage::new(file);
+        if let Err(e) = create_on(&storage, &tmp, &header) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
         let map = AllocMap::new(&header.geometry);
         Ok(LayerBuilder {
             written: Written::default(),
             target: target.to_path_buf(),
             tmp: Some(tmp),
-            storage: FileStorage::new(file),
+            storage,
             header,
             map,
             tag,
@@ -89,6 +84,9 @@ impl LayerBuilder {
         self.map.set(b, BlockState::Data);
         self.written.data_blocks += 1;
         self.written.bytes += data.len() as u64;
+        if self.written.data_blocks == 1 {
+            failpoint::hit(&format!("{}.after_first_block", self.tag));
+        }
         Ok(())
     }
 

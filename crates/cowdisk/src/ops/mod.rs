@@ -10,6 +10,7 @@ pub mod recover;
 pub mod reset;
 pub mod snapshot;
 pub mod squash;
+pub mod temp;
 
 use std::path::{Path, PathBuf};
 

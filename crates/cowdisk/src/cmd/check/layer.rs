@@ -7,12 +7,12 @@ use cowdisk_core::format::FLAG_NEEDS_CHECK;
 use cowdisk_core::layer::{load_map, read_header, read_verified_block, verify_seal_digest};
 use cowdisk_core::layer::{write_header, LoadedHeader};
 use cowdisk_core::{
-    open_layer_file, Access, AllocMap, BlockState, ChainWalk, FileStorage, FormatError, Header,
-    IoError, LayerState, LinkError, OpenError, ReadStorage, Storage, WalkStop,
+    open_layer_file, Access, AllocMap, BlockState, ChainWalk, FileStorage, FormatError, Geometry,
+    Header, IoError, LayerState, LinkError, OpenError, ReadStorage, Storage, WalkStop,
 };
 use rustix::fs::SeekFrom;
 
-use super::{Finding, Report, Severity};
+use super::{Finding, Options, Report, Severity, MAP_SLOT_NEWER};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::progress::Progress;
@@ -20,15 +20,18 @@ use crate::progress::Progress;
 /// Most CRC mismatches reported one by one per layer; the rest are summarised.
 const MAX_BLOCK_REPORTS: usize = 100;
 
-struct Ctx<'a> {
+/// Where findings go, and about which layer.
+pub(super) struct Ctx<'a> {
     report: &'a mut Report,
-    file: PathBuf,
+    /// The layer file.
+    pub file: PathBuf,
     depth: usize,
     repairable: bool,
 }
 
 impl Ctx<'_> {
-    fn add(&mut self, severity: Severity, kind: &'static str, message: String) -> usize {
+    /// Records a finding; returns its index.
+    pub fn add(&mut self, severity: Severity, kind: &'static str, message: String) -> usize {
         self.report.findings.push(Finding {
             file: self.file.clone(),
             depth: self.depth,
@@ -39,13 +42,15 @@ impl Ctx<'_> {
         });
         self.report.findings.len() - 1
     }
-    fn repaired(&mut self, i: usize) {
+    /// Marks finding `i` as repaired.
+    pub fn repaired(&mut self, i: usize) {
         self.report.findings[i].repaired = true;
     }
 }
 
 /// Walks and checks the chain whose top is `image`, through the engine's chain walk.
-pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
+pub fn check_chain(image: &Path, opts: &Options) -> Result<Report> {
+    let repair = opts.repair;
     let mut report = Report::default();
     let top_access = if repair {
         Access::ReadWrite
@@ -69,8 +74,9 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
         }
     };
     ctx.repairable = repair && loaded.header.state == LayerState::Writable;
+    let top_repairable = ctx.repairable;
     let header = loaded.header.clone();
-    check_layer(&mut ctx, &top, Some(&top), repair, show, loaded)?;
+    check_layer(&mut ctx, &top, Some(&top), opts, loaded)?;
     let mut top_needs_check = None;
     if header.flags & FLAG_NEEDS_CHECK != 0 {
         let i = ctx.add(
@@ -98,9 +104,14 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
         for p in &l.link {
             ctx.add(Severity::Error, link_kind(p), p.to_string());
         }
-        check_layer(&mut ctx, &*l.storage, None, false, show, l.loaded)?;
+        let lower = Options {
+            repair: false,
+            ..*opts
+        };
+        check_layer(&mut ctx, &*l.storage, None, &lower, l.loaded)?;
         held.push(l.storage);
     }
+    super::temps::check_temps(&mut report, image, repair)?;
     if let Some((i, true)) = top_needs_check {
         let others = report
             .findings
@@ -116,7 +127,37 @@ pub fn check_chain(image: &Path, repair: bool, show: bool) -> Result<Report> {
             report.findings[i].repaired = true;
         }
     }
+    if top_repairable {
+        keep_for_operator(&mut report, &top, image)?;
+    }
     Ok(report)
+}
+
+/// A possibly newer map slot was kept (no `--discard-unreferenced`): sets the top's
+/// needs-check flag, so it opens read-only and no flush overwrites the damaged slot or
+/// the data it may reference until the operator decides.
+fn keep_for_operator(report: &mut Report, top: &FileStorage, image: &Path) -> Result<()> {
+    let kept: Vec<usize> = (0..report.findings.len())
+        .filter(|&i| {
+            let f = &report.findings[i];
+            f.kind == MAP_SLOT_NEWER && f.depth == 0 && !f.repaired
+        })
+        .collect();
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let loaded = read_header(top, image)?;
+    if loaded.header.flags & FLAG_NEEDS_CHECK == 0 {
+        let mut h = loaded.header.clone();
+        h.flags |= FLAG_NEEDS_CHECK;
+        write_header(top, image, &loaded, &h)?;
+        failpoint::hit("check.repair.after_keep_flag");
+    }
+    for i in kept {
+        report.findings[i].message +=
+            " (kept: the image stays flagged needs-check, so it opens read-only)";
+    }
+    Ok(())
 }
 
 fn stop_kind(stop: WalkStop) -> &'static str {
@@ -143,13 +184,12 @@ fn check_layer(
     ctx: &mut Ctx<'_>,
     st: &dyn ReadStorage,
     writable: Option<&FileStorage>,
-    repair: bool,
-    show: bool,
+    opts: &Options,
     loaded: LoadedHeader,
 ) -> Result<()> {
     let path = ctx.file.clone();
     let h = loaded.header.clone();
-    let fixer = writable.filter(|_| ctx.repairable && repair);
+    let fixer = writable.filter(|_| ctx.repairable && opts.repair);
     if let Some(e) = loaded.other_slot_damaged.clone() {
         let i = ctx.add(
             Severity::Leak,
@@ -170,27 +210,9 @@ fn check_layer(
             return Ok(());
         }
     };
-    if !slots.is_empty() {
-        let mut idx = Vec::new();
-        for s in &slots {
-            idx.push(ctx.add(
-                Severity::Leak,
-                "map_slot",
-                format!(
-                    "inactive slot {} of map page {} is damaged ({})",
-                    s.slot, s.page, s.reason
-                ),
-            ));
-        }
-        if let Some(w) = fixer {
-            slots.iter().for_each(|s| map.mark_page_dirty(s.page));
-            let pending = map.take_dirty();
-            map.write_back(w, &g, &pending)
-                .map_err(|(_, e)| Error::os(&path, "rewrite map slots", e))?;
-            failpoint::hit("check.repair.after_map");
-            idx.into_iter().for_each(|i| ctx.repaired(i));
-        }
-    }
+    let leaked = unreferenced_blocks(st, &g, &map);
+    let discard = opts.discard_unreferenced;
+    let leaked = super::slots::check_slots(ctx, fixer, discard, &g, &map, &slots, leaked)?;
     let len = st.len().map_err(|e| Error::os(&path, "stat", e))?;
     if len > g.file_len() {
         let i = ctx.add(
@@ -206,26 +228,20 @@ fn check_layer(
             ctx.repaired(i);
         }
     }
-    check_allocation(ctx, st, fixer, &h, &map)?;
+    report_leaked(ctx, fixer, &g, &leaked)?;
     if h.state == LayerState::Sealed {
-        check_sealed(ctx, st, &h, &map, show)?;
+        check_sealed(ctx, st, &h, &map, opts.show)?;
     }
     Ok(())
 }
 
-/// Space allocated in the data area for blocks the map does not reference: left by a
-/// crash between a data write and its map update. Harmless; repair punches it out.
-fn check_allocation(
-    ctx: &mut Ctx<'_>,
-    st: &dyn ReadStorage,
-    fixer: Option<&FileStorage>,
-    h: &Header,
-    map: &AllocMap,
-) -> Result<()> {
-    let Some(fd) = st.fd() else { return Ok(()) };
-    let g = h.geometry;
-    let bs = u64::from(g.block_size);
+/// Blocks with space allocated in the data area that the map does not reference: left
+/// by a crash between a data write and its map update, or referenced only by a damaged
+/// newer map slot.
+fn unreferenced_blocks(st: &dyn ReadStorage, g: &Geometry, map: &AllocMap) -> Vec<u64> {
     let mut leaked = Vec::new();
+    let Some(fd) = st.fd() else { return leaked };
+    let bs = u64::from(g.block_size);
     let mut pos = g.data_offset;
     let end = g.file_len();
     while pos < end {
@@ -248,6 +264,17 @@ fn check_allocation(
         }
         pos = hole.max(data + 1);
     }
+    leaked
+}
+
+/// Unreferenced blocks outside any possibly newer map slot's page: harmless; repair
+/// punches them out.
+fn report_leaked(
+    ctx: &mut Ctx<'_>,
+    fixer: Option<&FileStorage>,
+    g: &Geometry,
+    leaked: &[u64],
+) -> Result<()> {
     if leaked.is_empty() {
         return Ok(());
     }
@@ -260,13 +287,8 @@ fn check_allocation(
             leaked[0]
         ),
     );
-    if let Some(st) = fixer {
-        for b in &leaked {
-            st.punch_hole(g.block_offset(*b), bs)
-                .map_err(|e| Error::os(&ctx.file, "punch hole", e))?;
-            failpoint::hit("check.repair.after_first_punch");
-        }
-        st.sync().map_err(|e| Error::os(&ctx.file, "sync", e))?;
+    if let Some(w) = fixer {
+        super::slots::punch(ctx, w, g, leaked)?;
         ctx.repaired(i);
     }
     Ok(())

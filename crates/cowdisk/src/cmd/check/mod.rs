@@ -2,14 +2,18 @@
 //! reports every finding with its file and layer depth.
 //!
 //! Findings are errors (corruption: the disk may read wrong, or the chain does not
-//! open) or leaks (harmless: damaged *inactive* header or map slots left by a torn
-//! update, space allocated for unreferenced blocks, bytes past the layout's end).
-//! `--repair` only writes a writable top layer, only makes changes that do not alter
-//! what the disk reads (rewrite an inactive slot from the valid one, punch unreferenced
-//! blocks, truncate trailing bytes) and clears the needs-check flag when nothing else
-//! is wrong. Lower layers are never written.
+//! open, or flushed writes may be lost) or leaks (harmless: damaged *older* header or
+//! map slots left by a torn update, space allocated for unreferenced blocks, bytes past
+//! the layout's end, stale temp files). `--repair` only writes a writable top layer
+//! (and removes stale temp files), only makes changes that do not alter what the disk
+//! reads (rewrite an older slot from the valid one, punch unreferenced blocks, truncate
+//! trailing bytes) and clears the needs-check flag when nothing else is wrong. Data a
+//! damaged newer map slot may reference is kept (and the top flagged needs-check)
+//! unless `--discard-unreferenced` is given. Lower layers are never written.
 
 mod layer;
+mod slots;
+mod temps;
 
 use std::path::{Path, PathBuf};
 
@@ -82,9 +86,25 @@ impl Report {
     }
 }
 
+/// What `check` may do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// `--repair`: fix what can be fixed without changing what the disk reads.
+    pub repair: bool,
+    /// `--discard-unreferenced`: with `repair`, also give up writes a damaged newer map
+    /// slot may have recorded.
+    pub discard_unreferenced: bool,
+    /// Show a progress bar.
+    pub show: bool,
+}
+
+/// The finding kind for a damaged map slot that may be newer than the one in use.
+pub const MAP_SLOT_NEWER: &str = "map_slot_newer";
+
 /// Runs the check and prints the report; returns the exit code.
-pub fn run(image: &Path, repair: bool, json_out: bool, show_progress: bool) -> Result<i32> {
-    let report = layer::check_chain(image, repair, show_progress)?;
+pub fn run(image: &Path, opts: &Options, json_out: bool) -> Result<i32> {
+    let repair = opts.repair;
+    let report = layer::check_chain(image, opts)?;
     let code = report.exit_code();
     if json_out {
         let findings: Vec<_> = report
@@ -139,6 +159,15 @@ pub fn run(image: &Path, repair: bool, json_out: bool, show_progress: bool) -> R
             }
             EXIT_LEAKS => {
                 "Only leaks found (harmless), in layers --repair never writes.".to_string()
+            }
+            _ if report
+                .findings
+                .iter()
+                .any(|f| f.kind == MAP_SLOT_NEWER && !f.repaired) =>
+            {
+                "Corruption found: flushed writes may be lost (map_slot_newer). --repair keeps \
+the data involved and flags the image; --repair --discard-unreferenced accepts the loss."
+                    .to_string()
             }
             _ => "Corruption found.".to_string(),
         });
