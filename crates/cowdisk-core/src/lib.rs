@@ -1,14 +1,17 @@
-//! cowdisk-core: a block-level copy-on-write virtual disk engine.
+//! cowdisk-core: a block-level copy-on-write virtual disk engine. It owns every rule about
+//! layers and chains; tools call it and re-implement none.
 //!
 //! ```text
-//!             Disk  (read / write / write_zeroes / discard / flush / block_status)
-//!               |
-//!      +--------+-------------------------+
-//!      |                                  |
-//!   top layer (AllocMap, writable)     Lower (Arc, shared between clones)
-//!      |                                  |  ResolvedMap: owner of each block,
-//!   Storage (FileStorage | SimStorage)    |  computed once at open
-//!                                      sealed layers -> Storage
+//!   Disk::open(top, OpenOptions)           Disk  (read / write / write_zeroes / discard /
+//!        |                                   |    flush / block_status / prepare_seal /
+//!   chain: ChainWalk over a LayerSource      |    commit_seal / set_parent)
+//!        |  (LocalFiles: references,   +-----+------------------------+
+//!        |   identity, image roots)    |                              |
+//!        v                          top layer (AllocMap, Storage)  Lower (Arc, shared
+//!   link rules (check_link)                                         between clones):
+//!   seal digest, loop and depth                                    sealed layers on
+//!   checks, lower cache                                            ReadStorage, resolved
+//!                                                                  once (owner per block)
 //! ```
 //!
 //! A read resolves each block top-down: the top's data or whiteout, else the owner in
@@ -16,7 +19,11 @@
 //! copies the whole block up; whole-block writes and writes to unheld blocks skip the
 //! copy. Deletes are whiteouts in the top. Lower layers are only ever read.
 //!
-//! The on-disk format is in `format` and specified byte by byte in FORMAT.md.
+//! Modules: `format` (the on-disk encoding, specified byte by byte in FORMAT.md), `layer`
+//! (one layer file: headers, maps, sealing, block verification), `create` (new layer
+//! files, crash-safely), and private ones: `chain` (opening, the walk, the layer-source
+//! seam, rebase), `disk` (the data paths), `map`, `resolve`, `storage`. The crash
+//! simulator `sim` is behind the `sim` feature, for tests and fuzzing.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
