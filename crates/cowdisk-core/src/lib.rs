@@ -42,7 +42,8 @@ mod storage;
 
 pub use chain::{
     check_link, folder_of, link_problems, open_layer_file, rebase, ChainWalk, LayerId, LayerSource,
-    LinkError, LocalFiles, LowerCache, OpenOptions, OpenedLayer, WalkStop, WalkedLayer, MAX_DEPTH,
+    LinkError, LocalFiles, LowerCache, OpenOptions, OpenedLayer, WalkStop, WalkedLayer,
+    DEFAULT_METADATA_LIMIT, MAX_DEPTH,
 };
 pub use create::{create_child, create_child_with, create_image, ReferenceStyle};
 pub use disk::{

@@ -22,7 +22,7 @@ pub struct SlotEntries {
     pub data: u64,
     /// Blocks the damaged slot marks as whiteouts that the slot in use does not.
     pub zero: u64,
-    /// The first [`MAX_EXAMPLES`] of them, in block order.
+    /// The first `MAX_EXAMPLES` of them, in block order.
     pub examples: Vec<(u64, BlockState)>,
 }
 

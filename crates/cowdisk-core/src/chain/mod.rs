@@ -101,7 +101,7 @@ impl OpenOptions {
         self
     }
     /// Caps the memory the chain's metadata may take (default
-    /// [`DEFAULT_METADATA_LIMIT`]); a chain that would need more is refused at open.
+    /// [`crate::DEFAULT_METADATA_LIMIT`]); a chain that would need more is refused at open.
     pub fn metadata_limit(mut self, bytes: u64) -> OpenOptions {
         self.metadata_limit = bytes;
         self

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::format::Header;
 use crate::storage::ReadStorage;
 
-/// Where part of a read comes from (see [`Disk::read_pieces`]).
+/// Where part of a read comes from (see [`crate::Disk::read_pieces`]).
 #[derive(Debug, Clone, Copy)]
 pub enum ReadPiece<'a> {
     /// This many bytes of zeros.
@@ -36,7 +36,7 @@ pub struct ZeroFlags {
     pub fua: bool,
     /// Keep blocks allocated (write zeros instead of whiteouts).
     pub no_hole: bool,
-    /// Fail with [`IoError::NotFast`] unless it can be done by metadata alone.
+    /// Fail with [`crate::IoError::NotFast`] unless it can be done by metadata alone.
     pub fast: bool,
 }
 
@@ -69,7 +69,7 @@ pub struct Extent {
 pub enum Access {
     /// Exclusive lock on the top; writes allowed.
     ReadWrite,
-    /// Shared lock; writes refused with [`IoError::ReadOnly`].
+    /// Shared lock; writes refused with [`crate::IoError::ReadOnly`].
     ReadOnly,
 }
 
