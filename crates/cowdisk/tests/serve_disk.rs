@@ -288,6 +288,45 @@ fn clones_of_one_base_served_together() {
     assert_eq!(sha(&mid), m0);
 }
 
+/// Issue 9: a top in vms/vm1 over a base in images, served, the whole tree moved, served
+/// again: the relative reference still finds the base.
+#[test]
+fn chain_across_sibling_folders_served_and_moved() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let d = TempDir::new();
+    let tree = d.0.join("tree");
+    std::fs::create_dir_all(tree.join("images")).unwrap();
+    std::fs::create_dir_all(tree.join("vms/vm1")).unwrap();
+    let base = tree.join("images/base.cow");
+    let top = tree.join("vms/vm1/disk.cow");
+    cowdisk_ok(&["create", s(&base), "--size", "8M"]);
+    let srv = Serve::start(&[&base], &d.0.join("b.sock"), &[]);
+    qemu_io(&srv.uri(""), &["write -P 0x5a 0 1M", "flush"]);
+    srv.stop();
+    cowdisk_ok(&["create", s(&top), "--backing", s(&base)]);
+    let b0 = sha(&base);
+    let srv = Serve::start(&[&top], &d.0.join("t.sock"), &[]);
+    qemu_io(&srv.uri(""), &["write -P 0x6b 512k 64k", "flush"]);
+    srv.stop();
+    let moved = d.0.join("moved");
+    std::fs::rename(&tree, &moved).unwrap();
+    let top = moved.join("vms/vm1/disk.cow");
+    let srv = Serve::start(&[&top], &d.0.join("m.sock"), &[]);
+    qemu_io(
+        &srv.uri(""),
+        &[
+            "read -P 0x5a 0 512k",
+            "read -P 0x6b 512k 64k",
+            "read -P 0x5a 576k 448k",
+            "read -P 0 1M 1M",
+        ],
+    );
+    srv.stop();
+    assert_eq!(sha(&moved.join("images/base.cow")), b0);
+}
+
 #[test]
 fn read_only_export_and_shared_readers() {
     if !have_tool("qemu-io") || !have_tool("qemu-img") {
