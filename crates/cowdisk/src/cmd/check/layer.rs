@@ -1,7 +1,7 @@
 //! The chain walk behind `check`: each layer's headers, map, length, allocation,
 //! seal digest and block CRCs, and each link's identity.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cowdisk_core::format::FLAG_NEEDS_CHECK;
 use cowdisk_core::layer::{load_map, read_header, read_verified_block, verify_seal_digest};
@@ -12,41 +12,14 @@ use cowdisk_core::{
 };
 use rustix::fs::SeekFrom;
 
-use super::{Finding, Options, Report, Severity, MAP_SLOT_NEWER};
+use super::ctx::Ctx;
+use super::{Options, Report, Severity, MAP_SLOT_NEWER};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::progress::Progress;
 
 /// Most CRC mismatches reported one by one per layer; the rest are summarised.
 const MAX_BLOCK_REPORTS: usize = 100;
-
-/// Where findings go, and about which layer.
-pub(super) struct Ctx<'a> {
-    report: &'a mut Report,
-    /// The layer file.
-    pub file: PathBuf,
-    depth: usize,
-    repairable: bool,
-}
-
-impl Ctx<'_> {
-    /// Records a finding; returns its index.
-    pub fn add(&mut self, severity: Severity, kind: &'static str, message: String) -> usize {
-        self.report.findings.push(Finding {
-            file: self.file.clone(),
-            depth: self.depth,
-            severity,
-            kind,
-            message,
-            repaired: false,
-        });
-        self.report.findings.len() - 1
-    }
-    /// Marks finding `i` as repaired.
-    pub fn repaired(&mut self, i: usize) {
-        self.report.findings[i].repaired = true;
-    }
-}
 
 /// Walks and checks the chain whose top is `image`, through the engine's chain walk.
 pub fn check_chain(image: &Path, opts: &Options) -> Result<Report> {

@@ -11,6 +11,7 @@
 //! damaged newer map slot may reference is kept (and the top flagged needs-check)
 //! unless `--discard-unreferenced` is given. Lower layers are never written.
 
+mod ctx;
 mod layer;
 mod slots;
 mod temps;

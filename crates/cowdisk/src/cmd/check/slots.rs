@@ -7,7 +7,7 @@
 use cowdisk_core::format::ENTRIES_PER_PAGE;
 use cowdisk_core::{AllocMap, BlockState, FileStorage, Geometry, SlotFinding, Storage};
 
-use super::layer::Ctx;
+use super::ctx::Ctx;
 use super::{Severity, MAP_SLOT_NEWER};
 use crate::error::{Error, Result};
 use crate::failpoint;
