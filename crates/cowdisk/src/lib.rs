@@ -72,7 +72,10 @@ pub fn layer_source() -> Arc<dyn LayerSource> {
 
 /// The options every command opens chains with: the process's layer source.
 pub fn open_options() -> OpenOptions {
-    let mut o = OpenOptions::new();
+    // COWDISK_COPY_UP=buffer: copy-up through a buffer, never copy_file_range (to
+    // compare the two in benchmarks).
+    let buffered = std::env::var_os("COWDISK_COPY_UP").is_some_and(|v| v == "buffer");
+    let mut o = OpenOptions::new().kernel_copy(!buffered);
     if let Some(&m) = MAX_METADATA.get() {
         o = o.metadata_limit(m);
     }

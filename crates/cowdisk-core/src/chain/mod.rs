@@ -58,6 +58,7 @@ pub struct OpenOptions {
     force_share: bool,
     source: Option<Arc<dyn LayerSource>>,
     metadata_limit: u64,
+    kernel_copy: bool,
 }
 
 /// Default cap on the memory an open chain's metadata may take (maps, resolution,
@@ -73,6 +74,7 @@ impl Default for OpenOptions {
             force_share: false,
             source: None,
             metadata_limit: DEFAULT_METADATA_LIMIT,
+            kernel_copy: true,
         }
     }
 }
@@ -104,6 +106,12 @@ impl OpenOptions {
     /// [`crate::DEFAULT_METADATA_LIMIT`]); a chain that would need more is refused at open.
     pub fn metadata_limit(mut self, bytes: u64) -> OpenOptions {
         self.metadata_limit = bytes;
+        self
+    }
+    /// Whether copy-up may copy in the kernel (`copy_file_range`; default) or always goes
+    /// through a buffer: see [`Disk::set_kernel_copy`].
+    pub fn kernel_copy(mut self, on: bool) -> OpenOptions {
+        self.kernel_copy = on;
         self
     }
     /// Where parents come from (default: [`LocalFiles`], unconfined).
@@ -183,7 +191,9 @@ impl Disk {
             None => Arc::new(Lower::empty()),
             Some(_) => open_lowers(path, &header, top_id, opts, &mut budget)?,
         };
-        Ok(Disk::assemble(top, lower, opts.access))
+        let disk = Disk::assemble(top, lower, opts.access);
+        disk.set_kernel_copy(opts.kernel_copy);
+        Ok(disk)
     }
 
     /// Opens a chain from storages (top first) without paths or locks: for tests and

@@ -65,6 +65,8 @@ pub struct Disk {
     /// waiting here instead leaves the CPU to threads reading and verifying the next blocks
     /// (a quarter less server CPU per first write on tmpfs).
     copy_lock: Mutex<()>,
+    /// Copy-up goes through `copy_file_range` while the kernel accepts it.
+    kernel_copy: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -104,6 +106,7 @@ impl Disk {
             poisoned: AtomicBool::new(false),
             sealed: AtomicBool::new(false),
             copy_lock: Mutex::new(()),
+            kernel_copy: AtomicBool::new(true),
         }
     }
 
@@ -142,6 +145,11 @@ impl Disk {
     /// State of block `b` in the top layer.
     pub fn top_state(&self, b: u64) -> BlockState {
         self.top.map.get(b)
+    }
+    /// Chooses how copy-up moves a block: in the kernel where it can (the default), or
+    /// always through a buffer (for comparing the two).
+    pub fn set_kernel_copy(&self, on: bool) {
+        self.kernel_copy.store(on, SeqCst);
     }
     /// True once a sync failed: no flush succeeds until the disk is reopened.
     pub fn is_poisoned(&self) -> bool {
