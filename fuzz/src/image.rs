@@ -15,7 +15,11 @@ use crate::input::Input;
 
 /// Largest layer file the harness builds. Every buffer the engine allocates for a layer
 /// is bounded by the file's length (the header's geometry must fit in the file), so this
-/// also bounds the engine's memory per input.
+/// also bounds the engine's memory per input. A real sparse file could claim up to 2^32
+/// blocks in a few KiB, and the engine allocates its maps per block (a known defect,
+/// being fixed separately): simulated files hold every byte, so that case cannot arise
+/// here and fuzzing stays on parsing and I/O paths. 1 MiB still fits block sizes up to
+/// 512 KiB (data starts block-aligned).
 pub const MAX_FILE: usize = 1 << 20;
 
 // Header field offsets from FORMAT.md: format.rs keeps its own constants private.

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cowdisk_nbd::mem::MemBackend;
-use cowdisk_nbd::{Limits, Server};
+use cowdisk_nbd::{wire, Limits, Server};
 
 /// Size of the writable export: a few blocks keep replies small.
 pub const DISK_SIZE: u64 = 1 << 20;
@@ -71,10 +71,15 @@ pub fn run(data: &[u8]) {
     });
     let mut rx = &conn;
     let mut buf = [0u8; 64 * 1024];
+    // The first bytes every client gets: NBDMAGIC, IHAVEOPT, handshake flags.
+    let mut head = Vec::new();
     loop {
         match rx.read(&mut buf) {
             Ok(0) => break,
-            Ok(_) => {}
+            Ok(n) => {
+                let k = n.min(18 - head.len().min(18));
+                head.extend_from_slice(&buf[..k]);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
@@ -89,4 +94,7 @@ pub fn run(data: &[u8]) {
         }
     }
     writer.join().expect("writer thread");
+    if head.len() == 18 {
+        assert_eq!(head[..18], wire::greeting(), "the greeting comes first");
+    }
 }
