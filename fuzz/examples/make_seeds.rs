@@ -191,5 +191,16 @@ fn model_seeds() -> Vec<(&'static str, Vec<u8>)> {
     // Same on a single short-tailed layer, crashing before the 3rd sync, reordered.
     let mut b = head(0x63, 3, 2);
     b.extend_from_slice(&a[11..]);
-    vec![("copy_up_flush", a), ("crash_reorder", b)]
+    // The same requests with the 6th I/O call failing (EIO), and with the 2nd sync
+    // and every later one failing (ENOSPC).
+    let mut c = head(0x83, 0x85, 0);
+    c.extend_from_slice(&a[11..]);
+    let mut d = head(0x83, 0xc1, 0xc0);
+    d.extend_from_slice(&a[11..]);
+    vec![
+        ("copy_up_flush", a),
+        ("crash_reorder", b),
+        ("fault_eio", c),
+        ("fault_sync_sticky", d),
+    ]
 }

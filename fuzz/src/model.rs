@@ -5,13 +5,14 @@
 //! Input: `config:u8 crash:u8 mode:u8 seed:u64`, then requests of `op:u8 off:u32
 //! len:u16 seed:u8` until the input ends (at most [`MAX_OPS`]). `config` picks the
 //! geometry (1 to 16 blocks of 4 or 8 KiB, the last block possibly short) and whether a
-//! sealed base lies under the top; `crash` > 0 loses power just before sync `crash - 1`.
+//! sealed base lies under the top; `crash` either loses power before a sync or makes
+//! an I/O call fail (see `plan`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cowdisk_core::sim::{CrashMode, SimWorld};
-use cowdisk_core::{Access, Disk, IoError, OpenError, Storage, WriteFlags, ZeroFlags};
+use cowdisk_core::sim::{CrashMode, FailPlan, SimWorld};
+use cowdisk_core::{Access, Disk, IoError, IoErrorKind, OpenError, Storage, WriteFlags, ZeroFlags};
 
 use crate::input::Input;
 use crate::start::{self, pattern, Start};
@@ -120,18 +121,20 @@ impl Model {
     /// map does not), each block reads its durable value or one written since, as after
     /// a power loss that kept every write. What it reads becomes the current value; the
     /// values written since stay possible after a later power loss.
-    fn restart(&mut self, disk: &Disk) {
+    /// A read error (injected faults) is returned, a disallowed value panics.
+    fn restart(&mut self, disk: &Disk) -> Result<(), String> {
         for b in 0..self.since.len() as u64 {
             let r = self.block(&self.cur, b);
             let mut got = vec![0u8; r.len()];
             if let Err(e) = disk.read(r.start as u64, &mut got) {
-                panic!("read block {b} after a restart: {e}");
+                return Err(format!("read block {b} after a restart: {e}"));
             }
             if let Err(e) = self.check(b, &got, Level::Exact) {
                 panic!("after a restart: {e}");
             }
             self.cur[r].copy_from_slice(&got);
         }
+        Ok(())
     }
     fn commit(&mut self) {
         self.durable.clone_from(&self.cur);
@@ -186,9 +189,17 @@ fn open(world: &Arc<SimWorld>, s: &Start) -> Result<Disk, OpenError> {
     Disk::open_storages((top, PathBuf::from("top.cow")), lowers, Access::ReadWrite)
 }
 
-/// Runs one request; reads are compared with the model at once. False when a fast
-/// zero declined (the disk is then unchanged, as NBD's `FAST_ZERO` promises).
-fn exec(disk: &mut Disk, op: &Op, model: &mut Model, world: &Arc<SimWorld>, s: &Start) -> bool {
+/// What one request did.
+enum Outcome {
+    Done,
+    /// A fast zero declined: the disk is unchanged, as NBD's `FAST_ZERO` promises.
+    Declined,
+    /// It failed: the error's kind (none for a failed reopen) and text.
+    Failed(Option<IoErrorKind>, String),
+}
+
+/// Runs one request; reads are compared with the model at once.
+fn exec(disk: &mut Disk, op: &Op, model: &Model, world: &Arc<SimWorld>, s: &Start) -> Outcome {
     let res: Result<(), IoError> = match op.kind {
         Kind::Write { seed } => {
             let mut data = vec![0u8; op.len as usize];
@@ -202,7 +213,7 @@ fn exec(disk: &mut Disk, op: &Op, model: &mut Model, world: &Arc<SimWorld>, s: &
                 fast,
             };
             match disk.write_zeroes(op.off, op.len, flags) {
-                Err(IoError::NotFast) if fast => return false,
+                Err(IoError::NotFast) if fast => return Outcome::Declined,
                 r => r,
             }
         }
@@ -215,23 +226,46 @@ fn exec(disk: &mut Disk, op: &Op, model: &mut Model, world: &Arc<SimWorld>, s: &
                 assert!(got == want, "{op:?} differs from the model");
             })
         }
-        Kind::Reopen => {
-            // A process kill and restart; see `Model::restart`.
-            *disk = open(world, s).unwrap_or_else(|e| panic!("reopen: {e}"));
-            Ok(())
-        }
+        // A process kill and restart; see `Model::restart`.
+        Kind::Reopen => match open(world, s) {
+            Ok(d) => {
+                *disk = d;
+                Ok(())
+            }
+            Err(e) => return Outcome::Failed(None, format!("reopen: {e}")),
+        },
     };
-    if let Err(e) = res {
-        panic!("{op:?} failed on healthy storage: {e}");
+    match res {
+        Ok(()) => Outcome::Done,
+        Err(e) => Outcome::Failed(Some(e.kind()), e.to_string()),
     }
-    true
+}
+
+/// Either power fails before a sync, or (high bit of `crash`) the storage fails: the
+/// `crash & 63`-th I/O call after open (only syncs counted with bit 6), with ENOSPC
+/// or EIO (`mode` bit 6), once or from then on (`mode` bit 7), as RELIABILITY.md E1-E3.
+fn plan(world: &SimWorld, crash: u8, mode: u8) -> Option<i32> {
+    if crash & 0x80 != 0 {
+        let errno = if mode & 0x40 != 0 { 28 } else { 5 };
+        world.fail(Some(FailPlan {
+            call: world.calls() + u64::from(crash & 0x3f),
+            errno,
+            sticky: mode & 0x80 != 0,
+            syncs_only: crash & 0x40 != 0,
+        }));
+        return Some(errno);
+    }
+    if crash > 0 {
+        world.crash_before_sync(u64::from(crash) - 1);
+    }
+    None
 }
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
     let mut inp = Input::new(data);
     let config = inp.u8();
-    let crash_at = inp.u8();
+    let crash = inp.u8();
     let mode_byte = inp.u8();
     let mode_seed = inp.u64();
     let bs: u32 = if config & 16 != 0 { 8192 } else { 4096 };
@@ -240,16 +274,14 @@ pub fn run(data: &[u8]) {
     let size = (blocks * u64::from(bs) - u64::from((config >> 5) & 3) * 512).max(512);
     let s = start::get(size, bs, config & 128 != 0);
     let world = world_of(&s);
-    if crash_at > 0 {
-        world.crash_before_sync(u64::from(crash_at) - 1);
-    }
     let mut disk = open(&world, &s).unwrap_or_else(|e| panic!("fresh chain: {e}"));
+    let fault = plan(&world, crash, mode_byte);
     let mut model = Model::new(&s);
     // FUZZ_TRACE=1 when replaying a finding prints the decoded requests.
     let trace = std::env::var_os("FUZZ_TRACE").is_some();
     if trace {
         eprintln!(
-            "size {size} bs {bs} base {} crash_at {crash_at}",
+            "size {size} bs {bs} base {} crash {crash:#x} mode {mode_byte:#x}",
             s.base.is_some()
         );
     }
@@ -261,11 +293,34 @@ pub fn run(data: &[u8]) {
         if trace {
             eprintln!("{i}: {op:?}");
         }
-        if !exec(&mut disk, &op, &mut model, &world, &s) {
-            continue;
+        match exec(&mut disk, &op, &model, &world, &s) {
+            Outcome::Done => {}
+            Outcome::Declined => continue,
+            Outcome::Failed(kind, e) => {
+                let Some(errno) = fault else {
+                    panic!("{op:?} failed on healthy storage: {e}")
+                };
+                let want = if errno == 28 {
+                    IoErrorKind::NoSpace
+                } else {
+                    IoErrorKind::Io
+                };
+                assert!(
+                    kind.is_none_or(|k| k == want),
+                    "{op:?}: {e} is not {want:?}"
+                );
+                // A failed request may or may not have taken effect.
+                model.apply(&op);
+                world.fail(None);
+                break;
+            }
         }
         if matches!(op.kind, Kind::Reopen) {
-            model.restart(&disk);
+            if let Err(e) = model.restart(&disk) {
+                assert!(fault.is_some(), "{e}");
+                world.fail(None);
+                break;
+            }
         }
         model.apply(&op);
         if world.crashed() {
@@ -276,6 +331,7 @@ pub fn run(data: &[u8]) {
             model.commit();
         }
     }
+    world.fail(None);
     drop(disk);
     let (mode, level) = crash_mode(mode_byte, mode_seed);
     let after = world.after_crash(mode);
