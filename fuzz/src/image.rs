@@ -7,7 +7,7 @@
 //! behind it (thin-provisioning-tools' damage generator does the same for its checker).
 
 use cowdisk_core::format::{
-    decode_page, BlockState, DigestBuilder, Geometry, PageSlot, Uuid, COMPAT_BLOCK_CRCS,
+    decode_page, BlockState, DigestBuilder, Geometry, Header, PageSlot, Uuid, COMPAT_BLOCK_CRCS,
     HEADER_SLOT, MAGIC, PAGE_HEADER, PAGE_MAGIC, PAGE_SIZE,
 };
 
@@ -145,8 +145,17 @@ pub fn geometry(image: &[u8]) -> Option<Geometry> {
     Geometry::new(size, u32_at(image, s + H_BLOCK_SIZE)).ok()
 }
 
-/// The identity a child records for this layer: UUID and seal digest of its first slot.
+/// The identity a child records for this layer: UUID and seal digest of the header
+/// the engine will pick (the valid slot with the higher generation, A on a tie), else
+/// of the first slot with the magic.
 pub fn identity(image: &[u8]) -> Option<(Uuid, u32)> {
+    let valid = (0..2)
+        .filter_map(|s| image.get(s * SLOT..(s + 1) * SLOT))
+        .filter_map(|b| Header::decode(b).ok())
+        .reduce(|a, b| if b.generation > a.generation { b } else { a });
+    if let Some(h) = valid {
+        return Some((h.uuid, h.seal_digest));
+    }
     let s = slots(image).next()? * SLOT;
     let mut uuid = Uuid::default();
     uuid.0.copy_from_slice(&image[s + H_UUID..s + H_UUID + 16]);
