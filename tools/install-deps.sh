@@ -13,3 +13,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+# Fuzzing (tools/fuzz.sh): cargo-afl, pinned to the afl crate version fuzz/Cargo.toml
+# uses, and the AFL++ it builds from the source it ships (make and cc only; no download).
+AFL_VERSION=0.18.2
+if ! cargo afl --version 2>/dev/null | grep -q "^cargo-afl $AFL_VERSION "; then
+  cargo install --locked "cargo-afl@$AFL_VERSION"
+fi
+# Builds AFL++ once per rustc version; afterwards it refuses with "already built".
+if ! out=$(cargo afl config --build 2>&1) && ! grep -q "already built" <<<"$out"; then
+  echo "$out" >&2
+  exit 1
+fi
