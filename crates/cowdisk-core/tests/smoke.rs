@@ -203,13 +203,15 @@ fn copy_up_paths_verify_before_copying() {
         let (d, top) = damaged_parent(if kernel { "cu-k" } else { "cu-b" }, 100);
         let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
         disk.set_kernel_copy(kernel);
+        // Verified by this read, block 1 then copies up in the kernel where allowed.
+        let mut b = vec![0u8; 4096];
+        disk.read(4096, &mut b).unwrap();
         disk.write(4096 + 10, &[2], WriteFlags::default()).unwrap();
         let before = disk.layers()[0].allocated_bytes;
         let e = disk.write(10, &[2], WriteFlags::default()).unwrap_err();
         assert!(matches!(e, IoError::Checksum { block: 0, .. }), "{e}");
         assert_eq!(disk.top_state(0), BlockState::Absent);
         assert_eq!(disk.layers()[0].allocated_bytes, before, "kernel {kernel}");
-        let mut b = vec![0u8; 4096];
         disk.read(4096, &mut b).unwrap();
         assert!(b[..10].iter().chain(&b[11..]).all(|&x| x == 1) && b[10] == 2);
         assert_eq!(disk.top_state(1), BlockState::Data);

@@ -67,6 +67,17 @@ pub struct Disk {
     copy_lock: Mutex<()>,
     /// Copy-up goes through `copy_file_range` while the kernel accepts it.
     kernel_copy: AtomicBool,
+    /// The top is on a file system whose `copy_file_range` shares extents (XFS, btrfs).
+    reflink_likely: bool,
+}
+
+/// True where `copy_file_range` shares extents instead of copying (XFS, btrfs).
+fn reflink_likely(st: &dyn Storage) -> bool {
+    const XFS: u64 = 0x5846_5342;
+    const BTRFS: u64 = 0x9123_683e;
+    st.fd()
+        .and_then(|fd| rustix::fs::fstatfs(fd).ok())
+        .is_some_and(|s| matches!(s.f_type as u64, XFS | BTRFS))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -80,6 +91,7 @@ impl Disk {
         let geometry = header.geometry;
         let sealed_top = (header.state == LayerState::Sealed)
             .then(|| LowerLayer::new(top.storage.clone(), top.path.clone(), header, (0, 0)));
+        let reflink = reflink_likely(&*top.storage);
         if access == Access::ReadWrite {
             // Pages written before this open may have one slot only; reserve the other
             // now, while it is likely free, so later flushes need no space. Best effort:
@@ -107,6 +119,7 @@ impl Disk {
             sealed: AtomicBool::new(false),
             copy_lock: Mutex::new(()),
             kernel_copy: AtomicBool::new(true),
+            reflink_likely: reflink,
         }
     }
 
