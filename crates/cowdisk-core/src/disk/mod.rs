@@ -12,6 +12,7 @@
 //! map pages, syncs the data, writes the pages into their inactive A/B slots and
 //! syncs again: a map entry is never durable before its data (FORMAT.md §Crash).
 
+mod copyup;
 mod flush;
 mod header;
 mod lower;

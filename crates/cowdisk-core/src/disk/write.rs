@@ -1,9 +1,6 @@
 //! The write path: in-place writes to top blocks, copy-up of partially written blocks
 //! held below, whiteouts and zeroing.
 
-use std::sync::atomic::Ordering::SeqCst;
-
-use super::scratch::BLOCK_SCRATCH;
 use super::{lock, Disk, WriteFlags, ZeroFlags, STRIPES};
 use crate::error::IoError;
 use crate::format::BlockState;
@@ -108,107 +105,6 @@ impl Disk {
             .map_err(|e| Self::io_err(&self.top.path, "allocate map page", off, e))?;
         self.top.map.set_page_space_ready(page);
         Ok(())
-    }
-
-    /// Copies block `b` from lower layer `i` into the top, with `chunk` applied. If the
-    /// lower read fails nothing is written or allocated (docs/reliability.md, rule 3).
-    /// Where both layers are files the kernel copies (`copy_file_range`: on XFS with reflink
-    /// and on btrfs the block's extent is shared, elsewhere it is copied once without
-    /// passing through this process); else, or where the kernel refuses, through a buffer.
-    ///
-    /// A block not yet verified must be read for its CRC anyway; where the kernel would
-    /// only copy it again (no reflink), one buffered read and write is cheaper (measured:
-    /// 1.75x slower for cold 4 KiB copy-ups through `copy_file_range` on ext4 and tmpfs).
-    fn copy_up(&self, b: u64, i: usize, within: usize, chunk: &[u8]) -> Result<(), IoError> {
-        let worth = self.reflink_likely || self.lower.layers[i].is_verified(b);
-        if worth && self.kernel_copy.load(SeqCst) && self.copy_up_in_kernel(b, i)? {
-            let o = self.geometry.block_offset(b) + within as u64;
-            return self
-                .top
-                .storage
-                .write_at(chunk, o)
-                .map_err(|e| Self::io_err(&self.top.path, "write", o, e));
-        }
-        self.copy_up_buffered(b, i, within, chunk)
-    }
-
-    /// Verifies block `b` of lower layer `i` (once), then copies it whole into the top in
-    /// the kernel. `false` if the kernel cannot copy between these files (then never
-    /// tried again for this disk).
-    fn copy_up_in_kernel(&self, b: u64, i: usize) -> Result<bool, IoError> {
-        let layer = &self.lower.layers[i];
-        let (Some(src), Some(dst)) = (layer.storage.fd(), self.top.storage.fd()) else {
-            return Ok(false);
-        };
-        // Bad lower data must not become "real" top data: checked before it is copied.
-        let bs = u64::from(self.geometry.block_size);
-        self.verify_run(i as u32 + 1, b * bs, 1)?;
-        let len = self.geometry.block_len(b);
-        let (mut from, mut to) = (
-            layer.header.geometry.block_offset(b),
-            self.geometry.block_offset(b),
-        );
-        let end = to + len as u64;
-        let _c = lock(&self.copy_lock);
-        while to < end {
-            let want = (end - to) as usize;
-            match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), want) {
-                Ok(0) => {
-                    return Err(Self::io_err(
-                        &layer.path,
-                        "copy-up",
-                        from,
-                        std::io::ErrorKind::UnexpectedEof.into(),
-                    ))
-                }
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => {}
-                Err(
-                    rustix::io::Errno::XDEV
-                    | rustix::io::Errno::OPNOTSUPP
-                    | rustix::io::Errno::INVAL
-                    | rustix::io::Errno::NOSYS,
-                ) => {
-                    self.kernel_copy.store(false, SeqCst);
-                    return Ok(false);
-                }
-                Err(e) => return Err(Self::io_err(&self.top.path, "copy-up", to, e.into())),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Copy-up through a block buffer: read, verify, apply `chunk`, write once.
-    fn copy_up_buffered(
-        &self,
-        b: u64,
-        i: usize,
-        within: usize,
-        chunk: &[u8],
-    ) -> Result<(), IoError> {
-        let blen = self.geometry.block_len(b);
-        let off = self.geometry.block_offset(b);
-        let layer = &self.lower.layers[i];
-        let lower_off = layer.header.geometry.block_offset(b);
-        BLOCK_SCRATCH.with(blen, |buf| {
-            // A smaller parent's last block is short in its virtual size but whole in its
-            // file (zeros past the end), so reading a full block there is in bounds.
-            layer
-                .storage
-                .read_at(buf, lower_off)
-                .map_err(|e| Self::io_err(&layer.path, "read for copy-up", lower_off, e))?;
-            if !layer.is_verified(b) {
-                // Bad lower data must not become "real" top data.
-                // Its own length: within `blen`, as a parent is never larger than its child.
-                layer.verify(b, &buf[..layer.header.geometry.block_len(b).min(blen)])?;
-            }
-            buf[within..within + chunk.len()].copy_from_slice(chunk);
-            let _c = lock(&self.copy_lock);
-            self.top
-                .storage
-                .write_at(buf, off)
-                .map_err(|e| Self::io_err(&self.top.path, "copy-up write", off, e))
-        })
     }
 
     /// Makes `[offset, offset + len)` read as zeros. Whole blocks become whiteouts
