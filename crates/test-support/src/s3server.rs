@@ -1,0 +1,172 @@
+//! A real S3-compatible server for tests: SeaweedFS (`weed mini`, installed by
+//! `tools/install-deps.sh`) on 127.0.0.1 only, telemetry off, data in a temp folder,
+//! every port chosen free so test processes can run side by side.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The bucket every server starts with.
+pub const BUCKET: &str = "cowdisk-test";
+
+/// A running (or stopped, restartable) SeaweedFS.
+pub struct S3Server {
+    weed: PathBuf,
+    dir: PathBuf,
+    ports: [u16; 5],
+    child: Option<Child>,
+}
+
+/// Five free ports whose gRPC twins (+10000) are free too.
+fn free_ports() -> [u16; 5] {
+    let mut out = Vec::new();
+    let mut held = Vec::new();
+    while out.len() < 5 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = l.local_addr().expect("addr").port();
+        held.push(l);
+        if p < 55000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            out.push(p);
+        }
+    }
+    out.try_into().expect("five")
+}
+
+impl S3Server {
+    /// Starts a server with data in `dir`; `None` (after the CI rule: a failure under
+    /// `CI=true`) if `weed` is not installed.
+    pub fn start(dir: &Path) -> Option<S3Server> {
+        let weed = crate::find_tool("weed");
+        if !crate::require(
+            weed.is_some(),
+            "tool weed (SeaweedFS; tools/install-deps.sh)",
+        ) {
+            return None;
+        }
+        let mut s = S3Server {
+            weed: weed.expect("checked"),
+            dir: dir.join("weed"),
+            ports: free_ports(),
+            child: None,
+        };
+        std::fs::create_dir_all(&s.dir).expect("weed folder");
+        s.restart();
+        Some(s)
+    }
+
+    /// `http://127.0.0.1:PORT`, the S3 endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports[3])
+    }
+
+    /// Environment for a client of this server: endpoint, region, and no credentials
+    /// or profile from the machine running the tests (anonymous access).
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.endpoint()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE".into(), "/nonexistent".into()),
+            ("AWS_CONFIG_FILE".into(), "/nonexistent".into()),
+        ]
+    }
+
+    /// Kills the server (as a crash would) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data, and waits until it serves.
+    pub fn restart(&mut self) {
+        self.stop();
+        let p = self.ports;
+        let log = std::fs::File::create(self.dir.join("weed.log")).expect("log");
+        let child = Command::new(&self.weed)
+            .arg("mini")
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+            ])
+            .args([
+                "-admin.ui=false",
+                "-webdav=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ])
+            .arg(format!("-dir={}", self.dir.display()))
+            .arg(format!("-bucket={BUCKET}"))
+            .arg(format!("-master.port={}", p[0]))
+            .arg(format!("-volume.port={}", p[1]))
+            .arg(format!("-filer.port={}", p[2]))
+            .arg(format!("-s3.port={}", p[3]))
+            .arg(format!("-admin.port={}", p[4]))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start weed");
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            if self.status(&format!("/{BUCKET}/")) == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "SeaweedFS did not come up; see {}",
+            self.dir.join("weed.log").display()
+        );
+    }
+
+    /// HTTP status of an anonymous GET of `path` on the S3 port.
+    pub fn status(&self, path: &str) -> Option<u16> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.ports[3])).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).ok()?;
+        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    }
+
+    /// Overwrites object `key` with `body` (anonymous PUT): for damage tests.
+    pub fn put(&self, key: &str, body: &[u8]) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.ports[3])).expect("connect");
+        write!(
+            s,
+            "PUT /{BUCKET}/{key} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .expect("write");
+        s.write_all(body).expect("body");
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).expect("answer");
+        assert_eq!(&head[9..12], b"200", "PUT {key}");
+    }
+
+    /// The whole object `key` (anonymous GET).
+    pub fn get(&self, key: &str) -> Vec<u8> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.ports[3])).expect("connect");
+        write!(s, "GET /{BUCKET}/{key} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("write");
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).expect("read");
+        let at = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("headers")
+            + 4;
+        assert_eq!(&all[9..12], b"200", "GET {key}");
+        all.split_off(at)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
