@@ -145,6 +145,27 @@ impl RemoteSource {
     }
 }
 
+/// The local source when only remote image roots are given: every local reference is
+/// outside them.
+pub struct NoLocal;
+
+impl LayerSource for NoLocal {
+    fn open_parent(
+        &self,
+        child: &Path,
+        reference: &str,
+    ) -> std::result::Result<OpenedLayer, OpenError> {
+        Err(OpenError::Chain {
+            path: child.to_path_buf(),
+            reason: format!("parent reference {reference:?} leads outside every image root"),
+        })
+    }
+
+    fn lock_shared(&self, _: &OpenedLayer) -> std::result::Result<(), OpenError> {
+        Ok(())
+    }
+}
+
 /// The identity of the object at `url` for loop detection and the lower cache.
 pub fn object_id(url: &S3Url) -> LayerId {
     let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -23,6 +23,10 @@ pub struct Cli {
     /// colon-separated): for hosts that serve images they did not build.
     #[arg(long = "image-root", value_name = "DIR", global = true)]
     pub image_roots: Vec<PathBuf>,
+    /// Remote layers (s3:// URLs, AWS_* settings): where fetched blocks are cached, and
+    /// how reads that need the store behave.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -35,7 +39,8 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  cowdisk create base.cow --size 10G\n  cowdisk create base.cow --size 1T --block-size 1M\n  \
 cowdisk create vm1.cow --backing base.cow   # seals base.cow if it was writable\n  \
-cowdisk create vm2.cow --backing base.cow --json | jq -r .image.uuid"
+cowdisk create vm2.cow --backing base.cow --json | jq -r .image.uuid\n  \
+cowdisk create vm3.cow --backing s3://images/base/UUID-DIGEST.cdlayer   # fetches only metadata"
     )]
     Create(CreateArgs),
     /// Show every layer of an image's chain, top first.
@@ -86,6 +91,52 @@ Refused unless the new parent is the same layer (same UUID and seal digest)."
     Rebase(RebaseArgs),
     /// Export images over NBD.
     Serve(ServeArgs),
+    /// Upload the sealed layers of an image's chain to object storage.
+    #[command(after_help = crate::cmd::remote::PUSH_HELP)]
+    Push(PushArgs),
+    /// Download a remote chain as local layer files (for hosts that must run offline).
+    #[command(after_help = crate::cmd::remote::PULL_HELP)]
+    Pull(PullArgs),
+}
+
+/// Options for chains with layers in object storage (every command).
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// Host-wide cache of remote layer blocks, shared by every process (also
+    /// COWDISK_CACHE_DIR; default ~/.cache/cowdisk).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of that cache: least recently written layers are evicted (default 8G).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", global = true)]
+    pub cache_size: Option<u64>,
+    /// A read that needs the store and gets no answer within SECONDS fails with EIO
+    /// (other requests go on). Default 30.
+    #[arg(long, value_name = "SECONDS", global = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub remote_deadline: Option<u64>,
+}
+
+/// `push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The image whose sealed layers are pushed (a writable top is not: snapshot it first).
+    pub image: PathBuf,
+    /// Where: s3://BUCKET/PREFIX.
+    pub dest: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The top layer object: s3://BUCKET/KEY.
+    pub url: String,
+    /// The folder for the layer files (created if missing).
+    pub dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `create`.
@@ -99,7 +150,8 @@ pub struct CreateArgs {
     /// Block size (4K to 1M, power of two). Default 64K.
     #[arg(long, value_parser = parse_block_size, conflicts_with = "backing")]
     pub block_size: Option<u32>,
-    /// Parent image (in IMAGE's folder or below it); sealed first if writable.
+    /// Parent image (in IMAGE's folder or below it); sealed first if writable. Or a
+    /// remote layer object, s3://BUCKET/KEY (as printed by `push`).
     #[arg(long, value_name = "PARENT")]
     pub backing: Option<PathBuf>,
     /// Machine-readable output (schema in README.md, "JSON output").

@@ -35,6 +35,8 @@ pub fn info(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
                 v["whiteout_blocks"] = json!(l.zero_blocks);
                 v["allocated_bytes"] = json!(l.allocated_bytes);
                 v["needs_check"] = json!(l.header.flags & FLAG_NEEDS_CHECK != 0);
+                // Remote layers are objects (their data is fetched on demand).
+                v["remote"] = json!(cowdisk_remote::is_remote(&l.path.to_string_lossy()));
                 v
             })
             .collect();
