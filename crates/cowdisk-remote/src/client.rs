@@ -94,6 +94,18 @@ impl Client {
         Ok(r)
     }
 
+    /// [`Client::get_range`] for an object known to exist (opened already): a missing
+    /// object is retried like a transient failure until `deadline`.
+    pub fn get_known(
+        &self,
+        url: &S3Url,
+        offset: u64,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        self.get(url, offset, buf, deadline, true)
+    }
+
     /// Fills `buf` from the object's bytes at `offset` (one range GET per attempt),
     /// retrying transient failures until `deadline`.
     pub fn get_range(
@@ -102,6 +114,17 @@ impl Client {
         offset: u64,
         buf: &mut [u8],
         deadline: Instant,
+    ) -> Result<()> {
+        self.get(url, offset, buf, deadline, false)
+    }
+
+    fn get(
+        &self,
+        url: &S3Url,
+        offset: u64,
+        buf: &mut [u8],
+        deadline: Instant,
+        known: bool,
     ) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
@@ -113,7 +136,7 @@ impl Client {
             let signed = b
                 .get_object(self.cfg.credentials.as_ref(), &url.key)
                 .sign(SIGN_FOR);
-            let resp = self.send(
+            let resp = match self.send(
                 url,
                 "GET",
                 "GET",
@@ -121,7 +144,12 @@ impl Client {
                 &[("Range", &range)],
                 None,
                 deadline,
-            )?;
+            ) {
+                Err(RemoteError::NotFound { object }) if known => {
+                    return Err(RemoteError::Vanished { object })
+                }
+                r => r?,
+            };
             let partial = resp.status() == 206;
             let len = content_length(url, "GET", &resp)?;
             if len != buf.len() as u64 || !(partial || offset == 0) {

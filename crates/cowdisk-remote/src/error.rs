@@ -44,6 +44,13 @@ pub enum RemoteError {
         /// The object.
         object: String,
     },
+    /// An object that was there at open is missing: a store coming back up (its data
+    /// servers not ready yet) answers like this, so it is retried until the deadline.
+    #[error("{object}: missing from the store, although it was there at open")]
+    Vanished {
+        /// The object.
+        object: String,
+    },
     /// The request did not complete (connection refused, reset, TLS, DNS).
     #[error("{object}: {op}: {reason}")]
     Transport {
@@ -108,11 +115,12 @@ impl RemoteError {
         }
     }
 
-    /// Worth retrying: the store may answer next time (5xx, 429, transport).
+    /// Worth retrying: the store may answer next time (5xx, 429, transport). A missing
+    /// object is retried only where it is known to exist ([`RemoteError::Vanished`]).
     pub fn is_transient(&self) -> bool {
         match self {
             RemoteError::Status { status, .. } => *status >= 500 || *status == 429,
-            RemoteError::Transport { .. } => true,
+            RemoteError::Transport { .. } | RemoteError::Vanished { .. } => true,
             _ => false,
         }
     }

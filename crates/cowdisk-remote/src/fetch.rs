@@ -190,7 +190,7 @@ impl Fetcher {
         let (last_off, last_len) = meta.data_range(ranks.end - 1);
         let mut bytes = vec![0u8; (last_off + last_len as u64 - start) as usize];
         self.client
-            .get_range(&self.url, start, &mut bytes, deadline)?;
+            .get_known(&self.url, start, &mut bytes, deadline)?;
         let mut offsets = Vec::with_capacity(ranks.len());
         let mut bad = Vec::with_capacity(ranks.len());
         for r in ranks.clone() {

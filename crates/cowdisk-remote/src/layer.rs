@@ -50,7 +50,7 @@ pub fn load_meta(client: &Client, url: &S3Url, deadline: Instant) -> Result<Laye
     if len < OBJECT_HEADER {
         return Err(RemoteError::bad_object(
             &obj,
-            "too short to be a layer object",
+            "not a cowdisk layer object (too short)",
         ));
     }
     let mut b = vec![0u8; OBJECT_HEADER as usize];

@@ -175,7 +175,7 @@ mod tests {
     fn bad_urls_name_the_cause() {
         for (s, why) in [
             ("http://b/k", "s3://"),
-            ("s3://B/k", "a-z"),
+            ("s3://BUCKET/k", "a-z"),
             ("s3://ab/k", "3 to 63"),
             ("s3://bkt/", "names no object"),
             ("s3://bkt/a/../b", "'..'"),

@@ -113,7 +113,12 @@ impl S3Server {
         self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(60);
         while Instant::now() < until {
-            if self.status(&format!("/{BUCKET}/")) == Some(200) {
+            // Ready when an object can be written and read back (the bucket listing
+            // answers before the data servers do).
+            if self.status(&format!("/{BUCKET}/")) == Some(200)
+                && self.try_put(".ready", b"ok") == Some(200)
+                && self.status(&format!("/{BUCKET}/.ready")) == Some(200)
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -136,17 +141,23 @@ impl S3Server {
 
     /// Overwrites object `key` with `body` (anonymous PUT): for damage tests.
     pub fn put(&self, key: &str, body: &[u8]) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.ports[3])).expect("connect");
+        assert_eq!(self.try_put(key, body), Some(200), "PUT {key}");
+    }
+
+    /// HTTP status of an anonymous PUT of `body` as `key`.
+    fn try_put(&self, key: &str, body: &[u8]) -> Option<u16> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.ports[3])).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let len = body.len();
         write!(
             s,
-            "PUT /{BUCKET}/{key} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
-            body.len()
+            "PUT /{BUCKET}/{key} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {len}\r\n\r\n"
         )
-        .expect("write");
-        s.write_all(body).expect("body");
+        .ok()?;
+        s.write_all(body).ok()?;
         let mut head = [0u8; 12];
-        s.read_exact(&mut head).expect("answer");
-        assert_eq!(&head[9..12], b"200", "PUT {key}");
+        s.read_exact(&mut head).ok()?;
+        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
     }
 
     /// The whole object `key` (anonymous GET).
