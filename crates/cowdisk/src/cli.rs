@@ -45,23 +45,25 @@ cowdisk create vm3.cow --backing s3://images/base/UUID-DIGEST.cdlayer   # fetche
     Create(CreateArgs),
     /// Show every layer of an image's chain, top first.
     #[command(
-        after_help = "Example:\n  cowdisk info vm1.cow\n  cowdisk info vm1.cow --json | jq '.layers[0].data_blocks'\n  cowdisk info -U vm1.cow   # while it is being served"
+        after_help = "Example:\n  cowdisk info vm1.cow\n  cowdisk info vm1.cow --json | jq '.layers[0].data_blocks'\n  cowdisk info -U vm1.cow   # while it is being served\n\nRemote layers (s3://): only their metadata is fetched (at open), no data blocks."
     )]
     Info(ImageJson),
     /// Show how the virtual disk maps onto layers (like `qemu-img map`).
-    #[command(after_help = "Example:\n  cowdisk map vm1.cow\n  cowdisk map vm1.cow --json")]
+    #[command(
+        after_help = "Example:\n  cowdisk map vm1.cow\n  cowdisk map vm1.cow --json\n\nRemote layers (s3://): only their metadata is fetched, no data blocks."
+    )]
     Map(ImageJson),
     /// Verify headers, maps, checksums and parent links; optionally repair the top.
     #[command(
         after_help = "Example:\n  cowdisk check vm1.cow\n  cowdisk check vm1.cow --repair --json\n\n\
 Exit codes: 0 clean, 1 check could not run, 2 corruption found, 3 problems found and all repaired, \
 4 only harmless leaks found (run with --repair to reclaim them).\n\
---repair only writes the top layer and never changes what the disk reads as."
+--repair only writes the top layer and never changes what the disk reads as.\n\nRemote layers (s3://): every data block is fetched (through the host cache) and verified; --json lists them in remote_layers."
     )]
     Check(CheckArgs),
     /// Freeze the image's content as a sealed layer; the image continues over it.
     #[command(after_help = "Example:\n  cowdisk snapshot vm1.cow vm1-monday.cow\n  \
-# vm1.cow is now an empty writable layer over the sealed vm1-monday.cow")]
+# vm1.cow is now an empty writable layer over the sealed vm1-monday.cow\n\nRemote layers (s3://): nothing is fetched but their metadata; the new sealed layer is local (push it to share it).")]
     Snapshot(SnapshotArgs),
     /// Throw away the top layer's changes (back to its parent's content).
     #[command(after_help = "Example:\n  cowdisk reset vm1.cow")]
@@ -71,17 +73,21 @@ Exit codes: 0 clean, 1 check could not run, 2 corruption found, 3 problems found
         after_help = "Example:\n  cowdisk squash vm1.cow             # merge every layer below vm1.cow\n  \
 cowdisk squash vm1.cow --layers 2  # merge the two layers just below it\n\n\
 The merged layer is written beside IMAGE as IMAGE.squash-XXXXXXXX (the first 8 hex digits of its UUID);\n\
-the old layer files are left untouched and can be deleted once nothing else uses them."
+the old layer files are left untouched and can be deleted once nothing else uses them.\n\nRemote layers (s3://): the data blocks of the remote layers merged are fetched (through the host cache, each verified);\nthe merged layer is local."
     )]
     Squash(SquashArgs),
     /// Copy an image's content into a new standalone single-layer image.
-    #[command(after_help = "Example:\n  cowdisk flatten vm1.cow vm1-standalone.cow")]
+    #[command(
+        after_help = "Example:\n  cowdisk flatten vm1.cow vm1-standalone.cow\n\nRemote layers (s3://): every block the image reads from them is fetched (through the host cache, each verified)."
+    )]
     Flatten(SrcDst),
     /// Create an image from a raw disk file (all-zero blocks are not stored).
     #[command(after_help = "Example:\n  cowdisk import disk.raw disk.cow --block-size 64K")]
     Import(ImportArgs),
     /// Write an image's content to a new raw file (sparse: zero ranges left as holes).
-    #[command(after_help = "Example:\n  cowdisk export vm1.cow vm1.raw")]
+    #[command(
+        after_help = "Example:\n  cowdisk export vm1.cow vm1.raw\n\nRemote layers (s3://): every block the image reads from them is fetched (through the host cache, each verified)."
+    )]
     Export(SrcDst),
     /// Repoint the top layer's parent reference after files were moved.
     #[command(
@@ -90,6 +96,12 @@ Refused unless the new parent is the same layer (same UUID and seal digest)."
     )]
     Rebase(RebaseArgs),
     /// Export images over NBD.
+    ///
+    /// Remote layers (s3://): their metadata is fetched at start; a data block is fetched
+    /// on its first read or copy-up (in units of 256 KiB or more, one fetch however many
+    /// clients want it, each block verified, kept in the host cache); sequential readers
+    /// get readahead. --record-trace FILE writes the blocks fetched on demand; --prefetch
+    /// FILE fetches a recorded trace's blocks in the background at start.
     Serve(ServeArgs),
     /// Upload the sealed layers of an image's chain to object storage.
     #[command(after_help = crate::cmd::remote::PUSH_HELP)]

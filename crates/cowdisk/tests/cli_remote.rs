@@ -190,6 +190,17 @@ fn push_create_inspect_export_pull() {
     assert_eq!(remote, [false, true, true, true]);
     let out = env.ok(&["check", &t.s("r1.cow")]);
     assert!(out.contains("No errors"), "{out}");
+    let c = env.json(&["check", &t.s("r1.cow"), "--json"]);
+    assert_eq!(c["remote_layers"].as_array().unwrap().len(), 3, "{c}");
+    assert_eq!(
+        c["blocks_verified"],
+        info["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["data_blocks"].as_u64().unwrap())
+            .sum::<u64>()
+    );
     env.ok(&["export", &t.s("r1.cow"), &t.s("r1.raw")]);
     assert_eq!(hash(&t.p("r1.raw")), hash(&t.p("local.raw")));
 
