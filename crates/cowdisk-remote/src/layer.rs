@@ -21,7 +21,11 @@ use crate::client::Client;
 use crate::error::{RemoteError, Result};
 use crate::fetch::{cache_offset, FetchOptions, Fetcher, Unit};
 use crate::object::{object_name, LayerMeta, ObjectHeader, META_OFFSET, OBJECT_HEADER, SUFFIX};
+use crate::trace::TraceRecorder;
 use crate::url::S3Url;
+
+/// Range GETs a trace prefetch keeps in flight (overlaybd replays with 16).
+const PREFETCH_PARALLEL: usize = 16;
 
 /// Map entries in one page.
 const PAGE_ENTRY_BYTES: u64 = PAGE_SIZE - PAGE_HEADER as u64;
@@ -37,6 +41,7 @@ pub struct RemoteLayer {
     fetcher: Fetcher,
     last_unit: AtomicUsize,
     me: Weak<RemoteLayer>,
+    record: Option<Arc<TraceRecorder>>,
 }
 
 /// Fetches and validates an object's header and metadata (the only bytes read at open).
@@ -76,6 +81,7 @@ impl RemoteLayer {
         url: &S3Url,
         cache: Option<&Arc<CacheDir>>,
         opts: FetchOptions,
+        record: Option<Arc<TraceRecorder>>,
     ) -> Result<Arc<RemoteLayer>> {
         let meta = load_meta(&client, url, Instant::now() + opts.deadline)?;
         let bs = meta.object.geometry.block_size;
@@ -89,12 +95,21 @@ impl RemoteLayer {
             fetcher,
             last_unit: AtomicUsize::new(usize::MAX - 1),
             me: me.clone(),
+            record,
         }))
     }
 
     /// The object's location.
     pub fn url(&self) -> &S3Url {
         &self.url
+    }
+
+    /// The layer's content name (`<uuid>-<seal digest>`), as traces and the cache name it.
+    pub fn name(&self) -> String {
+        let h = &self.meta.header;
+        object_name(&h.uuid, h.seal_digest)
+            .trim_end_matches(SUFFIX)
+            .to_string()
     }
 
     /// The layer's metadata.
@@ -115,7 +130,8 @@ impl RemoteLayer {
             .filter(|&u| !self.fetcher.unit_cached(&self.meta, u, &mut scratch))
             .collect();
         let deadline = Instant::now() + self.fetcher.opts.deadline;
-        self.fetch_units(&missing, deadline).map(|_| ())
+        self.fetch_units(&missing, deadline, PREFETCH_PARALLEL)
+            .map(|_| ())
     }
 
     /// Fetches `units` with at most `parallel` GETs in flight.
@@ -123,9 +139,10 @@ impl RemoteLayer {
         &self,
         units: &[usize],
         deadline: Instant,
+        parallel: usize,
     ) -> io::Result<Vec<(usize, Arc<Unit>)>> {
         let mut out = Vec::with_capacity(units.len());
-        for chunk in units.chunks(self.fetcher.opts.parallel.max(1)) {
+        for chunk in units.chunks(parallel.max(1)) {
             let results: Vec<_> = std::thread::scope(|s| {
                 let hs: Vec<_> = chunk
                     .iter()
@@ -222,7 +239,13 @@ impl RemoteLayer {
             self.readahead(first, last);
         }
         let deadline = Instant::now() + self.fetcher.opts.deadline;
-        let fetched = self.fetch_units(&units, deadline)?;
+        if let Some(rec) = &self.record {
+            let name = self.name();
+            for m in missing {
+                rec.record(&name, u64::from(self.meta.data[m.0]));
+            }
+        }
+        let fetched = self.fetch_units(&units, deadline, self.fetcher.opts.parallel)?;
         for &(r, inb, at, n) in missing {
             let u = self.fetcher.unit_of(r);
             let unit = &fetched.iter().find(|f| f.0 == u).expect("fetched above").1;

@@ -25,6 +25,7 @@ pub mod object;
 pub mod pull;
 pub mod push;
 pub mod source;
+pub mod trace;
 pub mod url;
 
 pub use cache::{default_cache_dir, CacheDir, DEFAULT_CACHE_SIZE};

@@ -19,6 +19,7 @@ use crate::config::StoreConfig;
 use crate::error::{RemoteError, Result};
 use crate::fetch::FetchOptions;
 use crate::layer::RemoteLayer;
+use crate::trace::{Trace, TraceRecorder};
 use crate::url::{is_remote, S3Url};
 
 /// How remote layers are reached and kept.
@@ -38,6 +39,10 @@ pub struct RemoteOptions {
     pub confined: bool,
     /// The store; `None`: configured from the environment on first use.
     pub store: Option<StoreConfig>,
+    /// Records blocks fetched on demand.
+    pub record: Option<Arc<TraceRecorder>>,
+    /// Blocks to fetch in the background as each layer is opened.
+    pub prefetch: Option<Arc<Trace>>,
 }
 
 impl Default for RemoteOptions {
@@ -49,6 +54,8 @@ impl Default for RemoteOptions {
             roots: Vec::new(),
             confined: false,
             store: None,
+            record: None,
+            prefetch: None,
         }
     }
 }
@@ -66,6 +73,7 @@ pub struct RemoteSource {
     opts: RemoteOptions,
     remote: OnceLock<std::result::Result<Arc<Remote>, String>>,
     open: Mutex<HashMap<S3Url, Weak<RemoteLayer>>>,
+    prefetching: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl RemoteSource {
@@ -76,6 +84,7 @@ impl RemoteSource {
             opts,
             remote: OnceLock::new(),
             open: Mutex::new(HashMap::new()),
+            prefetching: Mutex::new(Vec::new()),
         }
     }
 
@@ -117,10 +126,42 @@ impl RemoteSource {
             url,
             remote.cache.as_ref(),
             self.opts.fetch,
+            self.opts.record.clone(),
         )?;
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(url.clone(), Arc::downgrade(&l));
+        self.start_prefetch(&l);
         Ok(l)
+    }
+
+    /// Fetches the blocks the prefetch trace names for layer `l`, in the background.
+    fn start_prefetch(&self, l: &Arc<RemoteLayer>) {
+        let Some(trace) = &self.opts.prefetch else {
+            return;
+        };
+        if trace.blocks(&l.name()).is_none() {
+            return;
+        }
+        let (l, trace) = (l.clone(), trace.clone());
+        let h = std::thread::spawn(move || {
+            let blocks = trace.blocks(&l.name()).unwrap_or_default();
+            if let Err(e) = l.prefetch_blocks(blocks.iter().copied()) {
+                crate::log::log(&format!("prefetch: {e}"));
+            }
+        });
+        self.prefetching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(h);
+    }
+
+    /// Waits for the background prefetches started so far.
+    pub fn wait_prefetch(&self) {
+        let hs: Vec<_> =
+            std::mem::take(&mut *self.prefetching.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in hs {
+            let _ = h.join();
+        }
     }
 
     fn check_root(&self, url: &S3Url) -> Result<()> {

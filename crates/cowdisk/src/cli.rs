@@ -125,6 +125,13 @@ pub struct RemoteArgs {
     /// (other requests go on). Default 30.
     #[arg(long, value_name = "SECONDS", global = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub remote_deadline: Option<u64>,
+    /// (serve) Write the remote blocks fetched on demand to FILE: a trace for --prefetch.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub record_trace: Option<PathBuf>,
+    /// (serve) Fetch the blocks of a trace recorded by --record-trace in the background,
+    /// as each remote layer is opened (warms a cold cache before the blocks are read).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub prefetch: Option<PathBuf>,
 }
 
 /// `push`.

@@ -102,8 +102,8 @@ pub fn open_options() -> OpenOptions {
 }
 
 /// How this invocation reads remote layers (`--cache-dir`, `--cache-size`,
-/// `--remote-deadline`).
-fn remote_options(cli: &cli::Cli) -> RemoteOptions {
+/// `--remote-deadline`, `--record-trace`, `--prefetch`).
+fn remote_options(cli: &cli::Cli) -> error::Result<RemoteOptions> {
     let mut o = RemoteOptions::default();
     if let Some(d) = &cli.remote.cache_dir {
         o.cache_dir = Some(d.clone());
@@ -114,7 +114,13 @@ fn remote_options(cli: &cli::Cli) -> RemoteOptions {
     if let Some(s) = cli.remote.remote_deadline {
         o.fetch.deadline = std::time::Duration::from_secs(s);
     }
-    o
+    if let Some(p) = &cli.remote.prefetch {
+        o.prefetch = Some(Arc::new(cowdisk_remote::trace::Trace::load(p)?));
+    }
+    if let Some(p) = &cli.remote.record_trace {
+        o.record = Some(Arc::new(cowdisk_remote::trace::TraceRecorder::create(p)?));
+    }
+    Ok(o)
 }
 
 /// The image roots named on the command line, then in `COWDISK_IMAGE_ROOT`.
@@ -136,7 +142,7 @@ pub fn run() -> i32 {
             return code;
         }
     };
-    let sources = set_sources(&image_roots(&cli), remote_options(&cli));
+    let sources = remote_options(&cli).and_then(|o| set_sources(&image_roots(&cli), o));
     match sources.and_then(|()| cmd::dispatch(&cli)) {
         Ok(code) => code,
         Err(e) => {

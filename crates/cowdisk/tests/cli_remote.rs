@@ -417,3 +417,72 @@ fn bad_urls_missing_objects_credentials_and_image_roots() {
         &format!("s3://{BUCKET}/roots/a"),
     ]);
 }
+
+/// Allocated bytes of the cache files under `dir`.
+fn cached_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir.join("v1"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.metadata().unwrap().blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn serve_record_trace_then_prefetch_on_a_cold_cache() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let t = Tmp::new("remote-trace");
+    let Some(server) = S3Server::start(&t.0) else {
+        return;
+    };
+    let env = Env::new(&server, &t.p("cache-a"));
+    chain(&t);
+    let (url, _) = push(&env, &t, "tr");
+    env.ok(&["create", &t.s("r1.cow"), "--backing", &url]);
+    env.ok(&["create", &t.s("r2.cow"), "--backing", &url]);
+    let trace = t.s("boot.trace");
+    let sock = t.p("s1");
+    let s = env.serve(&[&t.p("r1.cow")], &sock, &["--record-trace", &trace]);
+    let o = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read 0 512k",
+            "-c",
+            "read 400M 64k",
+            &uri(&sock, "r1.cow"),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    stop(s);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    // Blocks that missed the cache: the first of each 256 KiB unit read (its fetch
+    // brings the rest of the unit), in both layers read.
+    assert!(text.lines().count() >= 4, "{text}");
+
+    // A cold cache: the traced blocks arrive without any client reading them.
+    let env_b = Env::new(&server, &t.p("cache-b"));
+    let sock = t.p("s2");
+    let s = env_b.serve(&[&t.p("r2.cow")], &sock, &["--prefetch", &trace]);
+    let want = 512 * 1024 + 64 * 1024;
+    let mut got = 0;
+    for _ in 0..600 {
+        got = cached_bytes(&t.p("cache-b"));
+        if got >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop(s);
+    assert!(got >= want, "prefetched {got} bytes of {want}");
+    env.fails(
+        &["info", &t.s("r1.cow"), "--prefetch", &t.s("l1.cow")],
+        "not a cowdisk trace",
+    );
+}
