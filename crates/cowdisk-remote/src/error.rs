@@ -27,7 +27,7 @@ pub enum RemoteError {
         reason: String,
     },
     /// The store answered with an error status.
-    #[error("{object}: {op}: the store answered HTTP {status}{}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    #[error("{object}: {op}: the store answered HTTP {status}{}", status_hint(*status, code.as_deref()))]
     Status {
         /// The object.
         object: String,
@@ -133,6 +133,15 @@ impl RemoteError {
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, self.to_string())
+    }
+}
+
+/// The S3 error code, or for a bodiless answer (HEAD) what the status usually means.
+fn status_hint(status: u16, code: Option<&str>) -> String {
+    match (code, status) {
+        (Some(c), _) => format!(" ({c})"),
+        (None, 401 | 403) => " (access denied: check the credentials and their rights)".into(),
+        _ => String::new(),
     }
 }
 

@@ -23,7 +23,7 @@ use crate::url::{is_remote, S3Url};
 /// Upload part size (also the largest object sent in one PUT). S3 needs ≥ 5 MiB parts.
 const PART: usize = 8 << 20;
 /// Deadline of each request during a push (uploads are retried within it).
-const PUSH_DEADLINE: Duration = Duration::from_secs(300);
+const PUSH_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What push did with one layer.
 #[derive(Debug, Clone)]

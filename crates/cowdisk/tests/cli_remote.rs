@@ -486,3 +486,58 @@ fn serve_record_trace_then_prefetch_on_a_cold_cache() {
         "not a cowdisk trace",
     );
 }
+
+#[test]
+fn signed_writes_profiles_and_anonymous_reads_of_a_public_bucket() {
+    let t = Tmp::new("remote-signed");
+    let (key, secret) = ("AKIDCOWDISKTEST", "cowdiskSecretValue123");
+    let Some(server) = S3Server::start_signed(&t.0, key, secret) else {
+        return;
+    };
+    let anon = Env::new(&server, &t.p("cache"));
+    chain(&t);
+    let top = t.s("top.cow");
+    let dest = format!("s3://{BUCKET}/signed");
+    let e = anon.fails(&["push", &top, &dest], "HTTP 403");
+    assert!(!e.contains("X-Amz") && !e.contains("http://"), "{e}");
+
+    // Wrong secret: refused, and neither the key id nor the secret is printed.
+    let mut wrong = Env::new(&server, &t.p("cache"));
+    wrong.0.push(("AWS_ACCESS_KEY_ID".into(), key.into()));
+    wrong
+        .0
+        .push(("AWS_SECRET_ACCESS_KEY".into(), "notTheSecret".into()));
+    let e = wrong.fails(&["push", &top, &dest], "403");
+    assert!(!e.contains(key) && !e.contains("notTheSecret"), "{e}");
+
+    // Right credentials from the environment.
+    let mut env = Env::new(&server, &t.p("cache"));
+    env.0.push(("AWS_ACCESS_KEY_ID".into(), key.into()));
+    env.0.push(("AWS_SECRET_ACCESS_KEY".into(), secret.into()));
+    let url = env.ok(&["push", &top, &dest]).trim().to_string();
+
+    // Right credentials from a profile in the shared credentials file.
+    std::fs::write(
+        t.p("credentials"),
+        format!("[default]\naws_access_key_id = nope\naws_secret_access_key = nope\n\n[ci]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n"),
+    )
+    .unwrap();
+    let mut prof = Env::new(&server, &t.p("cache"));
+    prof.0.retain(|(k, _)| k != "AWS_SHARED_CREDENTIALS_FILE");
+    prof.0
+        .push(("AWS_SHARED_CREDENTIALS_FILE".into(), t.s("credentials")));
+    prof.0.push(("AWS_PROFILE".into(), "ci".into()));
+    let url2 = prof
+        .ok(&["push", &top, &format!("s3://{BUCKET}/profile")])
+        .trim()
+        .to_string();
+    assert!(
+        url2.ends_with(url.rsplit('/').next().unwrap()),
+        "same content name: {url2}"
+    );
+
+    // Anyone may read: an anonymous client builds on the pushed chain.
+    anon.ok(&["create", &t.s("r.cow"), "--backing", &url]);
+    anon.ok(&["export", &t.s("r.cow"), &t.s("r.raw")]);
+    assert_eq!(hash(&t.p("r.raw")), hash(&t.p("local.raw")));
+}
