@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what cowdisk's tests and tools need on a fresh Debian machine (as root).
 set -euo pipefail
-PKGS=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 nbd-client e2fsprogs util-linux jq gnuplot-nox procps)
+PKGS=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 nbd-client e2fsprogs util-linux jq gnuplot-nox procps openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -337,7 +337,14 @@ impl Client {
                 status,
                 code: error_code(resp),
             }),
-            Err(ureq::Error::Transport(t)) => Err(transport(url, op, &describe(&t))),
+            Err(ureq::Error::Transport(t)) => match tls_refusal(&t) {
+                // Retrying cannot make an untrusted certificate trusted.
+                Some(why) => Err(RemoteError::Tls {
+                    object: url.to_string(),
+                    reason: why,
+                }),
+                None => Err(transport(url, op, &describe(&t))),
+            },
         }
     }
 }
@@ -354,6 +361,25 @@ fn describe(t: &ureq::Transport) -> String {
         _ => "request failed",
     };
     what.to_string()
+}
+
+/// The TLS verification failure behind `t`, if that is what it is: the innermost cause
+/// (a rustls message such as "invalid peer certificate: UnknownIssuer"), which carries
+/// no URL; anything that looks like one is not repeated.
+fn tls_refusal(t: &ureq::Transport) -> Option<String> {
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(t);
+    let mut last = None;
+    while let Some(c) = cause {
+        last = Some(c.to_string());
+        cause = c.source();
+    }
+    let msg = last?;
+    let tls = msg.contains("certificate") || msg.contains("Certificate") || msg.contains("TLS");
+    if !tls {
+        return None;
+    }
+    let msg: String = msg.chars().filter(|c| !c.is_control()).take(200).collect();
+    Some(if msg.contains("://") { "certificate not trusted".into() } else { msg })
 }
 
 fn transport(url: &S3Url, op: &'static str, reason: &str) -> RemoteError {

@@ -61,6 +61,14 @@ pub enum RemoteError {
         /// The cause, without any URL.
         reason: String,
     },
+    /// The store's TLS certificate was refused (not retried).
+    #[error("{object}: TLS: {reason} (certificates are verified; SSL_CERT_FILE names extra trusted ones)")]
+    Tls {
+        /// The object.
+        object: String,
+        /// The verifier's reason.
+        reason: String,
+    },
     /// Retries went on until the deadline.
     #[error("{object}: {op}: no answer within the {secs} s deadline ({last})")]
     Deadline {

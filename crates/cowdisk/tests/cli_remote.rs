@@ -541,3 +541,30 @@ fn signed_writes_profiles_and_anonymous_reads_of_a_public_bucket() {
     anon.ok(&["export", &t.s("r.cow"), &t.s("r.raw")]);
     assert_eq!(hash(&t.p("r.raw")), hash(&t.p("local.raw")));
 }
+
+#[test]
+fn https_certificates_are_verified() {
+    let t = Tmp::new("remote-tls");
+    let Some(server) = S3Server::start_tls(&t.0) else {
+        return;
+    };
+    let mut env = Env::new(&server, &t.p("cache"));
+    env.0.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    env.0
+        .push(("AWS_ENDPOINT_URL".into(), server.https_endpoint()));
+    chain(&t);
+    let dest = format!("s3://{BUCKET}/tls");
+    // Not trusted: refused at once (not retried until the deadline), one line.
+    env.fails(
+        &["push", &t.s("top.cow"), &dest],
+        "TLS: invalid peer certificate",
+    );
+    env.0.push((
+        "SSL_CERT_FILE".into(),
+        server.ca_file().display().to_string(),
+    ));
+    let url = env.ok(&["push", &t.s("top.cow"), &dest]).trim().to_string();
+    env.ok(&["create", &t.s("r.cow"), "--backing", &url]);
+    env.ok(&["export", &t.s("r.cow"), &t.s("r.raw")]);
+    assert_eq!(hash(&t.p("r.raw")), hash(&t.p("local.raw")));
+}

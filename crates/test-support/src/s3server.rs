@@ -15,16 +15,17 @@ pub const BUCKET: &str = "cowdisk-test";
 pub struct S3Server {
     weed: PathBuf,
     dir: PathBuf,
-    ports: [u16; 5],
+    ports: [u16; 6],
     child: Option<Child>,
     signed: bool,
+    tls: bool,
 }
 
-/// Five free ports whose gRPC twins (+10000) are free too.
-fn free_ports() -> [u16; 5] {
+/// Six free ports whose gRPC twins (+10000) are free too.
+fn free_ports() -> [u16; 6] {
     let mut out = Vec::new();
     let mut held = Vec::new();
-    while out.len() < 5 {
+    while out.len() < 6 {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let p = l.local_addr().expect("addr").port();
         held.push(l);
@@ -32,7 +33,7 @@ fn free_ports() -> [u16; 5] {
             out.push(p);
         }
     }
-    out.try_into().expect("five")
+    out.try_into().expect("six")
 }
 
 impl S3Server {
@@ -46,6 +47,30 @@ impl S3Server {
     /// (a public bucket), for tests of signing and of anonymous access.
     pub fn start_signed(dir: &Path, key: &str, secret: &str) -> Option<S3Server> {
         S3Server::start_with(dir, Some((key, secret)))
+    }
+
+    /// A server that also serves HTTPS, with a certificate for 127.0.0.1 issued by a
+    /// test CA ([`S3Server::ca_file`]); `None` (after the CI rule) without openssl.
+    pub fn start_tls(dir: &Path) -> Option<S3Server> {
+        if !crate::have_tool("openssl") {
+            return None;
+        }
+        let mut s = S3Server::start_with(dir, None)?;
+        s.stop();
+        make_certs(&s.dir);
+        s.tls = true;
+        s.restart();
+        Some(s)
+    }
+
+    /// The test CA's certificate (PEM), for `SSL_CERT_FILE`.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `https://127.0.0.1:PORT` (servers from [`S3Server::start_tls`]).
+    pub fn https_endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports[5])
     }
 
     fn start_with(dir: &Path, creds: Option<(&str, &str)>) -> Option<S3Server> {
@@ -62,6 +87,7 @@ impl S3Server {
             ports: free_ports(),
             child: None,
             signed: creds.is_some(),
+            tls: false,
         };
         std::fs::create_dir_all(&s.dir).expect("weed folder");
         if let Some((key, secret)) = creds {
@@ -103,6 +129,16 @@ impl S3Server {
         self.stop();
         let p = self.ports;
         let log = std::fs::File::create(self.dir.join("weed.log")).expect("log");
+        let d = &self.dir;
+        let tls: Vec<String> = if self.tls {
+            vec![
+                format!("-s3.cert.file={}", d.join("cert.pem").display()),
+                format!("-s3.key.file={}", d.join("key.pem").display()),
+                format!("-s3.port.https={}", p[5]),
+            ]
+        } else {
+            Vec::new()
+        };
         let child = Command::new(&self.weed)
             .arg("mini")
             .args([
@@ -127,6 +163,7 @@ impl S3Server {
                 self.signed
                     .then(|| format!("-s3.config={}", self.dir.join("s3.json").display())),
             )
+            .args(&tls)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -197,6 +234,74 @@ impl S3Server {
         assert_eq!(&all[9..12], b"200", "GET {key}");
         all.split_off(at)
     }
+}
+
+/// A test CA and a leaf certificate for 127.0.0.1 signed by it (rustls refuses a
+/// self-signed CA certificate used as the server's own).
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let rsa = ["-newkey", "rsa:2048", "-nodes"];
+    run(&[
+        &["req", "-x509"][..],
+        &rsa,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cowdisk-test-ca",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &rsa,
+        &[
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
 }
 
 impl Drop for S3Server {
