@@ -35,6 +35,9 @@ pub struct CacheDir {
     limit: u64,
     written: AtomicU64,
     warned: AtomicBool,
+    /// The last write failed (a full file system): readahead is pointless until one
+    /// succeeds again.
+    failing: AtomicBool,
 }
 
 /// Where the cache lives when nothing says: `$COWDISK_CACHE_DIR`, else the user's cache
@@ -64,6 +67,7 @@ impl CacheDir {
             limit,
             written: AtomicU64::new(0),
             warned: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
         }))
     }
 
@@ -174,11 +178,22 @@ impl CacheFile {
     /// Stores a verified block; failures (a full file system) only mean no caching.
     pub fn write(&self, buf: &[u8], off: u64) {
         match self.file.write_all_at(buf, off) {
-            Ok(()) => self.dir.note_written(buf.len() as u64),
-            Err(e) => self.dir.warn(&format!(
-                "cache {}: {e}; fetching without caching",
-                self.dir.root.display()
-            )),
+            Ok(()) => {
+                self.dir.failing.store(false, Ordering::Relaxed);
+                self.dir.note_written(buf.len() as u64)
+            }
+            Err(e) => {
+                self.dir.failing.store(true, Ordering::Relaxed);
+                self.dir.warn(&format!(
+                    "cache {}: {e}; fetching without caching",
+                    self.dir.root.display()
+                ))
+            }
         }
+    }
+
+    /// True while writes to the cache succeed (readahead has somewhere to go).
+    pub fn healthy(&self) -> bool {
+        !self.dir.failing.load(Ordering::Relaxed)
     }
 }

@@ -379,7 +379,11 @@ fn tls_refusal(t: &ureq::Transport) -> Option<String> {
         return None;
     }
     let msg: String = msg.chars().filter(|c| !c.is_control()).take(200).collect();
-    Some(if msg.contains("://") { "certificate not trusted".into() } else { msg })
+    Some(if msg.contains("://") {
+        "certificate not trusted".into()
+    } else {
+        msg
+    })
 }
 
 fn transport(url: &S3Url, op: &'static str, reason: &str) -> RemoteError {

@@ -7,7 +7,7 @@
 //! adjacent missing blocks are coalesced for free, and the unit number is the key that
 //! makes concurrent readers of one block share one fetch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -79,8 +79,15 @@ pub struct Fetcher {
     pub opts: FetchOptions,
     per_unit: usize,
     inflight: Mutex<HashMap<usize, Arc<Pending>>>,
+    /// The last few units fetched, so that reads of one unit's blocks in a row (and the
+    /// engine's verify-then-read of one block) cost one GET even when the cache cannot
+    /// hold them (full or unusable). At most [`RECENT`] units per layer in memory.
+    recent: Mutex<VecDeque<(usize, Arc<Unit>)>>,
     reported: AtomicBool,
 }
+
+/// Units kept in memory per layer (each at most max(256 KiB, one block)).
+const RECENT: usize = 4;
 
 impl Fetcher {
     /// A fetcher for the layer object at `url`.
@@ -98,6 +105,7 @@ impl Fetcher {
             opts,
             per_unit: (opts.unit_bytes / u64::from(bs)).max(1) as usize,
             inflight: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             reported: AtomicBool::new(false),
         }
     }
@@ -132,6 +140,15 @@ impl Fetcher {
     /// Unit `u`, fetching it unless another reader already is (then waits for that
     /// fetch, up to `deadline`).
     pub fn unit(&self, meta: &LayerMeta, u: usize, deadline: Instant) -> Outcome {
+        if let Some(hit) = self
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|r| r.0 == u)
+        {
+            return Ok(hit.1.clone());
+        }
         let (pending, leader) = {
             let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             match m.get(&u) {
@@ -147,6 +164,13 @@ impl Fetcher {
             let r = self
                 .download(meta, u, deadline)
                 .map_err(|e| Arc::from(e.to_string()));
+            if let Ok(unit) = &r {
+                let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+                if recent.len() == RECENT {
+                    recent.pop_front();
+                }
+                recent.push_back((u, unit.clone()));
+            }
             *pending.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
             pending.cv.notify_all();
             self.inflight

@@ -164,7 +164,8 @@ impl RemoteLayer {
     fn readahead(&self, first: usize, last: usize) {
         let prev = self.last_unit.swap(last, Ordering::Relaxed);
         let sequential = first == prev || first == prev.wrapping_add(1);
-        if !sequential || self.fetcher.cache.is_none() || self.fetcher.opts.readahead == 0 {
+        let cache_ok = self.fetcher.cache.as_ref().is_some_and(|c| c.healthy());
+        if !sequential || !cache_ok || self.fetcher.opts.readahead == 0 {
             return;
         }
         let end = (last + 1 + self.fetcher.opts.readahead).min(self.fetcher.units(&self.meta));

@@ -231,3 +231,42 @@ fn cache_stays_bounded() {
     // 5.6 MiB of data went through a 2 MiB cache; it is checked every 1 MiB written.
     assert!(used <= 3 * MIB + 256 * 1024, "cache holds {used} bytes");
 }
+
+/// Unmounts on drop.
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_cache_file_system_degrades_to_fetching_without_caching() {
+    let root = rustix::process::geteuid().is_root();
+    if !test_support::require(root, "root (to mount a 1 MiB tmpfs as the cache)") {
+        return;
+    }
+    let tmp = Tmp::new("fullcache");
+    let Some(server) = start(&tmp) else { return };
+    let (url, expect) = pushed(&tmp, &server, "full");
+    let cache = tmp.0.join("tiny");
+    std::fs::create_dir(&cache).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    let _m = Mount(cache.clone());
+    let src = source(&server, Some(&cache), Duration::from_secs(10));
+    let top = new_top(&src, &tmp.0, "t.cow", &url);
+    // 5.6 MiB of data through a cache file system of 1 MiB: every read still succeeds.
+    assert!(read_all(&top, &OpenOptions::new().source(src.clone())) == expect);
+    let (_, first) = gets(&src);
+    assert!(read_all(&top, &OpenOptions::new().source(src.clone())) == expect);
+    let (_, both) = gets(&src);
+    // Without a cache each pass fetches about the data held (5.6 MiB in 256 KiB units),
+    // not a unit per block access: the last units fetched are kept in memory and
+    // readahead stops while the cache cannot take writes.
+    assert!(first < 8 * MIB && both - first < 8 * MIB, "{first} then {} bytes", both - first);
+}
