@@ -270,3 +270,39 @@ fn a_full_cache_file_system_degrades_to_fetching_without_caching() {
     // readahead stops while the cache cannot take writes.
     assert!(first < 8 * MIB && both - first < 8 * MIB, "{first} then {} bytes", both - first);
 }
+
+#[test]
+fn an_object_that_is_not_the_expected_layer_is_refused_at_open() {
+    let tmp = Tmp::new("wrongobj");
+    let Some(server) = start(&tmp) else { return };
+    let top = local_chain(&tmp.0);
+    let src = source(&server, None, Duration::from_secs(10));
+    let pushed = push(&src, &top, &prefix("w")).unwrap();
+    let (l2, l3) = (&pushed[1].url, &pushed[2].url);
+    let t = new_top(&src, &tmp.0, "t.cow", l3);
+    drop(src);
+
+    // The l3 object replaced by l2's bytes: its name and header disagree.
+    let l3_bytes = server.get(&l3.key);
+    server.put(&l3.key, &server.get(&l2.key));
+    let src = source(&server, None, Duration::from_secs(10));
+    let e = Disk::open(&t, &OpenOptions::new().source(src)).err().unwrap().to_string();
+    assert!(e.contains(&l3.to_string()) && e.contains("not the one its name says"), "{e}");
+
+    // A reference by a non-content name to another layer: the walk's identity check.
+    server.put(&l3.key, &l3_bytes);
+    server.put("w/renamed", &server.get(&l2.key));
+    let mut h = cowdisk_core::layer::read_header(
+        &cowdisk_core::FileStorage::new(std::fs::File::open(&t).unwrap()),
+        &t,
+    )
+    .unwrap()
+    .header;
+    h.parent.as_mut().unwrap().path = format!("s3://{}/w/renamed", l3.bucket);
+    let t2 = tmp.0.join("t2.cow");
+    let tmpf = cowdisk_core::create::write_temp_layer(&t2, &h, "test").unwrap();
+    std::fs::rename(tmpf, &t2).unwrap();
+    let src = source(&server, None, Duration::from_secs(10));
+    let e = Disk::open(&t2, &OpenOptions::new().source(src)).err().unwrap().to_string();
+    assert!(e.contains("w/renamed") && e.contains("expects"), "{e}");
+}

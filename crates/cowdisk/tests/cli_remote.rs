@@ -568,3 +568,71 @@ fn https_certificates_are_verified() {
     env.ok(&["export", &t.s("r.cow"), &t.s("r.raw")]);
     assert_eq!(hash(&t.p("r.raw")), hash(&t.p("local.raw")));
 }
+
+#[test]
+fn a_push_killed_mid_upload_leaves_no_partial_object() {
+    let t = Tmp::new("remote-killpush");
+    let Some(server) = S3Server::start(&t.0) else {
+        return;
+    };
+    let env = Env::new(&server, &t.p("cache"));
+    // 40 MiB of data: a multipart upload of five 8 MiB parts.
+    ok(&["create", &t.s("big.cow"), "--size", "256M"]);
+    let data: Vec<u8> = (0..40 * MIB)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    write(&t.p("big.cow"), &[(8 * MIB, data)]);
+    ok(&["create", &t.s("top.cow"), "--backing", &t.s("big.cow")]);
+    ok(&["export", &t.s("top.cow"), &t.s("local.raw")]);
+    for delay_ms in [50, 200, 600] {
+        let dest = format!("s3://{BUCKET}/kill{delay_ms}");
+        let mut c = Command::new(BIN);
+        c.args(["push", &t.s("top.cow"), &dest]);
+        for (k, v) in &env.0 {
+            c.env(k, v);
+        }
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        stop(child);
+        // Whatever the moment of the kill: no object (the next push uploads it), or a
+        // whole one (the next push finds it); a partial object would fail its length
+        // check here, or its CRCs on export.
+        let v = env.json(&["push", &t.s("top.cow"), &dest, "--json"]);
+        let url = v["url"].as_str().unwrap().to_string();
+        let r = t.p(&format!("r{delay_ms}.cow"));
+        let raw = t.p(&format!("r{delay_ms}.raw"));
+        env.ok(&["create", &r.display().to_string(), "--backing", &url]);
+        env.ok(&[
+            "export",
+            &r.display().to_string(),
+            &raw.display().to_string(),
+        ]);
+        assert_eq!(
+            hash(&raw),
+            hash(&t.p("local.raw")),
+            "after a kill at {delay_ms} ms: {v}"
+        );
+    }
+    // Something else under the layer's name is never taken for it.
+    let v = env.json(&[
+        "push",
+        &t.s("top.cow"),
+        &format!("s3://{BUCKET}/kill50"),
+        "--json",
+    ]);
+    let url = v["url"].as_str().unwrap();
+    let key = url
+        .strip_prefix(&format!("s3://{BUCKET}/"))
+        .unwrap()
+        .replace("kill50", "junk");
+    server.put(&key, b"not a layer");
+    let e = env.fails(
+        &["push", &t.s("top.cow"), &format!("s3://{BUCKET}/junk")],
+        "exists with 11 bytes",
+    );
+    assert!(e.contains(&key), "{e}");
+}
