@@ -204,6 +204,24 @@ fn push_create_inspect_export_pull() {
     env.ok(&["export", &t.s("r1.cow"), &t.s("r1.raw")]);
     assert_eq!(hash(&t.p("r1.raw")), hash(&t.p("local.raw")));
 
+    // map names the remote layers; flatten, snapshot and squash work over them.
+    let map = env.ok(&["map", &t.s("r1.cow")]);
+    assert!(map.contains(&format!("s3://{BUCKET}/imgs/")), "{map}");
+    env.ok(&["flatten", &t.s("r1.cow"), &t.s("flat.cow")]);
+    ok(&["export", &t.s("flat.cow"), &t.s("flat.raw")]);
+    assert_eq!(hash(&t.p("flat.raw")), hash(&t.p("local.raw")));
+    env.ok(&["snapshot", &t.s("r1.cow"), &t.s("r1-snap.cow")]);
+    env.ok(&["squash", &t.s("r1.cow")]);
+    let info = env.json(&["info", &t.s("r1.cow"), "--json"]);
+    assert_eq!(info["depth"], 2, "squashed into one local layer: {info}");
+    assert!(info["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["remote"] == false));
+    env.ok(&["export", &t.s("r1.cow"), &t.s("sq.raw")]);
+    assert_eq!(hash(&t.p("sq.raw")), hash(&t.p("local.raw")));
+
     let dir = t.p("pulled");
     let top = env.ok(&["pull", &url, &dir.display().to_string()]);
     let top = top.trim();
