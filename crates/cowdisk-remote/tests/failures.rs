@@ -268,7 +268,11 @@ fn a_full_cache_file_system_degrades_to_fetching_without_caching() {
     // Without a cache each pass fetches about the data held (5.6 MiB in 256 KiB units),
     // not a unit per block access: the last units fetched are kept in memory and
     // readahead stops while the cache cannot take writes.
-    assert!(first < 8 * MIB && both - first < 8 * MIB, "{first} then {} bytes", both - first);
+    assert!(
+        first < 8 * MIB && both - first < 8 * MIB,
+        "{first} then {} bytes",
+        both - first
+    );
 }
 
 #[test]
@@ -286,8 +290,14 @@ fn an_object_that_is_not_the_expected_layer_is_refused_at_open() {
     let l3_bytes = server.get(&l3.key);
     server.put(&l3.key, &server.get(&l2.key));
     let src = source(&server, None, Duration::from_secs(10));
-    let e = Disk::open(&t, &OpenOptions::new().source(src)).err().unwrap().to_string();
-    assert!(e.contains(&l3.to_string()) && e.contains("not the one its name says"), "{e}");
+    let e = Disk::open(&t, &OpenOptions::new().source(src))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(&l3.to_string()) && e.contains("not the one its name says"),
+        "{e}"
+    );
 
     // A reference by a non-content name to another layer: the walk's identity check.
     server.put(&l3.key, &l3_bytes);
@@ -303,6 +313,9 @@ fn an_object_that_is_not_the_expected_layer_is_refused_at_open() {
     let tmpf = cowdisk_core::create::write_temp_layer(&t2, &h, "test").unwrap();
     std::fs::rename(tmpf, &t2).unwrap();
     let src = source(&server, None, Duration::from_secs(10));
-    let e = Disk::open(&t2, &OpenOptions::new().source(src)).err().unwrap().to_string();
+    let e = Disk::open(&t2, &OpenOptions::new().source(src))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("w/renamed") && e.contains("expects"), "{e}");
 }
