@@ -211,6 +211,25 @@ fn push_create_inspect_export_pull() {
     ok(&["export", &t.s("flat.cow"), &t.s("flat.raw")]);
     assert_eq!(hash(&t.p("flat.raw")), hash(&t.p("local.raw")));
     env.ok(&["snapshot", &t.s("r1.cow"), &t.s("r1-snap.cow")]);
+    // A local sealed layer over the remote chain pushes alone, naming its parent object
+    // by full URL (another prefix).
+    let v = env.json(&[
+        "push",
+        &t.s("r1.cow"),
+        &format!("s3://{BUCKET}/second"),
+        "--json",
+    ]);
+    let ls = v["layers"].as_array().unwrap();
+    let uploaded: Vec<bool> = ls.iter().map(|l| l["uploaded_bytes"] != 0).collect();
+    assert_eq!(uploaded, [false, false, false, true], "{v}");
+    env.ok(&[
+        "create",
+        &t.s("second.cow"),
+        "--backing",
+        v["url"].as_str().unwrap(),
+    ]);
+    env.ok(&["export", &t.s("second.cow"), &t.s("second.raw")]);
+    assert_eq!(hash(&t.p("second.raw")), hash(&t.p("local.raw")));
     env.ok(&["squash", &t.s("r1.cow")]);
     let info = env.json(&["info", &t.s("r1.cow"), "--json"]);
     assert_eq!(info["depth"], 2, "squashed into one local layer: {info}");
