@@ -38,7 +38,7 @@ impl Default for FetchOptions {
             deadline: Duration::from_secs(30),
             unit_bytes: 256 << 10,
             parallel: 8,
-            readahead: 4,
+            readahead: 8,
         }
     }
 }

@@ -180,12 +180,12 @@ impl RemoteLayer {
         std::thread::spawn(move || {
             let mut scratch = Vec::new();
             let deadline = Instant::now() + me.fetcher.opts.deadline;
-            for u in last + 1..end {
-                if !me.fetcher.unit_cached(&me.meta, u, &mut scratch) {
-                    // Errors are the foreground reader's to report when it gets there.
-                    let _ = me.fetcher.unit(&me.meta, u, deadline);
-                }
-            }
+            let missing: Vec<usize> = (last + 1..end)
+                .filter(|&u| !me.fetcher.unit_cached(&me.meta, u, &mut scratch))
+                .collect();
+            // In parallel, like a foreground read. Errors are the foreground reader's to
+            // report when it gets there.
+            let _ = me.fetch_units(&missing, deadline, me.fetcher.opts.parallel);
             BACKGROUND.fetch_sub(1, Ordering::Relaxed);
         });
     }
