@@ -136,16 +136,29 @@ fn serve_two_tops_shared_cache_and_kill_9_mid_fetch() {
 
     // Two tops on one base in one process.
     let sock = t.p("s1");
-    let s = env.serve(&[&t.p("r1.cow"), &t.p("r2.cow")], &sock, &[]);
+    let s = env.serve(
+        &[&t.p("r1.cow"), &t.p("r2.cow"), &t.p("top.cow")],
+        &sock,
+        &[],
+    );
     assert!(compare(&local, &uri(&sock, "r1.cow")));
     assert!(compare(&local, &uri(&sock, "r2.cow")));
-    let map = Command::new("nbdinfo")
-        .arg("--map")
-        .arg(uri(&sock, "r1.cow"))
-        .output()
-        .unwrap();
-    let map = String::from_utf8_lossy(&map.stdout).to_string();
-    assert!(map.lines().next().unwrap_or("").contains("data"), "{map}");
+    // Block status over the remote chain is the local chain's (same layers, same depths).
+    let map = |export: &str| {
+        let o = Command::new("nbdinfo")
+            .arg("--map")
+            .arg(uri(&sock, export))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let (remote, local_map) = (map("r1.cow"), map("top.cow"));
+    assert!(
+        remote.lines().next().unwrap_or("").contains("data"),
+        "{remote}"
+    );
+    assert_eq!(remote, local_map);
     stop(s);
 
     // Two processes sharing one (fresh) cache folder; one cache file per layer.
