@@ -107,6 +107,11 @@ fn bad_urls_missing_objects_credentials_and_image_roots() {
         "not a cowdisk layer object",
     );
 
+    ok(&["create", &t.s("alone.cow"), "--size", "1M"]);
+    env.fails(
+        &["push", &t.s("alone.cow"), &format!("s3://{BUCKET}/p")],
+        "snapshot the image first",
+    );
     chain(&t);
     let (url, _) = push(&env, &t, "roots/a");
     env.ok(&["create", &t.s("r.cow"), "--backing", &url]);
