@@ -4,6 +4,8 @@
 # Contenders (fio ioengine=nbd over a unix socket, except psync-raw):
 #   cowdisk-dN    cowdisk serve on a chain of depth N (base + N-1 layers)
 #   qcow2-dN      qemu-nbd -f qcow2 on a qcow2 backing chain of the same depth and bytes
+#   qcow2x-top    (writes) a qcow2 top with extended_l2=on: 2 KiB subclusters, a first
+#                 4 KiB write copies nothing
 #   nbdkit-cow    nbdkit --filter=cow file base.raw (one overlay)
 #   nbdkit-file   nbdkit file base.raw               (raw over NBD: the NBD ceiling)
 #   qemu-nbd-raw  qemu-nbd -f raw base.raw           (raw over NBD)
@@ -71,6 +73,7 @@ RUN=$BENCH_DIR/run
 SOCK=$RUN/nbd.sock
 RAW=$RUN/json
 RES=$OUT/results.tsv
+ALLOC=$OUT/allocated.tsv   # contender, top's allocated bytes after first writes, blocks, fs
 CMDLOG=$OUT/commands.log
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -139,7 +142,7 @@ serve_contender() {  # serve_contender NAME MODE(ro|rw) [IMAGE]: starts the serv
     cowdisk-*)
       local cro=(); [[ $mode == ro ]] && cro=(--read-only)
       start_server "$COWDISK" serve "$img" --socket "$SOCK" "${cro[@]}" ;;
-    qcow2-*) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f qcow2 "$img" ;;
+    qcow2*) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f qcow2 "$img" ;;
     qemu-nbd-raw) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f raw "$img" ;;
     nbdkit-file) start_server "${NBDKIT[@]}" "${ro[@]}" file "file=$img" ;;
     # the cow filter keeps its overlay in $TMPDIR: put it on the same file system as the tops
@@ -178,9 +181,12 @@ declare -A WL_ARGS=(
   # 64 KiB block in random block order" (blockalign turns it off), and read_iolog replay
   # closes the connection with writes in flight, so strided zones it is.
   [firstwrite]="--rw=randwrite --bs=4k --iodepth=16 --zonemode=strided --zonesize=4k --zonerange=64k --io_size=$((NBLOCKS * 4))k"
+  # The same with a FLUSH every 16 writes, as a guest's file system journal asks.
+  [firstwrite-flush]="--rw=randwrite --bs=4k --iodepth=16 --fsync=16 --zonemode=strided --zonesize=4k --zonerange=64k --io_size=$((NBLOCKS * 4))k"
+  [rewrite-flush]="--rw=randwrite --bs=4k --iodepth=16 --fsync=16 ${TB[*]}"
 )
 READ_WL=(seqread randread-qd1 randread-qd16)
-WRITE_WL=(firstwrite rewrite seqwrite)
+WRITE_WL=(firstwrite firstwrite-flush rewrite rewrite-flush seqwrite)
 # fio target arguments for a contender (URI for NBD, the file for psync).
 target_args() {  # target_args NAME FILE
   if [[ $1 == psync-raw ]]; then
@@ -277,7 +283,7 @@ setup_contenders() {
   for d in "${DEPTHS[@]}"; do READERS+=("qcow2-d$d"); done
   READERS+=(nbdkit-cow nbdkit-file qemu-nbd-raw psync-raw)
   ((COW)) && WRITERS+=(cowdisk-top)
-  WRITERS+=(qcow2-top nbdkit-cow nbdkit-file qemu-nbd-raw psync-raw)
+  WRITERS+=(qcow2-top qcow2x-top nbdkit-cow nbdkit-file qemu-nbd-raw psync-raw)
   ((COW)) && CLONE_SERVERS+=(cowdisk)
   CLONE_SERVERS+=(qsd)
 }
@@ -300,6 +306,22 @@ read_round() {  # read_round REP WORKLOAD
   done
 }
 
+# A fresh writable top for a write contender; sets img.
+fresh_top() {  # fresh_top CONTENDER
+  local top=$DATA/cow/top
+  rm -f "$top".*
+  case $1 in
+    cowdisk-top) img=$top.cow; "$COWDISK" create "$img" --backing "$DATA/cow/L0.cow" >/dev/null ;;
+    qcow2-top) img=$top.qcow2
+      qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$DATA/qcow/L0.qcow2" -F qcow2 "$img" ;;
+    qcow2x-top) img=$top.qcow2
+      qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on \
+        -b "$DATA/qcow/L0.qcow2" -F qcow2 "$img" ;;
+    nbdkit-cow) img=$DATA/base.raw ;;          # a fresh process = a fresh overlay
+    *) img=$DATA/scratch.raw ;;                # raw: written in place, no copy-on-write
+  esac
+}
+
 # One server per contender and repetition: first writes (one 4 KiB write into each
 # 64 KiB block of a fresh top: every one a copy-up), then 4 KiB random rewrites (the
 # top now holds every block), then 1 MiB sequential writes over the same top.
@@ -311,30 +333,28 @@ write_round() {  # write_round REP
     # Pass 0 is a warm-up and is dropped: on this VM the first pass after the read
     # rounds ran 2-5x slower for every contender (probably first-touch cost of memory in the VM).
     for ((k = 0; k <= FW_PASSES; k++)); do
-      top=$DATA/cow/top   # cowdisk wants the parent in the child's folder or below
-      rm -f "$top".*
-      case $c in
-        cowdisk-top) img=$top.cow; "$COWDISK" create "$img" --backing "$DATA/cow/L0.cow" >/dev/null ;;
-        qcow2-top) img=$top.qcow2
-          qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$DATA/qcow/L0.qcow2" -F qcow2 "$img" ;;
-        nbdkit-cow) img=$DATA/base.raw ;;          # a fresh process = a fresh overlay
-        *) img=$DATA/scratch.raw ;;                # raw: written in place, no copy-on-write
-      esac
+      fresh_top "$c"
       [[ $c == psync-raw ]] || serve_contender "$c" rw "$img"
       # shellcheck disable=SC2046,SC2086
       run_fio firstwrite "$c" "$rep.$k" write $(target_args "$c" "$img") ${WL_ARGS[firstwrite]}
       ((k > 0)) || sed -i '$d' "$RES"
-      if ((rep == 1 && k == 0)) && [[ $c == cowdisk-top || $c == qcow2-top ]]; then
+      if ((rep == 1 && k == 0)) && [[ $c == cowdisk-top || $c == qcow2*-top ]]; then
         # the top's map is only complete on disk once the server has exited
         stop_server; check_first_writes "$c"; serve_contender "$c" rw "$img"
       fi
       ((k == FW_PASSES)) || [[ $c == psync-raw ]] || stop_server
     done
     local wl
-    for wl in rewrite seqwrite; do
+    for wl in rewrite rewrite-flush seqwrite; do
       # shellcheck disable=SC2046,SC2086
       run_fio "$wl" "$c" "$rep" write $(target_args "$c" "$img") ${WL_ARGS[$wl]}
     done
+    [[ $c == psync-raw ]] || stop_server
+    # First writes with flushes, on a fresh top of their own.
+    fresh_top "$c"
+    [[ $c == psync-raw ]] || serve_contender "$c" rw "$img"
+    # shellcheck disable=SC2046,SC2086
+    run_fio firstwrite-flush "$c" "$rep" write $(target_args "$c" "$img") ${WL_ARGS[firstwrite-flush]}
     [[ $c == psync-raw ]] || stop_server
   done
   rm -f "$DATA"/cow/top.*
@@ -350,14 +370,19 @@ write_round() {  # write_round REP
 # After the first-write pass the top must hold every block (each write was a copy-up).
 check_first_writes() {
   local n="?"
+  # What the top costs the file system after one 4 KiB write into each 64 KiB block.
+  local alloc; alloc=$(( $(stat -c '%b * %B' "$img") ))
+  printf '%s\t%s\t%s\t%s\n' "$1" "$alloc" "$NBLOCKS" "$(stat -f -c %T "$DATA")" >>"$ALLOC"
   case $1 in
-    qcow2-top) n=$(qemu-img map --output=json -f qcow2 "$DATA/cow/top.qcow2" |
+    qcow2-top | qcow2x-top) n=$(qemu-img map --output=json -f qcow2 "$DATA/cow/top.qcow2" |
       jq '[.[] | select(.data and .depth == 0) | .length] | add') ;;
     cowdisk-top) n=$("$COWDISK" info --json "$DATA/cow/top.cow" 2>/dev/null |
       jq '.layers[0].data_blocks * 65536' 2>/dev/null) || n="?" ;;
   esac
-  echo "first-write check $1: top holds $n bytes of $((NBLOCKS * BS))" >>"$CMDLOG"
-  [[ $n == "$((NBLOCKS * BS))" ]] || die "first-write check $1: top holds $n bytes of $((NBLOCKS * BS))"
+  # With subclusters qcow2 holds only the 4 KiB written in each cluster.
+  local want=$((NBLOCKS * BS)); [[ $1 == qcow2x-top ]] && want=$((NBLOCKS * 4096))
+  echo "first-write check $1: top holds $n bytes of $want" >>"$CMDLOG"
+  [[ $n == "$want" ]] || die "first-write check $1: top holds $n bytes of $want"
 }
 
 # Clones: NCLONES fresh tops over the same base in ONE server process, one export each,
@@ -554,10 +579,20 @@ report() {
       echo "For scale, the file system's own cost of the 64 KiB each first write allocates: fio psync writing 64 KiB blocks into a fresh sparse file on the same file system (one job, nothing read, no NBD) ran at **$(fmt "$fl" 0) IOPS** (median of $(nreps firstwrite-floor psync-fresh64k)). Twice qemu-nbd+qcow2 would be $(fmt "$(awk -v q="$(med firstwrite qcow2-top 5)" 'BEGIN {print 2 * q}')" 0) IOPS, $(awk -v q="$(med firstwrite qcow2-top 5)" -v f="$fl" 'BEGIN {if (f > 0) printf "%.0f", 200 * q / f; else print "–"}') % of that floor; cowdisk's first writes reach $(awk -v c="$(med firstwrite cowdisk-top 5)" -v f="$fl" 'BEGIN {if (f > 0) printf "%.0f", 100 * c / f; else print "–"}') % of it."
       echo
     fi
-    for wl in rewrite seqwrite; do
+    for wl in rewrite rewrite-flush seqwrite; do
       echo "### $wl — \`${WL_ARGS[$wl]}\` (same top, after firstwrite)"; echo
       workload_table "$wl" "${WRITERS[@]}"; echo
     done
+    echo "### firstwrite-flush — \`${WL_ARGS[firstwrite-flush]}\` (a fresh top)"; echo
+    workload_table firstwrite-flush "${WRITERS[@]}"; echo
+    if [[ -s $ALLOC ]]; then
+      echo "### The top's allocated bytes after the first-write pass ($NBLOCKS writes of 4 KiB)"
+      echo
+      echo "| contender | file system | allocated | per first write |"
+      echo "|---|---|---:|---:|"
+      awk -F'\t' '{printf "| %s | %s | %.1f MiB | %.1f KiB |\n", $1, $4, $2 / 1048576, $2 / $3 / 1024}' "$ALLOC"
+      echo
+    fi
     echo "### $NCLONES clones of one base in one server process, read at once (one fio job and connection per export)"
     echo
     echo "cowdisk: \`cowdisk serve clone1.cow … clone$NCLONES.cow\`; qsd: \`qemu-storage-daemon\` with $NCLONES qcow2 clones sharing one backing node, one NBD export each. Peak RSS = VmHWM after the run; idle RSS = VmRSS after opening, before any client."
@@ -611,7 +646,7 @@ START=$SECONDS
 build_common
 ((COW)) && build_cowdisk
 warm_cache
-: >"$RES"
+: >"$RES"; : >"$ALLOC"
 log "measuring: $REPS reps × (${#READERS[@]} readers × ${#READ_WL[@]} + ${#WRITERS[@]} writers × ${#WRITE_WL[@]}) runs, ${RUNTIME}s each"
 for ((rep = 1; rep <= REPS; rep++)); do
   for wl in "${READ_WL[@]}"; do log "rep $rep/$REPS: $wl"; read_round "$rep" "$wl"; done

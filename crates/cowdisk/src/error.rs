@@ -35,6 +35,10 @@ pub enum Error {
     /// An I/O error whose message already names its file.
     #[error(transparent)]
     Named(IoError),
+    /// Object storage: a remote layer, the store or its configuration (names the
+    /// object or the setting).
+    #[error(transparent)]
+    Remote(#[from] cowdisk_remote::RemoteError),
     /// The request cannot be done (bad argument, wrong state).
     #[error("{}: {reason}", path.display())]
     Invalid {

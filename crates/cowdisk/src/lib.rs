@@ -34,6 +34,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use cowdisk_core::{LayerSource, LocalFiles, OpenOptions};
+use cowdisk_remote::{RemoteOptions, RemoteSource, S3Url};
 
 pub use error::Error;
 
@@ -48,26 +49,53 @@ pub const EXIT_REPAIRED: i32 = 3;
 /// Exit code of `check`: only harmless leaks found (no `--repair` given).
 pub const EXIT_LEAKS: i32 = 4;
 
-/// Where parents come from in this process: confined to the image roots, if any.
-static SOURCE: OnceLock<Arc<dyn LayerSource>> = OnceLock::new();
+/// Where parents come from in this process: local files and `s3://` objects, confined
+/// to the image roots, if any. One per process, so every clone shares remote fetches.
+static SOURCE: OnceLock<Arc<RemoteSource>> = OnceLock::new();
 /// The cap on an open chain's metadata memory (`--max-metadata`).
 static MAX_METADATA: OnceLock<u64> = OnceLock::new();
 
 /// Confines every parent reference to `roots` (from `--image-root` and
 /// `COWDISK_IMAGE_ROOT`) for the rest of the process. No roots: unconfined.
 pub fn set_image_roots(roots: &[PathBuf]) -> error::Result<()> {
-    if !roots.is_empty() {
-        let _ = SOURCE.set(Arc::new(LocalFiles::confined(roots)?));
-    }
+    set_sources(roots, RemoteOptions::default())
+}
+
+/// Sets the process's layer source: `roots` (folders and `s3://BUCKET/PREFIX` entries)
+/// confine local and remote references; `remote` says how remote layers are read.
+pub fn set_sources(roots: &[PathBuf], mut remote: RemoteOptions) -> error::Result<()> {
+    let (s3, local): (Vec<&PathBuf>, Vec<&PathBuf>) = roots
+        .iter()
+        .partition(|r| cowdisk_remote::is_remote(&r.to_string_lossy()));
+    remote.roots = s3
+        .iter()
+        .map(|r| S3Url::parse(&r.to_string_lossy(), true))
+        .collect::<Result<_, _>>()?;
+    remote.confined = !roots.is_empty();
+    let local: Vec<PathBuf> = local.into_iter().cloned().collect();
+    let files: Arc<dyn LayerSource> = match (local.is_empty(), roots.is_empty()) {
+        (true, true) => Arc::new(LocalFiles::new()),
+        // Only remote roots: no local reference is inside one.
+        (true, false) => Arc::new(cowdisk_remote::source::NoLocal),
+        (false, _) => Arc::new(LocalFiles::confined(&local)?),
+    };
+    let _ = SOURCE.set(Arc::new(RemoteSource::new(files, remote)));
     Ok(())
+}
+
+/// The process's source, with remote layers reachable.
+pub fn remote_source() -> Arc<RemoteSource> {
+    SOURCE
+        .get_or_init(|| {
+            let local: Arc<dyn LayerSource> = Arc::new(LocalFiles::new());
+            Arc::new(RemoteSource::new(local, RemoteOptions::default()))
+        })
+        .clone()
 }
 
 /// The process's layer source (for walks outside `Disk::open`, such as `check`).
 pub fn layer_source() -> Arc<dyn LayerSource> {
-    match SOURCE.get() {
-        Some(s) => s.clone(),
-        None => Arc::new(LocalFiles::new()),
-    }
+    remote_source()
 }
 
 /// The options every command opens chains with: the process's layer source.
@@ -79,10 +107,29 @@ pub fn open_options() -> OpenOptions {
     if let Some(&m) = MAX_METADATA.get() {
         o = o.metadata_limit(m);
     }
-    match SOURCE.get() {
-        Some(s) => o.source(s.clone()),
-        None => o,
+    o.source(layer_source())
+}
+
+/// How this invocation reads remote layers (`--cache-dir`, `--cache-size`,
+/// `--remote-deadline`, `--record-trace`, `--prefetch`).
+fn remote_options(cli: &cli::Cli) -> error::Result<RemoteOptions> {
+    let mut o = RemoteOptions::default();
+    if let Some(d) = &cli.remote.cache_dir {
+        o.cache_dir = Some(d.clone());
     }
+    if let Some(s) = cli.remote.cache_size {
+        o.cache_size = s;
+    }
+    if let Some(s) = cli.remote.remote_deadline {
+        o.fetch.deadline = std::time::Duration::from_secs(s);
+    }
+    if let Some(p) = &cli.remote.prefetch {
+        o.prefetch = Some(Arc::new(cowdisk_remote::trace::Trace::load(p)?));
+    }
+    if let Some(p) = &cli.remote.record_trace {
+        o.record = Some(Arc::new(cowdisk_remote::trace::TraceRecorder::create(p)?));
+    }
+    Ok(o)
 }
 
 /// The image roots named on the command line, then in `COWDISK_IMAGE_ROOT`.
@@ -107,7 +154,8 @@ pub fn run() -> i32 {
     if let Some(m) = cli.max_metadata {
         let _ = MAX_METADATA.set(m);
     }
-    match set_image_roots(&image_roots(&cli)).and_then(|()| cmd::dispatch(&cli)) {
+    let sources = remote_options(&cli).and_then(|o| set_sources(&image_roots(&cli), o));
+    match sources.and_then(|()| cmd::dispatch(&cli)) {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "cowdisk: {e}");

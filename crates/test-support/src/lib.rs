@@ -6,6 +6,8 @@
 //! so a missing tool can never turn a CI run green silently.
 #![forbid(unsafe_code)]
 
+pub mod s3server;
+
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

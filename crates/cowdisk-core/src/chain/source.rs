@@ -33,6 +33,12 @@ pub enum LayerId {
         /// Inode number.
         ino: u64,
     },
+    /// An object in a bucket (cowdisk-remote), by a hash of its location: objects are
+    /// immutable and named by content, so the location is the identity.
+    Object {
+        /// Hash of `s3://bucket/key`.
+        key: u64,
+    },
 }
 
 /// A parent opened by a [`LayerSource`]: checked to be the right kind of object, locked

@@ -262,6 +262,9 @@ fn incompat_feature_names(bits: u64) -> String {
 /// absolute) or a source-specific name. What it may reach is decided when it is opened:
 /// by the identity check and, where configured, image roots (chain::source).
 pub fn validate_reference(path: &str) -> Result<(), &'static str> {
+    // A parent in object storage (cowdisk-remote) is `s3://BUCKET/KEY`; after the scheme
+    // the same rules apply, and only a layer source that knows the scheme resolves it.
+    let path = path.strip_prefix("s3://").unwrap_or(path);
     if path.is_empty() {
         return Err("is empty");
     }

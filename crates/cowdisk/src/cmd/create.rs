@@ -10,6 +10,9 @@ use crate::output::{human_size, layer_json, report};
 /// Creates the image.
 pub fn run(a: &CreateArgs) -> Result<()> {
     let h = match (&a.backing, a.size) {
+        (Some(p), _) if cowdisk_remote::is_remote(&p.to_string_lossy()) => {
+            super::remote::create_over(&a.image, &p.to_string_lossy())?
+        }
         // create_child refuses an existing image or an unusable reference before it
         // writes anything.
         (Some(parent), _) => create_child(&a.image, parent)?,

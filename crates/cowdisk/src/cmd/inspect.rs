@@ -35,6 +35,8 @@ pub fn info(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
                 v["whiteout_blocks"] = json!(l.zero_blocks);
                 v["allocated_bytes"] = json!(l.allocated_bytes);
                 v["needs_check"] = json!(l.header.flags & FLAG_NEEDS_CHECK != 0);
+                // Remote layers are objects (their data is fetched on demand).
+                v["remote"] = json!(cowdisk_remote::is_remote(&l.path.to_string_lossy()));
                 v
             })
             .collect();
@@ -79,10 +81,15 @@ pub fn info(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
             human_size(l.data_blocks * bs)
         ));
         out.push(format!("    whiteout blocks: {}", l.zero_blocks));
-        out.push(format!(
-            "    disk usage:      {}",
-            human_size(l.allocated_bytes)
-        ));
+        if cowdisk_remote::is_remote(&l.path.to_string_lossy()) {
+            // Its blocks are fetched on demand into the host cache, not stored here.
+            out.push("    disk usage:      remote object".to_string());
+        } else {
+            out.push(format!(
+                "    disk usage:      {}",
+                human_size(l.allocated_bytes)
+            ));
+        }
         let parent = match &h.parent {
             Some(p) => format!("{} (uuid {})", p.path, p.uuid),
             None => "none".into(),

@@ -6,6 +6,7 @@ pub mod check;
 pub mod create;
 pub mod inspect;
 pub mod layers;
+pub mod remote;
 pub mod transfer;
 
 use std::io::Write;
@@ -34,7 +35,15 @@ fn recover_noisy(image: &Path) -> Result<()> {
 /// or undone first. `create` opens only its parent; `import` reads a raw file.
 pub fn recovery_targets(command: &Command) -> Vec<&Path> {
     match command {
-        Command::Create(a) => a.backing.iter().map(|p| p.as_path()).collect(),
+        // A remote parent is an immutable object: nothing to recover.
+        Command::Create(a) => a
+            .backing
+            .iter()
+            .map(|p| p.as_path())
+            .filter(|p| !cowdisk_remote::is_remote(&p.to_string_lossy()))
+            .collect(),
+        Command::Push(a) => vec![&a.image],
+        Command::Pull(_) => Vec::new(),
         Command::Info(a) | Command::Map(a) => vec![&a.image],
         Command::Check(a) => vec![&a.image],
         Command::Snapshot(a) => vec![&a.image],
@@ -84,6 +93,8 @@ fn run_command(cli: &Cli) -> Result<i32> {
         Command::Export(a) => transfer::export(&a.image, &a.output, show, a.json)?,
         Command::Import(a) => transfer::import(&a.raw, &a.image, a.block_size, show, a.json)?,
         Command::Serve(a) => crate::serve::run(a)?,
+        Command::Push(a) => remote::push(a)?,
+        Command::Pull(a) => remote::pull(a)?,
     }
     Ok(EXIT_OK)
 }

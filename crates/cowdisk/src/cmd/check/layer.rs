@@ -74,6 +74,10 @@ pub fn check_chain(image: &Path, opts: &Options) -> Result<Report> {
         ctx.depth = l.depth;
         ctx.repairable = false;
         ctx.report.layers_checked += 1;
+        let name = l.path.to_string_lossy();
+        if cowdisk_remote::is_remote(&name) {
+            ctx.report.remote_layers.push(name.into_owned());
+        }
         for p in &l.link {
             ctx.add(Severity::Error, link_kind(p), p.to_string());
         }

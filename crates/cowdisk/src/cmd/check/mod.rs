@@ -59,6 +59,8 @@ pub struct Report {
     pub blocks_verified: u64,
     /// Everything found.
     pub findings: Vec<Finding>,
+    /// Layers that are objects in a bucket (their blocks were fetched to be verified).
+    pub remote_layers: Vec<String>,
 }
 
 impl Report {
@@ -132,6 +134,7 @@ pub fn run(image: &Path, opts: &Options, json_out: bool) -> Result<i32> {
             "leaks": report.findings.iter().filter(|f| f.severity == Severity::Leak && !f.repaired).count(),
             "repaired": report.findings.iter().filter(|f| f.repaired).count(),
             "findings": findings,
+            "remote_layers": report.remote_layers,
         }));
     } else {
         let mut lines = Vec::new();

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# bench-fs.sh: tools/bench-peers.sh on the file systems VMs run on. Each of ext4, XFS
+# (reflink=1) and btrfs is made in a loop file on the machine's own disk (not tmpfs) and
+# mounted; tmpfs is mounted fresh. Every contender of bench-peers.sh runs on each, in the
+# same run, so ratios within one file system compare like with like.
+#
+# Usage: tools/bench-fs.sh [--fs "ext4 xfs btrfs tmpfs"] [bench-peers.sh arguments…]
+#   e.g. tools/bench-fs.sh --quick ; tools/bench-fs.sh --fs xfs
+# Environment: BENCH_FS_DIR, where the loop files and mount points go [/var/tmp/cowdisk-fs];
+#   BENCH_FS_SIZE_MB, size of each loop file [4096]. Results: bench-results/fs-<name>/.
+# Needs root, mkfs.ext4, mkfs.xfs and mkfs.btrfs (tools/install-deps.sh).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+FSES="ext4 xfs btrfs tmpfs"
+ARGS=()
+while (($#)); do
+  case $1 in
+    --fs) FSES=$2; shift 2 ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+BASE=${BENCH_FS_DIR:-/var/tmp/cowdisk-fs}
+SIZE=${BENCH_FS_SIZE_MB:-4096}
+[[ $(id -u) == 0 ]] || { echo "bench-fs: needs root (mount)" >&2; exit 1; }
+mkdir -p "$BASE"
+cleanup() { for fs in $FSES; do umount "$BASE/mnt-$fs" 2>/dev/null || true; done; }
+trap cleanup EXIT
+for fs in $FSES; do
+  mnt=$BASE/mnt-$fs img=$BASE/$fs.img
+  mkdir -p "$mnt"
+  umount "$mnt" 2>/dev/null || true
+  case $fs in
+    tmpfs) mount -t tmpfs -o "size=${SIZE}m" tmpfs "$mnt" ;;
+    ext4|xfs|btrfs)
+      rm -f "$img"; truncate -s "${SIZE}M" "$img"
+      case $fs in
+        ext4) mkfs.ext4 -q -F "$img" ;;
+        xfs) mkfs.xfs -q -m reflink=1 "$img" ;;
+        btrfs) mkfs.btrfs -q "$img" >/dev/null ;;
+      esac
+      mount -o loop "$img" "$mnt" ;;
+    *) echo "bench-fs: unknown file system $fs" >&2; exit 2 ;;
+  esac
+  out=$ROOT/bench-results/fs-$fs
+  mkdir -p "$out"
+  echo "bench-fs: $fs on $mnt" >&2
+  BENCH_DIR=$mnt BENCH_OUT=$out BENCH_MD=$out/REPORT.md \
+    bash "$ROOT/tools/bench-peers.sh" "${ARGS[@]}"
+  umount "$mnt"
+  rm -f "$img"
+done
