@@ -93,6 +93,12 @@ Refused unless the new parent is the same layer (same UUID and seal digest)."
     Rebase(RebaseArgs),
     /// Export images over NBD.
     Serve(ServeArgs),
+    /// Request counters of a served image (through its server's control socket).
+    #[command(after_help = "Example:\n  cowdisk stats vm1.cow --json | jq .exports[0].writes")]
+    Stats(crate::cmd::live::StatsArgs),
+    /// List the exports of a running server, given its control socket.
+    #[command(after_help = "Example:\n  cowdisk exports .vm1.cow.control --json")]
+    Exports(crate::cmd::live::ExportsArgs),
 }
 
 /// `create`.

@@ -131,6 +131,12 @@ impl Disk {
     pub fn top_path(&self) -> &Path {
         &self.top.path
     }
+    /// Names the top by another path to the same file: a live snapshot opens the new top
+    /// under its pending name and then renames it over the image (messages and `info`
+    /// must name the image).
+    pub fn set_top_path(&mut self, path: PathBuf) {
+        self.top.path = path;
+    }
     /// Number of layers (top included).
     pub fn depth(&self) -> usize {
         self.lower.layers.len() + 1

@@ -6,6 +6,7 @@ pub mod check;
 pub mod create;
 pub mod inspect;
 pub mod layers;
+pub mod live;
 pub mod transfer;
 
 use std::io::Write;
@@ -44,6 +45,8 @@ pub fn recovery_targets(command: &Command) -> Vec<&Path> {
         Command::Flatten(a) | Command::Export(a) => vec![&a.image],
         Command::Import(_) => Vec::new(),
         Command::Serve(a) => a.images.iter().map(|p| p.as_path()).collect(),
+        // Served images: their server owns them.
+        Command::Stats(_) | Command::Exports(_) => Vec::new(),
     }
 }
 
@@ -51,6 +54,10 @@ pub fn recovery_targets(command: &Command) -> Vec<&Path> {
 /// per image per invocation, before the command opens anything, so no command (and no
 /// command added later) opens a half-finished chain or recovers twice.
 pub fn dispatch(cli: &Cli) -> Result<i32> {
+    // A served image's command goes to its server, which holds the image.
+    if let Some(code) = live::route(&cli.command)? {
+        return Ok(code);
+    }
     let mut done: Vec<&Path> = Vec::new();
     for image in recovery_targets(&cli.command) {
         if !done.contains(&image) {
@@ -84,6 +91,8 @@ fn run_command(cli: &Cli) -> Result<i32> {
         Command::Export(a) => transfer::export(&a.image, &a.output, show, a.json)?,
         Command::Import(a) => transfer::import(&a.raw, &a.image, a.block_size, show, a.json)?,
         Command::Serve(a) => crate::serve::run(a)?,
+        Command::Stats(a) => live::stats(a)?,
+        Command::Exports(a) => live::exports(a)?,
     }
     Ok(EXIT_OK)
 }

@@ -1,17 +1,46 @@
-//! The NBD backend over an open [`Disk`]: maps requests and errors between the two crates.
+//! The NBD backend over a served image ([`LiveDisk`]): maps requests and errors between
+//! the two crates, takes the write gate for requests that change the disk and counts them.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use cowdisk_core::{Disk, ExtentState, IoError, IoErrorKind, WriteFlags};
 use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, ZeroFlags};
 
-/// Adapts an open [`Disk`] to the NBD server's backend trait.
+use super::live::LiveDisk;
+use super::stats::Op;
+
+/// Adapts a served image to the NBD server's backend trait.
 pub struct DiskBackend {
-    disk: Disk,
+    live: Arc<LiveDisk>,
 }
 
 impl DiskBackend {
-    /// Wraps a disk.
-    pub fn new(disk: Disk) -> DiskBackend {
-        DiskBackend { disk }
+    /// Wraps a served image.
+    pub fn new(live: Arc<LiveDisk>) -> DiskBackend {
+        DiskBackend { live }
+    }
+
+    /// The disk requests go to now (it changes at a live snapshot).
+    fn disk(&self) -> &Disk {
+        self.live.current()
+    }
+
+    /// Runs a request that changes the disk or makes it durable under the write gate,
+    /// and counts it.
+    fn gated(
+        &self,
+        op: Op,
+        bytes: u64,
+        f: impl FnOnce(&Disk) -> Result<(), IoError>,
+    ) -> Result<(), BackendError> {
+        let start = Instant::now();
+        let res = {
+            let _gate = self.live.write_gate();
+            f(self.disk())
+        };
+        self.live.stats.record(op, bytes, start, res.is_ok());
+        res.map_err(nbd_err)
     }
 }
 
@@ -38,16 +67,20 @@ fn nbd_err(e: IoError) -> BackendError {
 
 impl Backend for DiskBackend {
     fn size(&self) -> u64 {
-        self.disk.size()
+        self.disk().size()
     }
     fn preferred_block_size(&self) -> u32 {
-        self.disk.block_size()
+        self.disk().block_size()
     }
     fn is_read_only(&self) -> bool {
-        self.disk.is_read_only()
+        self.disk().is_read_only()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.disk.read(offset, buf).map_err(nbd_err)
+        let start = Instant::now();
+        let res = self.disk().read(offset, buf);
+        let n = buf.len() as u64;
+        self.live.stats.record(Op::Read, n, start, res.is_ok());
+        res.map_err(nbd_err)
     }
     fn read_pieces<'a>(
         &'a self,
@@ -55,34 +88,42 @@ impl Backend for DiskBackend {
         len: u64,
         out: &mut Vec<ReadPiece<'a>>,
     ) -> Result<bool, BackendError> {
-        let complete = self
-            .disk
-            .read_pieces(offset, len, |p| {
-                out.push(match p {
-                    cowdisk_core::ReadPiece::Zeros(n) => ReadPiece::Zeros(n),
-                    cowdisk_core::ReadPiece::File { fd, offset, len } => {
-                        ReadPiece::File { fd, offset, len }
-                    }
-                })
+        let start = Instant::now();
+        let res = self.disk().read_pieces(offset, len, |p| {
+            out.push(match p {
+                cowdisk_core::ReadPiece::Zeros(n) => ReadPiece::Zeros(n),
+                cowdisk_core::ReadPiece::File { fd, offset, len } => {
+                    ReadPiece::File { fd, offset, len }
+                }
             })
-            .map_err(nbd_err)?;
-        if !complete {
+        });
+        let complete = match res {
+            Ok(c) => c,
+            Err(e) => {
+                self.live.stats.record(Op::Read, len, start, false);
+                return Err(nbd_err(e));
+            }
+        };
+        if complete {
+            self.live.stats.record(Op::Read, len, start, true);
+        } else {
+            // `read` follows and counts it.
             out.clear();
         }
         Ok(complete)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        self.disk
-            .write(offset, data, WriteFlags { fua })
-            .map_err(nbd_err)
+        self.gated(Op::Write, data.len() as u64, |d| {
+            d.write(offset, data, WriteFlags { fua })
+        })
     }
     fn flush(&self) -> Result<(), BackendError> {
-        self.disk.flush().map_err(nbd_err)
+        self.gated(Op::Flush, 0, |d| d.flush())
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
-        self.disk
-            .discard(offset, len, WriteFlags { fua })
-            .map_err(nbd_err)
+        self.gated(Op::Whiteout, len, |d| {
+            d.discard(offset, len, WriteFlags { fua })
+        })
     }
     fn write_zeroes(&self, offset: u64, len: u64, f: ZeroFlags) -> Result<(), BackendError> {
         let flags = cowdisk_core::ZeroFlags {
@@ -90,7 +131,7 @@ impl Backend for DiskBackend {
             no_hole: f.no_hole,
             fast: f.fast,
         };
-        self.disk.write_zeroes(offset, len, flags).map_err(nbd_err)
+        self.gated(Op::Whiteout, len, |d| d.write_zeroes(offset, len, flags))
     }
     fn block_status(
         &self,
@@ -99,13 +140,15 @@ impl Backend for DiskBackend {
         out: &mut Vec<Extent>,
     ) -> Result<(), BackendError> {
         // Cap the work per request: clients (nbdinfo) ask for ~4 GiB and accept less.
-        let len = len
-            .min(1 << 30)
-            .min(self.disk.size() - offset.min(self.disk.size()));
+        let start = Instant::now();
+        let disk = self.disk();
+        let len = len.min(1 << 30).min(disk.size() - offset.min(disk.size()));
         let mut exts = Vec::new();
-        self.disk
-            .block_status(offset, len, &mut exts)
-            .map_err(nbd_err)?;
+        let res = disk.block_status(offset, len, &mut exts);
+        self.live
+            .stats
+            .record(Op::BlockStatus, 0, start, res.is_ok());
+        res.map_err(nbd_err)?;
         out.extend(exts.iter().map(|e| {
             let (zero, hole) = match e.state {
                 ExtentState::Data => (false, false),

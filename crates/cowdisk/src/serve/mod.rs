@@ -16,9 +16,22 @@ use crate::error::Error;
 use crate::size::parse_size;
 
 mod adapter;
+mod live;
 mod process;
+pub mod stats;
 
 pub use adapter::DiskBackend;
+pub use live::LiveDisk;
+
+use crate::control::handlers::{Control, Target};
+use crate::control::server as control_server;
+
+/// Binds a unix socket with mode 0600, refusing an existing path.
+pub(crate) fn bind_unix_0600(
+    path: &Path,
+) -> crate::error::Result<std::os::unix::net::UnixListener> {
+    process::bind_unix(path)
+}
 
 /// Default TCP address: loopback only unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -79,6 +92,11 @@ pub struct ServeArgs {
     /// (sendfile) need none.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub read_budget: Option<u64>,
+    /// Control socket (JSON lines, docs/control.md; mode 0600). By default one beside each
+    /// image, `.IMAGE.control`, through which `cowdisk snapshot`, `info`, `map`, `stats`
+    /// on a served image reach this server.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// The server's limits from the command line.
@@ -122,6 +140,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let cache = Arc::new(LowerCache::new());
     let mut builder = Server::builder().limits(limits(args));
     let mut names = Vec::new();
+    let mut targets = Vec::new();
     for img in &args.images {
         let disk = Disk::open(
             img,
@@ -135,8 +154,11 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
             ));
         }
         names.push(name.clone());
-        builder = builder.export(name, Arc::new(DiskBackend::new(disk)));
+        let live = Arc::new(LiveDisk::new(disk, img.clone(), cache.clone()));
+        builder = builder.export(name.clone(), Arc::new(DiskBackend::new(live.clone())));
+        targets.push(Target { name, live });
     }
+    let controls = start_control(args, targets)?;
     if names.len() == 1 {
         builder = builder.default_export(names[0].clone());
     }
@@ -168,5 +190,32 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }
+    for path in controls {
+        let _ = std::fs::remove_file(path);
+    }
     res
+}
+
+/// Binds the control sockets and answers them in the background; returns the paths
+/// made, to remove at exit. A default socket that cannot be made (a read-only folder,
+/// another read-only server of the same image) costs only the control interface, with
+/// a warning; an explicit `--control` that cannot be made is an error.
+fn start_control(args: &ServeArgs, exports: Vec<Target>) -> crate::error::Result<Vec<PathBuf>> {
+    let control = Arc::new(Control { exports });
+    let mut made = Vec::new();
+    for (i, (path, explicit)) in control_server::socket_paths(&args.images, args.control.as_deref())
+        .into_iter()
+        .enumerate()
+    {
+        match control_server::bind(&path) {
+            Ok(l) => {
+                let default = (!explicit).then_some(i);
+                control_server::spawn(l, control.clone(), default);
+                made.push(path);
+            }
+            Err(e) if explicit => return Err(e),
+            Err(e) => eprintln!("cowdisk: warning: no control socket: {e}"),
+        }
+    }
+    Ok(made)
 }

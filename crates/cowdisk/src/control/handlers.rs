@@ -1,0 +1,170 @@
+//! The control commands (`docs/control.md`): each takes the request object and returns
+//! its `result` or a [`Failure`] with a stable code.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::Failure;
+use crate::cmd::inspect::{info_report, map_report};
+use crate::output::layer_json;
+use crate::serve::LiveDisk;
+
+/// One export as the control interface sees it.
+pub struct Target {
+    /// The export's NBD name.
+    pub name: String,
+    /// The served image.
+    pub live: Arc<LiveDisk>,
+}
+
+/// Everything a control socket can act on.
+pub struct Control {
+    /// The exports, in the order they were given to `serve`.
+    pub exports: Vec<Target>,
+}
+
+type Reply = Result<Value, Failure>;
+
+/// Runs `command` with the arguments in `req`.
+pub fn run(control: &Control, default: Option<usize>, command: &str, req: &Value) -> Reply {
+    match command {
+        "exports" => Ok(exports(control)),
+        "stats" => stats(control, default, req),
+        "info" => {
+            let t = target(control, default, req)?;
+            let display = display(req, t);
+            let (doc, text) = info_report(t.live.current(), &display);
+            Ok(json!({ "document": doc, "text": text }))
+        }
+        "map" => {
+            let t = target(control, default, req)?;
+            let display = PathBuf::from(display(req, t));
+            let (doc, text) = map_report(t.live.current(), &display).map_err(failed)?;
+            Ok(json!({ "document": doc, "text": text }))
+        }
+        "snapshot" => snapshot(control, default, req),
+        _ => Err(Failure::new(
+            "unknown_command",
+            format!("unknown command {command:?} (known: exports, stats, info, map, snapshot)"),
+        )),
+    }
+}
+
+fn failed(e: crate::error::Error) -> Failure {
+    Failure::new("failed", e.to_string())
+}
+
+/// The export a request addresses: `"export"` by name, else `"image"` by path (the
+/// same file), else the socket's own image.
+fn target<'a>(
+    control: &'a Control,
+    default: Option<usize>,
+    req: &Value,
+) -> Result<&'a Target, Failure> {
+    if let Some(v) = req.get("export") {
+        let name = v
+            .as_str()
+            .ok_or_else(|| Failure::new("bad_request", "\"export\" must be a string"))?;
+        return control
+            .exports
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| Failure::new("unknown_export", format!("no export named {name:?}")));
+    }
+    if let Some(v) = req.get("image") {
+        let path = v
+            .as_str()
+            .ok_or_else(|| Failure::new("bad_request", "\"image\" must be a string"))?;
+        let want = Path::new(path).canonicalize().ok();
+        return control
+            .exports
+            .iter()
+            .find(|t| want.is_some() && t.live.image().canonicalize().ok() == want)
+            .ok_or_else(|| Failure::new("unknown_export", format!("{path} is not served here")));
+    }
+    default
+        .or((control.exports.len() == 1).then_some(0))
+        .and_then(|i| control.exports.get(i))
+        .ok_or_else(|| Failure::new("bad_request", "name the export (\"export\")"))
+}
+
+/// How the reply names the image: as the client wrote it, if it said.
+fn display(req: &Value, t: &Target) -> String {
+    req.get("display")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| t.live.image().display().to_string())
+}
+
+fn exports(control: &Control) -> Value {
+    let list: Vec<Value> = control
+        .exports
+        .iter()
+        .map(|t| {
+            let d = t.live.current();
+            json!({
+                "name": t.name,
+                "image": t.live.image().display().to_string(),
+                "read_only": d.is_read_only(),
+                "virtual_size": d.size(),
+                "block_size": d.block_size(),
+                "depth": d.depth(),
+            })
+        })
+        .collect();
+    json!({ "exports": list })
+}
+
+/// Counters of the export the request names (`export` or `image`), else of all.
+fn stats(control: &Control, default: Option<usize>, req: &Value) -> Reply {
+    let one = |t: &Target| {
+        let mut v = t.live.stats.to_json();
+        v["name"] = json!(t.name);
+        v["image"] = json!(t.live.image().display().to_string());
+        v
+    };
+    let list: Vec<Value> = if req.get("export").is_some() || req.get("image").is_some() {
+        vec![one(target(control, default, req)?)]
+    } else {
+        control.exports.iter().map(one).collect()
+    };
+    Ok(json!({ "exports": list }))
+}
+
+fn snapshot(control: &Control, default: Option<usize>, req: &Value) -> Reply {
+    let t = target(control, default, req)?;
+    let snap = req
+        .get("snapshot")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Failure::new("bad_request", "\"snapshot\" (a path) is required"))?;
+    let snap = Path::new(snap);
+    if !snap.is_absolute() {
+        // The server's working folder means nothing to the client.
+        return Err(Failure::new(
+            "bad_request",
+            "\"snapshot\" must be an absolute path",
+        ));
+    }
+    if t.live.current().is_read_only() {
+        return Err(Failure::new("read_only", "the export is read-only"));
+    }
+    let s = t.live.exclusive(|| t.live.snapshot(snap)).map_err(failed)?;
+    let image = PathBuf::from(display(req, t));
+    let snap_display = req
+        .get("snapshot_display")
+        .and_then(Value::as_str)
+        .map_or_else(|| snap.to_path_buf(), PathBuf::from);
+    let text = vec![format!(
+        "Snapshot {} taken; {} continues over it",
+        snap_display.display(),
+        image.display()
+    )];
+    // layer_json reads the file's disk usage: by the real path, named as the client did.
+    let mut img = layer_json(t.live.image(), &s.top);
+    img["path"] = json!(image.display().to_string());
+    let mut sn = layer_json(snap, &s.sealed);
+    sn["path"] = json!(snap_display.display().to_string());
+    Ok(json!({ "document": { "image": img, "snapshot": sn }, "text": text }))
+}

@@ -1,0 +1,179 @@
+//! A served image whose chain can change under its clients: the open [`Disk`] can be
+//! replaced by a new one (a live snapshot's new top) without the export noticing.
+//!
+//! **Write gate.** Every request that changes the disk or makes it durable (WRITE, TRIM,
+//! WRITE_ZEROES, FLUSH) holds the gate shared for its whole duration; a snapshot holds
+//! it exclusively while it flushes, seals and swaps the top. So a write lands wholly in
+//! the old top (and then in the snapshot, which the seal flushed) or wholly in the new
+//! one, and every write acknowledged before the snapshot started is in the snapshot.
+//! std's `RwLock` makes new shared takers wait behind a waiting exclusive one, so a
+//! stream of writes cannot starve a snapshot. Reads and block status take no gate: while
+//! the gate is held nothing changes, so they read the same from either disk.
+//!
+//! **Generations.** Zero-copy reads hand out file descriptors borrowed from the disk for
+//! as long as the reply is being sent, so a replaced disk cannot be dropped while the
+//! export serves. Disks are kept in an append-only list of generations and never freed
+//! before the export is: each live snapshot keeps its old top's file and map open (one
+//! descriptor and the map's memory, which the new chain's copy of that layer also costs).
+//! FUTURE: count the borrowers and release old generations.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use cowdisk_core::create::sync_folder;
+use cowdisk_core::{folder_of, Disk, LayerState, LowerCache};
+
+use super::stats::Stats;
+use crate::error::{Error, Result};
+use crate::ops::{exists, snapshot};
+
+struct Generation {
+    disk: Disk,
+    next: OnceLock<Box<Generation>>,
+}
+
+/// A served image (see the module doc).
+pub struct LiveDisk {
+    first: Generation,
+    /// How many generations exist; the last one is current.
+    count: AtomicUsize,
+    gate: RwLock<()>,
+    /// One chain-changing operation at a time.
+    op: Mutex<()>,
+    image: PathBuf,
+    cache: Arc<LowerCache>,
+    /// Request counters of the export.
+    pub stats: Stats,
+}
+
+impl LiveDisk {
+    /// Serves `disk`, opened from `image` with `cache`.
+    pub fn new(disk: Disk, image: PathBuf, cache: Arc<LowerCache>) -> LiveDisk {
+        LiveDisk {
+            first: Generation {
+                disk,
+                next: OnceLock::new(),
+            },
+            count: AtomicUsize::new(1),
+            gate: RwLock::new(()),
+            op: Mutex::new(()),
+            image,
+            cache,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The image path the export was opened from.
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
+    fn last(&self) -> &Generation {
+        let mut g = &self.first;
+        // Bounded by the number of live snapshots taken of this export.
+        for _ in 1..self.count.load(SeqCst) {
+            match g.next.get() {
+                Some(n) => g = n,
+                None => break,
+            }
+        }
+        g
+    }
+
+    /// The disk requests go to now.
+    pub fn current(&self) -> &Disk {
+        &self.last().disk
+    }
+
+    /// Held by every request that writes or flushes (see the module doc).
+    pub fn write_gate(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` with no other chain-changing operation on this export; `Busy` if one runs.
+    pub fn exclusive<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _op = match self.op.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(Error::invalid(
+                    &self.image,
+                    "another snapshot or squash of this image is running",
+                ))
+            }
+        };
+        f()
+    }
+
+    fn push(&self, disk: Disk) {
+        let g = self.last();
+        // Only `exclusive` callers push, so the last generation has no successor yet.
+        let _ = g.next.set(Box::new(Generation {
+            disk,
+            next: OnceLock::new(),
+        }));
+        self.count.fetch_add(1, SeqCst);
+    }
+
+    /// Live snapshot: the steps of [`snapshot`] on the served disk, with writes held at
+    /// the gate from the flush before the seal until the new top serves. Call inside
+    /// [`LiveDisk::exclusive`].
+    pub fn snapshot(&self, snap: &Path) -> Result<snapshot::Snapshotted> {
+        let cur = self.current();
+        let image = self.image.clone();
+        // The slow part of the seal (writing back the map) is done once before the gate
+        // closes, so writes wait only for what arrived since.
+        cur.flush().map_err(|e| Error::disk(&image, e))?;
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let (reference, pending) = snapshot::plan(cur, &image, snap)?;
+        let mut opened: Option<Disk> = None;
+        let res = snapshot::steps(cur, &image, snap, &pending, reference, &mut || {
+            share_sealed_lock(cur)?;
+            let opts = crate::open_options().cache(self.cache.clone());
+            let mut d = Disk::open(&pending, &opts)?;
+            d.set_top_path(image.clone());
+            opened = Some(d);
+            Ok(())
+        });
+        if let Some(d) = opened {
+            // Even if the rename failed, the new top is what the chain continues with
+            // (recovery renames it into place at the next start): serve it.
+            self.push(d);
+            self.stats.snapshot_taken();
+        } else if res.is_err() && cur.top_header().state != LayerState::Sealed && exists(&pending) {
+            // Before the commit point: undo, the served top goes on taking writes.
+            let _ = std::fs::remove_file(&pending);
+            let _ = sync_folder(&folder_of(&pending));
+        }
+        res
+    }
+}
+
+/// Turns the exclusive lock of the just-sealed top into the shared lock every sealed
+/// layer holds, so the new chain (and other processes) can open it as a parent. flock
+/// converts a lock on the same open file; another process can slip in between only
+/// with a lock it drops at once (a sealed layer opens read-only), hence the retries.
+fn share_sealed_lock(disk: &Disk) -> Result<()> {
+    let Some(fd) = disk.top_storage().fd() else {
+        return Ok(());
+    };
+    let mut tries = 0;
+    loop {
+        match rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockShared) {
+            Ok(()) => return Ok(()),
+            Err(e) if tries < 50 && e == rustix::io::Errno::WOULDBLOCK => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(Error::os(
+                    disk.top_path(),
+                    "share the sealed layer's lock",
+                    e.into(),
+                ))
+            }
+        }
+    }
+}
