@@ -53,6 +53,8 @@ mod transmission;
 mod validate;
 pub mod wire;
 
-pub use backend::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, ZeroFlags};
+pub use backend::{
+    Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, ZeroFlags,
+};
 pub use limits::Limits;
 pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle};

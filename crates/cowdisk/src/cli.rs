@@ -99,6 +99,11 @@ Refused unless the new parent is the same layer (same UUID and seal digest)."
     /// List the exports of a running server, given its control socket.
     #[command(after_help = "Example:\n  cowdisk exports .vm1.cow.control --json")]
     Exports(crate::cmd::live::ExportsArgs),
+    /// Show the extents that may have changed since a snapshot (changed-block tracking).
+    #[command(
+        after_help = "Example:\n  cowdisk diff vm1.cow --since snap1.cow --json\n\nAn extent is listed when a layer above SNAPSHOT holds it (data or whiteout); the same\nextents are dirty in the NBD context qemu:dirty-bitmap:SNAPSHOT of `cowdisk serve`."
+    )]
+    Diff(crate::cmd::diff::DiffArgs),
 }
 
 /// `create`.

@@ -1,4 +1,4 @@
-//! Commands on served images: [`route`] sends `info`, `map` and `snapshot` on an image
+//! Commands on served images: [`route`] sends `info`, `map`, `diff` and `snapshot` on an image
 //! a running server holds to that server (through the control socket beside the image)
 //! instead of failing with "in use"; `stats` and `exports` exist only that way.
 
@@ -42,6 +42,13 @@ pub fn route(command: &Command) -> Result<Option<i32>> {
     let (image, mut req, json_out) = match command {
         Command::Info(a) if !a.force_share => (&a.image, json!({"command": "info"}), a.json),
         Command::Map(a) if !a.force_share => (&a.image, json!({"command": "map"}), a.json),
+        Command::Diff(a) => {
+            let req = json!({
+                "command": "diff",
+                "since": absolute(&a.since)?.display().to_string(),
+            });
+            (&a.image, req, a.json)
+        }
         Command::Snapshot(a) => {
             let req = json!({
                 "command": "snapshot",

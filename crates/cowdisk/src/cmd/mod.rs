@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod create;
+pub mod diff;
 pub mod inspect;
 pub mod layers;
 pub mod live;
@@ -47,6 +48,7 @@ pub fn recovery_targets(command: &Command) -> Vec<&Path> {
         Command::Serve(a) => a.images.iter().map(|p| p.as_path()).collect(),
         // Served images: their server owns them.
         Command::Stats(_) | Command::Exports(_) => Vec::new(),
+        Command::Diff(a) => vec![&a.image],
     }
 }
 
@@ -93,6 +95,7 @@ fn run_command(cli: &Cli) -> Result<i32> {
         Command::Serve(a) => crate::serve::run(a)?,
         Command::Stats(a) => live::stats(a)?,
         Command::Exports(a) => live::exports(a)?,
+        Command::Diff(a) => diff::run(a)?,
     }
     Ok(EXIT_OK)
 }

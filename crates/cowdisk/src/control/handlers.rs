@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::Failure;
+use crate::cmd::diff::diff_report;
 use crate::cmd::inspect::{info_report, map_report};
 use crate::output::layer_json;
 use crate::serve::LiveDisk;
@@ -44,10 +45,23 @@ pub fn run(control: &Control, default: Option<usize>, command: &str, req: &Value
             let (doc, text) = map_report(t.live.current(), &display).map_err(failed)?;
             Ok(json!({ "document": doc, "text": text }))
         }
+        "diff" => {
+            let t = target(control, default, req)?;
+            let display = PathBuf::from(display(req, t));
+            let since = req
+                .get("since")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Failure::new("bad_request", "\"since\" (a path) is required"))?;
+            let (doc, text) =
+                diff_report(t.live.current(), &display, Path::new(since)).map_err(failed)?;
+            Ok(json!({ "document": doc, "text": text }))
+        }
         "snapshot" => snapshot(control, default, req),
         _ => Err(Failure::new(
             "unknown_command",
-            format!("unknown command {command:?} (known: exports, stats, info, map, snapshot)"),
+            format!(
+                "unknown command {command:?} (known: exports, stats, info, map, diff, snapshot)"
+            ),
         )),
     }
 }

@@ -5,7 +5,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cowdisk_core::{Disk, ExtentState, IoError, IoErrorKind, WriteFlags};
-use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, ZeroFlags};
+use cowdisk_nbd::{
+    Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, ZeroFlags,
+};
+
+use crate::cmd::diff::{changed, sealed_layers};
 
 use super::live::LiveDisk;
 use super::stats::Op;
@@ -16,8 +20,15 @@ pub struct DiskBackend {
 }
 
 impl DiskBackend {
-    /// Wraps a served image.
-    pub fn new(live: Arc<LiveDisk>) -> DiskBackend {
+    /// Serves an open disk (no live changes other than through this backend).
+    pub fn new(disk: Disk) -> DiskBackend {
+        let image = disk.top_path().to_path_buf();
+        let cache = Arc::new(cowdisk_core::LowerCache::new());
+        DiskBackend::live(Arc::new(LiveDisk::new(disk, image, cache)))
+    }
+
+    /// Wraps a served image whose chain the control socket may change.
+    pub fn live(live: Arc<LiveDisk>) -> DiskBackend {
         DiskBackend { live }
     }
 
@@ -162,6 +173,52 @@ impl Backend for DiskBackend {
                 depth: e.depth.map_or(0, |d| d + 1),
             }
         }));
+        Ok(())
+    }
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        sealed_layers(self.disk())
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect()
+    }
+    /// The key is the layer's position counted from the base: live snapshots add layers
+    /// on top, so it names the same layer for as long as the export serves.
+    fn dirty_bitmap_key(&self, name: &str) -> Option<u64> {
+        let disk = self.disk();
+        let (depth, _) = sealed_layers(disk).into_iter().find(|(_, n)| n == name)?;
+        Some((disk.depth() - 1 - depth) as u64)
+    }
+    fn dirty_status(
+        &self,
+        key: u64,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<DirtyExtent>,
+    ) -> Result<(), BackendError> {
+        let disk = self.disk();
+        let Some(since) = (disk.depth() as u64)
+            .checked_sub(key.saturating_add(1))
+            .map(|d| d as usize)
+        else {
+            return Err(BackendError::new(
+                BackendErrorKind::Invalid,
+                "that dirty bitmap no longer exists",
+            ));
+        };
+        // Cap the work per request, as for block status.
+        let len = len.min(1 << 30).min(disk.size() - offset.min(disk.size()));
+        let mut exts = Vec::new();
+        disk.block_status(offset, len, &mut exts).map_err(nbd_err)?;
+        for e in &exts {
+            let dirty = changed(e, since);
+            match out.last_mut() {
+                Some(last) if last.dirty == dirty => last.length += e.length,
+                _ => out.push(DirtyExtent {
+                    length: e.length,
+                    dirty,
+                }),
+            }
+        }
         Ok(())
     }
 }

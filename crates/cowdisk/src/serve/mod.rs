@@ -155,7 +155,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
         }
         names.push(name.clone());
         let live = Arc::new(LiveDisk::new(disk, img.clone(), cache.clone()));
-        builder = builder.export(name.clone(), Arc::new(DiskBackend::new(live.clone())));
+        builder = builder.export(name.clone(), Arc::new(DiskBackend::live(live.clone())));
         targets.push(Target { name, live });
     }
     let controls = start_control(args, targets)?;
