@@ -57,10 +57,11 @@ pub fn run(control: &Control, default: Option<usize>, command: &str, req: &Value
             Ok(json!({ "document": doc, "text": text }))
         }
         "snapshot" => snapshot(control, default, req),
+        "squash" => squash(control, default, req),
         _ => Err(Failure::new(
             "unknown_command",
             format!(
-                "unknown command {command:?} (known: exports, stats, info, map, diff, snapshot)"
+                "unknown command {command:?} (known: exports, stats, info, map, diff, snapshot, squash)"
             ),
         )),
     }
@@ -181,4 +182,45 @@ fn snapshot(control: &Control, default: Option<usize>, req: &Value) -> Reply {
     let mut sn = layer_json(snap, &s.sealed);
     sn["path"] = json!(snap_display.display().to_string());
     Ok(json!({ "document": { "image": img, "snapshot": sn }, "text": text }))
+}
+
+fn squash(control: &Control, default: Option<usize>, req: &Value) -> Reply {
+    let t = target(control, default, req)?;
+    let layers = match req.get("layers") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| Failure::new("bad_request", "\"layers\" must be 1 or more"))?,
+        ),
+    };
+    if t.live.current().is_read_only() {
+        return Err(Failure::new("read_only", "the export is read-only"));
+    }
+    let s = t.live.exclusive(|| t.live.squash(layers)).map_err(failed)?;
+    let image = display(req, t);
+    // The merged layer is named after the image: name it as the client named the image.
+    let served = t.live.image().display().to_string();
+    let merged = s.path.display().to_string();
+    let merged_display = match merged.strip_prefix(&served) {
+        Some(suffix) => format!("{image}{suffix}"),
+        None => merged,
+    };
+    let mut img = layer_json(t.live.image(), &s.top);
+    img["path"] = json!(image);
+    let mut sq = layer_json(&s.path, &s.header);
+    sq["path"] = json!(merged_display);
+    let text = vec![format!(
+        "Squashed {} layer(s) below {image} into {merged_display}; the old layer files were not changed",
+        s.merged
+    )];
+    let doc = json!({
+        "image": img,
+        "squashed": sq,
+        "layers_merged": s.merged,
+        "data_blocks": s.written.data_blocks,
+        "bytes_written": s.written.bytes,
+    });
+    Ok(json!({ "document": doc, "text": text }))
 }

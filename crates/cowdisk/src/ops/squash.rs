@@ -43,6 +43,28 @@ pub fn squash_path(image: &Path, uuid_hex8: &str) -> PathBuf {
 /// Merges `layers` (default all) sealed layers below the top of `image`.
 pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<Squashed> {
     let disk = Disk::open(image, &crate::open_options())?;
+    let built = build(&disk, image, layers, show_progress)?;
+    let s = commit(&disk, image, built)?;
+    drop(disk);
+    Ok(s)
+}
+
+/// A merged layer written, sealed and in place, not yet used by the top.
+pub(crate) struct Built {
+    target: PathBuf,
+    merged: usize,
+    header: Header,
+    written: Written,
+}
+
+/// Writes the merged layer of `disk` (open from `image`). Reads only the sealed layers,
+/// which never change, so the top may take writes meanwhile (a live squash).
+pub(crate) fn build(
+    disk: &Disk,
+    image: &Path,
+    layers: Option<u32>,
+    show_progress: bool,
+) -> Result<Built> {
     let chain = disk.layers();
     let below = chain.len() - 1;
     if below == 0 {
@@ -84,21 +106,29 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
         show_progress,
     )?;
     let written = builder.written();
-    let new = builder.finish(true)?;
-    // Repoint the top: the commit point.
+    let header = builder.finish(true)?;
+    Ok(Built {
+        target,
+        merged: n,
+        header,
+        written,
+    })
+}
+
+/// Repoints the top at the merged layer: the commit point.
+pub(crate) fn commit(disk: &Disk, image: &Path, built: Built) -> Result<Squashed> {
     let top = disk.set_parent(ParentRef {
-        path: reference_for(image, &target, ReferenceStyle::Relative)?,
-        uuid: new.uuid,
-        digest: new.seal_digest,
+        path: reference_for(image, &built.target, ReferenceStyle::Relative)?,
+        uuid: built.header.uuid,
+        digest: built.header.seal_digest,
     })?;
     failpoint::hit("squash.after_repoint");
-    drop(disk);
     Ok(Squashed {
-        path: target,
-        merged: n,
-        header: new,
+        path: built.target,
+        merged: built.merged,
+        header: built.header,
         top,
-        written,
+        written: built.written,
     })
 }
 

@@ -27,7 +27,7 @@ use cowdisk_core::{folder_of, Disk, LayerState, LowerCache};
 
 use super::stats::Stats;
 use crate::error::{Error, Result};
-use crate::ops::{exists, snapshot};
+use crate::ops::{exists, snapshot, squash};
 
 struct Generation {
     disk: Disk,
@@ -107,6 +107,17 @@ impl LiveDisk {
         f()
     }
 
+    /// Every generation's disk, oldest first.
+    fn generations(&self) -> Vec<&Disk> {
+        let mut v = vec![&self.first.disk];
+        let mut g = &self.first;
+        while let Some(n) = g.next.get() {
+            v.push(&n.disk);
+            g = n;
+        }
+        v
+    }
+
     fn push(&self, disk: Disk) {
         let g = self.last();
         // Only `exclusive` callers push, so the last generation has no successor yet.
@@ -115,6 +126,11 @@ impl LiveDisk {
             next: OnceLock::new(),
         }));
         self.count.fetch_add(1, SeqCst);
+    }
+
+    /// Live squash (see [`live_squash`]). Call inside [`LiveDisk::exclusive`].
+    pub fn squash(&self, layers: Option<u32>) -> Result<squash::Squashed> {
+        live_squash(self, layers)
     }
 
     /// Live snapshot: the steps of [`snapshot`] on the served disk, with writes held at
@@ -130,7 +146,13 @@ impl LiveDisk {
         let (reference, pending) = snapshot::plan(cur, &image, snap)?;
         let mut opened: Option<Disk> = None;
         let res = snapshot::steps(cur, &image, snap, &pending, reference, &mut || {
-            share_sealed_lock(cur)?;
+            // After a live squash older generations hold the same top file (one of them
+            // its exclusive lock): all of them must let go of exclusivity.
+            for d in self.generations() {
+                if same_file(d, cur) {
+                    share_sealed_lock(d)?;
+                }
+            }
             let opts = crate::open_options().cache(self.cache.clone());
             let mut d = Disk::open(&pending, &opts)?;
             d.set_top_path(image.clone());
@@ -149,6 +171,45 @@ impl LiveDisk {
         }
         res
     }
+}
+
+/// Live squash: the steps of [`squash`], the merged layer written while the export
+/// serves (it reads only sealed layers), then, with writes held at the gate, the top
+/// flushed, repointed (the commit point) and reopened in place over the new chain.
+/// Call inside [`LiveDisk::exclusive`].
+fn live_squash(live: &LiveDisk, layers: Option<u32>) -> Result<squash::Squashed> {
+    let built = squash::build(live.current(), &live.image, layers, false)?;
+    let _gate = live.gate.write().unwrap_or_else(|e| e.into_inner());
+    let cur = live.current();
+    // The reopened top reads its map from the file: it must hold everything.
+    cur.flush().map_err(|e| Error::disk(&live.image, e))?;
+    let done = squash::commit(cur, &live.image, built)?;
+    // This process keeps the top's lock through the current disk's file all along.
+    let opts = crate::open_options()
+        .cache(live.cache.clone())
+        .top_locked_by_caller();
+    match Disk::open(&live.image, &opts) {
+        Ok(d) => live.push(d),
+        Err(e) => {
+            // The old chain reads the same; only its files stay open until restart.
+            eprintln!(
+                "cowdisk: serve: {}: squashed, but serving the old chain until restart: {e}",
+                live.image.display()
+            );
+        }
+    }
+    Ok(done)
+}
+
+/// True if both disks' tops are the same file.
+fn same_file(a: &Disk, b: &Disk) -> bool {
+    let id = |d: &Disk| {
+        d.top_storage()
+            .fd()
+            .and_then(|fd| rustix::fs::fstat(fd).ok())
+            .map(|st| (st.st_dev, st.st_ino))
+    };
+    id(a).is_some() && id(a) == id(b)
 }
 
 /// Turns the exclusive lock of the just-sealed top into the shared lock every sealed
