@@ -346,7 +346,7 @@ fn writer_lock_socket_mode_and_existing_path() {
     // serve_live.rs); -U reads the files. Commands the server does not run are refused.
     let out = cowdisk_ok(&["info", s(&img), "--json"]);
     assert!(out.contains("\"state\": \"writable\""), "{out}");
-    let o = cowdisk(&["reset", s(&img)]);
+    let o = cowdisk(&["check", s(&img), "--repair"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("in use"));
     let out = cowdisk_ok(&["info", "-U", s(&img), "--json"]);
     assert!(out.contains("\"state\": \"writable\""), "{out}");

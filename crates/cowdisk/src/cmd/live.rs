@@ -1,4 +1,4 @@
-//! Commands on served images: [`route`] sends `info`, `map`, `diff`, `snapshot` and `squash` on an image
+//! Commands on served images: [`route`] sends `info`, `map`, `diff`, `snapshot`, `squash` and `reset` on an image
 //! a running server holds to that server (through the control socket beside the image)
 //! instead of failing with "in use"; `stats` and `exports` exist only that way.
 
@@ -49,6 +49,7 @@ pub fn route(command: &Command) -> Result<Option<i32>> {
             });
             (&a.image, req, a.json)
         }
+        Command::Reset(a) => (&a.image, json!({"command": "reset"}), a.json),
         Command::Squash(a) => (
             &a.image,
             json!({"command": "squash", "layers": a.layers}),

@@ -58,10 +58,11 @@ pub fn run(control: &Control, default: Option<usize>, command: &str, req: &Value
         }
         "snapshot" => snapshot(control, default, req),
         "squash" => squash(control, default, req),
+        "reset" => reset(control, default, req),
         _ => Err(Failure::new(
             "unknown_command",
             format!(
-                "unknown command {command:?} (known: exports, stats, info, map, diff, snapshot, squash)"
+                "unknown command {command:?} (known: exports, stats, info, map, diff, snapshot, squash, reset)"
             ),
         )),
     }
@@ -223,4 +224,17 @@ fn squash(control: &Control, default: Option<usize>, req: &Value) -> Reply {
         "bytes_written": s.written.bytes,
     });
     Ok(json!({ "document": doc, "text": text }))
+}
+
+fn reset(control: &Control, default: Option<usize>, req: &Value) -> Reply {
+    let t = target(control, default, req)?;
+    if t.live.current().is_read_only() {
+        return Err(Failure::new("read_only", "the export is read-only"));
+    }
+    let top = t.live.exclusive(|| t.live.reset()).map_err(failed)?;
+    let image = display(req, t);
+    let mut img = layer_json(t.live.image(), &top);
+    img["path"] = json!(image);
+    let text = vec![format!("Reset {image}: its changes were discarded")];
+    Ok(json!({ "document": { "image": img }, "text": text }))
 }

@@ -27,7 +27,7 @@ use cowdisk_core::{folder_of, Disk, LayerState, LowerCache};
 
 use super::stats::Stats;
 use crate::error::{Error, Result};
-use crate::ops::{exists, snapshot, squash};
+use crate::ops::{exists, reset, snapshot, squash};
 
 struct Generation {
     disk: Disk,
@@ -131,6 +131,27 @@ impl LiveDisk {
     /// Live squash (see [`live_squash`]). Call inside [`LiveDisk::exclusive`].
     pub fn squash(&self, layers: Option<u32>) -> Result<squash::Squashed> {
         live_squash(self, layers)
+    }
+
+    /// Live reset: the steps of [`reset`] with writes held at the gate; the new empty top
+    /// is opened under its temp name, then renamed over the image and served. Writes
+    /// acknowledged before are discarded, as `reset` means. Call inside
+    /// [`LiveDisk::exclusive`].
+    pub fn reset(&self) -> Result<cowdisk_core::Header> {
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let cur = self.current();
+        let mut opened: Option<Disk> = None;
+        let new = reset::steps(cur, &self.image, &mut |tmp| {
+            let opts = crate::open_options().cache(self.cache.clone());
+            let mut d = Disk::open(tmp, &opts)?;
+            d.set_top_path(self.image.clone());
+            opened = Some(d);
+            Ok(())
+        })?;
+        if let Some(d) = opened {
+            self.push(d);
+        }
+        Ok(new)
     }
 
     /// Live snapshot: the steps of [`snapshot`] on the served disk, with writes held at

@@ -17,6 +17,7 @@ use crate::size::parse_size;
 
 mod adapter;
 mod live;
+mod metrics;
 mod process;
 pub mod stats;
 
@@ -97,6 +98,10 @@ pub struct ServeArgs {
     /// on a served image reach this server.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Serve the export counters in Prometheus text format at http://HOST:PORT/metrics
+    /// (off by default; port 0 picks a free one, printed on stderr).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
 }
 
 /// The server's limits from the command line.
@@ -202,6 +207,10 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
 /// a warning; an explicit `--control` that cannot be made is an error.
 fn start_control(args: &ServeArgs, exports: Vec<Target>) -> crate::error::Result<Vec<PathBuf>> {
     let control = Arc::new(Control { exports });
+    if let Some(addr) = &args.metrics {
+        let local = metrics::start(addr, control.clone())?;
+        eprintln!("cowdisk: metrics at http://{local}/metrics");
+    }
     let mut made = Vec::new();
     for (i, (path, explicit)) in control_server::socket_paths(&args.images, args.control.as_deref())
         .into_iter()
