@@ -16,6 +16,7 @@ pub(crate) const BASE_ALLOCATION: &str = "base:allocation";
 pub(crate) const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// One named export.
+#[derive(Clone)]
 pub(crate) struct Export {
     pub name: String,
     pub description: Option<String>,
@@ -93,6 +94,29 @@ impl Exports {
 
     pub fn iter(&self) -> impl Iterator<Item = &Export> {
         self.list.iter()
+    }
+
+    /// The same table with `export` added.
+    pub fn with(&self, export: Export) -> Exports {
+        let mut list = self.list.clone();
+        list.push(export);
+        Exports {
+            list,
+            default: self.default,
+        }
+    }
+
+    /// The same table without the export `name` (and without a default if it was that).
+    pub fn without(&self, name: &str) -> Exports {
+        let default = self.default.map(|i| self.list[i].name.clone());
+        let list: Vec<Export> = self
+            .list
+            .iter()
+            .filter(|e| e.name != name)
+            .cloned()
+            .collect();
+        let default = default.and_then(|d| list.iter().position(|e| e.name == d));
+        Exports { list, default }
     }
 }
 

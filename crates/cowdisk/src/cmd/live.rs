@@ -30,6 +30,24 @@ pub struct ExportsArgs {
     /// Machine-readable output (docs/control.md, `exports`).
     #[arg(long)]
     pub json: bool,
+    /// Export IMAGE too, from now on (as --name, default its file name).
+    #[arg(long, value_name = "IMAGE", conflicts_with = "remove")]
+    pub add: Option<PathBuf>,
+    /// Name of the export --add makes.
+    #[arg(long, value_name = "NAME", requires = "add")]
+    pub name: Option<String>,
+    /// --add the image read-only (a sealed snapshot must be).
+    #[arg(long, requires = "add")]
+    pub read_only: bool,
+    /// Stop exporting NAME, once its clients have disconnected (up to --timeout).
+    #[arg(long, value_name = "NAME")]
+    pub remove: Option<String>,
+    /// With --remove: close the export's connections instead of waiting for them.
+    #[arg(long, requires = "remove")]
+    pub close: bool,
+    /// With --remove: seconds to wait for clients (default 30, at most 3600).
+    #[arg(long, value_name = "SECS", requires = "remove")]
+    pub timeout: Option<u64>,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -129,6 +147,28 @@ pub fn stats(a: &StatsArgs) -> Result<()> {
 /// `exports SOCKET`: what a running server exports.
 pub fn exports(a: &ExportsArgs) -> Result<()> {
     let stream = connect(&a.socket).ok_or_else(|| not_served(&a.socket, &a.socket))?;
+    if let Some(image) = &a.add {
+        let mut req = json!({
+            "command": "add_export",
+            "image": absolute(image)?.display().to_string(),
+            "read_only": a.read_only,
+        });
+        if let Some(n) = &a.name {
+            req["name"] = json!(n);
+        }
+        request(&stream, image, &req)?;
+    }
+    if let Some(name) = &a.remove {
+        let mut req = json!({
+            "command": "remove_export",
+            "export": name,
+            "clients": if a.close { "close" } else { "wait" },
+        });
+        if let Some(t) = a.timeout {
+            req["timeout_secs"] = json!(t);
+        }
+        request(&stream, Path::new(name), &req)?;
+    }
     let result = request(&stream, &a.socket, &json!({"command": "exports"}))?;
     let mut lines = vec![format!(
         "{:<24} {:<4} {:>14} {:>5}  {}",

@@ -2,7 +2,10 @@
 //! its `result` or a [`Failure`] with a stable code.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use cowdisk_core::LowerCache;
+use cowdisk_nbd::ExportsHandle;
 
 use serde_json::{json, Value};
 
@@ -22,32 +25,69 @@ pub struct Target {
 
 /// Everything a control socket can act on.
 pub struct Control {
-    /// The exports, in the order they were given to `serve`.
-    pub exports: Vec<Target>,
+    /// The exports, in the order they were given to `serve` or added.
+    exports: RwLock<Vec<Arc<Target>>>,
+    /// Adds and removes exports of the NBD server.
+    pub(crate) handle: ExportsHandle,
+    /// Shares lower chains between the server's disks.
+    pub(crate) cache: Arc<LowerCache>,
+}
+
+impl Control {
+    /// The control state of a server serving `exports` through `handle`.
+    pub fn new(exports: Vec<Target>, handle: ExportsHandle, cache: Arc<LowerCache>) -> Control {
+        Control {
+            exports: RwLock::new(exports.into_iter().map(Arc::new).collect()),
+            handle,
+            cache,
+        }
+    }
+
+    /// The exports now served.
+    pub fn list(&self) -> Vec<Arc<Target>> {
+        self.exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn push(&self, t: Target) {
+        self.exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(t));
+    }
+
+    pub(crate) fn drop_export(&self, name: &str) {
+        self.exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|t| t.name != name);
+    }
 }
 
 type Reply = Result<Value, Failure>;
 
 /// Runs `command` with the arguments in `req`.
-pub fn run(control: &Control, default: Option<usize>, command: &str, req: &Value) -> Reply {
+pub fn run(control: &Control, default: Option<&str>, command: &str, req: &Value) -> Reply {
     match command {
         "exports" => Ok(exports(control)),
         "stats" => stats(control, default, req),
         "info" => {
             let t = target(control, default, req)?;
-            let display = display(req, t);
+            let display = display(req, &t);
             let (doc, text) = info_report(t.live.current(), &display);
             Ok(json!({ "document": doc, "text": text }))
         }
         "map" => {
             let t = target(control, default, req)?;
-            let display = PathBuf::from(display(req, t));
+            let display = PathBuf::from(display(req, &t));
             let (doc, text) = map_report(t.live.current(), &display).map_err(failed)?;
             Ok(json!({ "document": doc, "text": text }))
         }
         "diff" => {
             let t = target(control, default, req)?;
-            let display = PathBuf::from(display(req, t));
+            let display = PathBuf::from(display(req, &t));
             let since = req
                 .get("since")
                 .and_then(Value::as_str)
@@ -59,10 +99,13 @@ pub fn run(control: &Control, default: Option<usize>, command: &str, req: &Value
         "snapshot" => snapshot(control, default, req),
         "squash" => squash(control, default, req),
         "reset" => reset(control, default, req),
+        "add_export" => super::exports::add(control, req),
+        "remove_export" => super::exports::remove(control, req),
         _ => Err(Failure::new(
             "unknown_command",
             format!(
-                "unknown command {command:?} (known: exports, stats, info, map, diff, snapshot, squash, reset)"
+                "unknown command {command:?} (known: exports, stats, info, map, diff, snapshot, squash, reset, \
+                 add_export, remove_export)"
             ),
         )),
     }
@@ -74,18 +117,14 @@ fn failed(e: crate::error::Error) -> Failure {
 
 /// The export a request addresses: `"export"` by name, else `"image"` by path (the
 /// same file), else the socket's own image.
-fn target<'a>(
-    control: &'a Control,
-    default: Option<usize>,
-    req: &Value,
-) -> Result<&'a Target, Failure> {
+fn target(control: &Control, default: Option<&str>, req: &Value) -> Result<Arc<Target>, Failure> {
+    let list = control.list();
     if let Some(v) = req.get("export") {
         let name = v
             .as_str()
             .ok_or_else(|| Failure::new("bad_request", "\"export\" must be a string"))?;
-        return control
-            .exports
-            .iter()
+        return list
+            .into_iter()
             .find(|t| t.name == name)
             .ok_or_else(|| Failure::new("unknown_export", format!("no export named {name:?}")));
     }
@@ -94,15 +133,14 @@ fn target<'a>(
             .as_str()
             .ok_or_else(|| Failure::new("bad_request", "\"image\" must be a string"))?;
         let want = Path::new(path).canonicalize().ok();
-        return control
-            .exports
-            .iter()
+        return list
+            .into_iter()
             .find(|t| want.is_some() && t.live.image().canonicalize().ok() == want)
             .ok_or_else(|| Failure::new("unknown_export", format!("{path} is not served here")));
     }
-    default
-        .or((control.exports.len() == 1).then_some(0))
-        .and_then(|i| control.exports.get(i))
+    let only = (list.len() == 1).then(|| list[0].name.clone());
+    let name = default.map(str::to_string).or(only);
+    name.and_then(|n| list.into_iter().find(|t| t.name == n))
         .ok_or_else(|| Failure::new("bad_request", "name the export (\"export\")"))
 }
 
@@ -116,7 +154,7 @@ fn display(req: &Value, t: &Target) -> String {
 
 fn exports(control: &Control) -> Value {
     let list: Vec<Value> = control
-        .exports
+        .list()
         .iter()
         .map(|t| {
             let d = t.live.current();
@@ -134,7 +172,7 @@ fn exports(control: &Control) -> Value {
 }
 
 /// Counters of the export the request names (`export` or `image`), else of all.
-fn stats(control: &Control, default: Option<usize>, req: &Value) -> Reply {
+fn stats(control: &Control, default: Option<&str>, req: &Value) -> Reply {
     let one = |t: &Target| {
         let mut v = t.live.stats.to_json();
         v["name"] = json!(t.name);
@@ -142,14 +180,14 @@ fn stats(control: &Control, default: Option<usize>, req: &Value) -> Reply {
         v
     };
     let list: Vec<Value> = if req.get("export").is_some() || req.get("image").is_some() {
-        vec![one(target(control, default, req)?)]
+        vec![one(&*target(control, default, req)?)]
     } else {
-        control.exports.iter().map(one).collect()
+        control.list().iter().map(|t| one(t)).collect()
     };
     Ok(json!({ "exports": list }))
 }
 
-fn snapshot(control: &Control, default: Option<usize>, req: &Value) -> Reply {
+fn snapshot(control: &Control, default: Option<&str>, req: &Value) -> Reply {
     let t = target(control, default, req)?;
     let snap = req
         .get("snapshot")
@@ -167,7 +205,7 @@ fn snapshot(control: &Control, default: Option<usize>, req: &Value) -> Reply {
         return Err(Failure::new("read_only", "the export is read-only"));
     }
     let s = t.live.exclusive(|| t.live.snapshot(snap)).map_err(failed)?;
-    let image = PathBuf::from(display(req, t));
+    let image = PathBuf::from(display(req, &t));
     let snap_display = req
         .get("snapshot_display")
         .and_then(Value::as_str)
@@ -185,7 +223,7 @@ fn snapshot(control: &Control, default: Option<usize>, req: &Value) -> Reply {
     Ok(json!({ "document": { "image": img, "snapshot": sn }, "text": text }))
 }
 
-fn squash(control: &Control, default: Option<usize>, req: &Value) -> Reply {
+fn squash(control: &Control, default: Option<&str>, req: &Value) -> Reply {
     let t = target(control, default, req)?;
     let layers = match req.get("layers") {
         None | Some(Value::Null) => None,
@@ -200,7 +238,7 @@ fn squash(control: &Control, default: Option<usize>, req: &Value) -> Reply {
         return Err(Failure::new("read_only", "the export is read-only"));
     }
     let s = t.live.exclusive(|| t.live.squash(layers)).map_err(failed)?;
-    let image = display(req, t);
+    let image = display(req, &t);
     // The merged layer is named after the image: name it as the client named the image.
     let served = t.live.image().display().to_string();
     let merged = s.path.display().to_string();
@@ -226,13 +264,13 @@ fn squash(control: &Control, default: Option<usize>, req: &Value) -> Reply {
     Ok(json!({ "document": doc, "text": text }))
 }
 
-fn reset(control: &Control, default: Option<usize>, req: &Value) -> Reply {
+fn reset(control: &Control, default: Option<&str>, req: &Value) -> Reply {
     let t = target(control, default, req)?;
     if t.live.current().is_read_only() {
         return Err(Failure::new("read_only", "the export is read-only"));
     }
     let top = t.live.exclusive(|| t.live.reset()).map_err(failed)?;
-    let image = display(req, t);
+    let image = display(req, &t);
     let mut img = layer_json(t.live.image(), &top);
     img["path"] = json!(image);
     let text = vec![format!("Reset {image}: its changes were discarded")];

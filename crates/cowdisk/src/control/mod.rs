@@ -3,6 +3,7 @@
 //! inside `serve`; [`request`] is the client the CLI uses to route commands on a served
 //! image through its server.
 
+pub mod exports;
 pub mod handlers;
 pub mod server;
 

@@ -44,7 +44,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 
 /// Answers requests on `listener` in the background; `default` is the export a request
 /// naming none addresses (the image the socket is named after).
-pub fn spawn(listener: UnixListener, control: Arc<Control>, default: Option<usize>) {
+pub fn spawn(listener: UnixListener, control: Arc<Control>, default: Option<String>) {
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -56,11 +56,11 @@ pub fn spawn(listener: UnixListener, control: Arc<Control>, default: Option<usiz
                 let _ = write_reply(&stream, &reply(&Value::Null, Err(f)));
                 continue;
             }
-            let (control, mine) = (control.clone(), active.clone());
+            let (control, mine, default) = (control.clone(), active.clone(), default.clone());
             let spawned = std::thread::Builder::new()
                 .name("control".into())
                 .spawn(move || {
-                    serve_connection(stream, &control, default);
+                    serve_connection(stream, &control, default.as_deref());
                     mine.fetch_sub(1, SeqCst);
                 });
             if spawned.is_err() {
@@ -102,7 +102,7 @@ fn read_line(r: &mut impl BufRead) -> Line {
     }
 }
 
-fn serve_connection(stream: UnixStream, control: &Control, default: Option<usize>) {
+fn serve_connection(stream: UnixStream, control: &Control, default: Option<&str>) {
     let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let Ok(read_half) = stream.try_clone() else {
         return;
@@ -129,7 +129,7 @@ fn serve_connection(stream: UnixStream, control: &Control, default: Option<usize
 }
 
 /// Parses and runs one request line; the reply to send.
-pub fn answer(bytes: &[u8], control: &Control, default: Option<usize>) -> Value {
+pub fn answer(bytes: &[u8], control: &Control, default: Option<&str>) -> Value {
     let req: Value = match serde_json::from_slice(bytes) {
         Ok(v) => v,
         Err(e) => return reply(&Value::Null, Err(Failure::new("bad_json", e.to_string()))),
@@ -162,13 +162,17 @@ fn write_reply(mut stream: &UnixStream, v: &Value) -> std::io::Result<()> {
     stream.write_all(&line)
 }
 
-/// Where a serve's control sockets go: `--control PATH`, or beside each image.
-pub fn socket_paths(images: &[PathBuf], explicit: Option<&Path>) -> Vec<(PathBuf, bool)> {
+/// Where a serve's control sockets go: `--control PATH`, or beside each image (whose
+/// export is then the socket's default, given as `(image, export name)`).
+pub fn socket_paths(
+    images: &[(PathBuf, String)],
+    explicit: Option<&Path>,
+) -> Vec<(PathBuf, Option<String>)> {
     match explicit {
-        Some(p) => vec![(p.to_path_buf(), true)],
+        Some(p) => vec![(p.to_path_buf(), None)],
         None => images
             .iter()
-            .map(|i| (super::default_socket(i), false))
+            .map(|(i, name)| (super::default_socket(i), Some(name.clone())))
             .collect(),
     }
 }

@@ -62,7 +62,7 @@ fn answer(mut s: TcpStream, control: &Control) -> std::io::Result<()> {
 /// Every export's counters, Prometheus text format.
 pub fn render(control: &Control) -> String {
     let mut out = String::new();
-    for t in &control.exports {
+    for t in control.list() {
         t.live.stats.prometheus(&t.name, &mut out);
     }
     out

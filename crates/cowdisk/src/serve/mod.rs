@@ -163,7 +163,6 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
         builder = builder.export(name.clone(), Arc::new(DiskBackend::live(live.clone())));
         targets.push(Target { name, live });
     }
-    let controls = start_control(args, targets)?;
     if names.len() == 1 {
         builder = builder.default_export(names[0].clone());
     }
@@ -187,6 +186,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let server = builder
         .build()
         .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()))?;
+    let controls = start_control(args, targets, server.exports_handle(), cache)?;
     process::stop_on_signals(server.shutdown_handle())?;
     process::announce(&names, &address);
     let res = server
@@ -205,20 +205,26 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
 /// made, to remove at exit. A default socket that cannot be made (a read-only folder,
 /// another read-only server of the same image) costs only the control interface, with
 /// a warning; an explicit `--control` that cannot be made is an error.
-fn start_control(args: &ServeArgs, exports: Vec<Target>) -> crate::error::Result<Vec<PathBuf>> {
-    let control = Arc::new(Control { exports });
+fn start_control(
+    args: &ServeArgs,
+    exports: Vec<Target>,
+    handle: cowdisk_nbd::ExportsHandle,
+    cache: Arc<LowerCache>,
+) -> crate::error::Result<Vec<PathBuf>> {
+    let images: Vec<(PathBuf, String)> = exports
+        .iter()
+        .map(|t| (t.live.image().to_path_buf(), t.name.clone()))
+        .collect();
+    let control = Arc::new(Control::new(exports, handle, cache));
     if let Some(addr) = &args.metrics {
         let local = metrics::start(addr, control.clone())?;
         eprintln!("cowdisk: metrics at http://{local}/metrics");
     }
     let mut made = Vec::new();
-    for (i, (path, explicit)) in control_server::socket_paths(&args.images, args.control.as_deref())
-        .into_iter()
-        .enumerate()
-    {
+    for (path, default) in control_server::socket_paths(&images, args.control.as_deref()) {
+        let explicit = default.is_none();
         match control_server::bind(&path) {
             Ok(l) => {
-                let default = (!explicit).then_some(i);
                 control_server::spawn(l, control.clone(), default);
                 made.push(path);
             }
