@@ -110,3 +110,30 @@ fn metrics_endpoint_serves_prometheus_text() {
     assert!(get(&addr, "/metrics").starts_with("HTTP/1.1 200 OK"));
     assert!(srv.stop().success());
 }
+
+#[test]
+fn check_of_a_served_image_goes_through_its_server() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let t = TempDir::new();
+    let vm1 = chain(&t.0, "4M");
+    let mut srv = Serve::start(&vm1, &[], &[]);
+    let uri = srv.uri("vm1.cow");
+    // Unflushed writes: the check flushes first, so they are no "unreferenced" leak.
+    qemu_io(&uri, &["write -P 0xab 0 1M"]);
+    cowdisk_ok(&["snapshot", s(&vm1), s(&t.0.join("snap1.cow")), "-q"]);
+    qemu_io(&uri, &["write -P 0xcd 128k 64k", "write -z -u 0 64k"]);
+    let o = cowdisk(&["check", s(&vm1), "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["result"], "clean", "{v}");
+    assert_eq!(v["image"], s(&vm1));
+    assert_eq!(v["layers_checked"], 3);
+    assert!(cowdisk_ok(&["check", s(&vm1)]).contains("No errors found"));
+    // Repair writes the top: not done behind the server's back.
+    let o = cowdisk(&["check", s(&vm1), "--repair"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
+    qemu_io(&uri, &["read -P 0 0 64k", "read -P 0xcd 128k 64k", "write -P 1 1M 4k"]);
+    assert!(srv.stop().success());
+}

@@ -1,4 +1,5 @@
-//! Commands on served images: [`route`] sends `info`, `map`, `diff`, `snapshot`, `squash` and `reset` on an image
+//! Commands on served images: [`route`] sends `info`, `map`, `diff`, `check` (without `--repair`), `snapshot`, `squash`
+//! and `reset` on an image
 //! a running server holds to that server (through the control socket beside the image)
 //! instead of failing with "in use"; `stats` and `exports` exist only that way.
 
@@ -67,6 +68,7 @@ pub fn route(command: &Command) -> Result<Option<i32>> {
             });
             (&a.image, req, a.json)
         }
+        Command::Check(a) if !a.repair => (&a.image, json!({"command": "check"}), a.json),
         Command::Reset(a) => (&a.image, json!({"command": "reset"}), a.json),
         Command::Squash(a) => (
             &a.image,
@@ -90,7 +92,9 @@ pub fn route(command: &Command) -> Result<Option<i32>> {
     req["display"] = json!(image.display().to_string());
     let result = request(&stream, image, &req)?;
     print_result(&result, json_out);
-    Ok(Some(EXIT_OK))
+    // `check` exits as it does offline (2, 3, 4 for what it found).
+    let code = result["exit_code"].as_i64().map_or(EXIT_OK, |c| c as i32);
+    Ok(Some(code))
 }
 
 /// Prints a reply carrying what the offline command would print.

@@ -99,12 +99,18 @@ pub fn run(control: &Control, default: Option<&str>, command: &str, req: &Value)
         "snapshot" => snapshot(control, default, req),
         "squash" => squash(control, default, req),
         "reset" => reset(control, default, req),
+        "check" => {
+            let t = target(control, default, req)?;
+            let (mut doc, text, code) = t.live.check().map_err(failed)?;
+            doc["image"] = json!(display(req, &t));
+            Ok(json!({ "document": doc, "text": text, "exit_code": code }))
+        }
         "add_export" => super::exports::add(control, req),
         "remove_export" => super::exports::remove(control, req),
         _ => Err(Failure::new(
             "unknown_command",
             format!(
-                "unknown command {command:?} (known: exports, stats, info, map, diff, snapshot, squash, reset, \
+                "unknown command {command:?} (known: exports, stats, info, map, diff, check, snapshot, squash, reset, \
                  add_export, remove_export)"
             ),
         )),

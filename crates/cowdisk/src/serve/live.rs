@@ -133,6 +133,28 @@ impl LiveDisk {
         live_squash(self, layers)
     }
 
+    /// `check` (read-only) of the served chain: writes are held at the gate and the top
+    /// flushed, so the files are exactly what a crash now would leave, and stay so while
+    /// the check reads them (reads go on). Returns what `check` prints and its exit code.
+    pub fn check(&self) -> Result<(serde_json::Value, Vec<String>, i32)> {
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let cur = self.current();
+        if !cur.is_read_only() {
+            cur.flush().map_err(|e| Error::disk(&self.image, e))?;
+        }
+        let opts = crate::cmd::check::Options {
+            repair: false,
+            discard_unreferenced: false,
+            show: false,
+        };
+        let report = crate::cmd::check::check_chain_with(&self.image, &opts, false)?;
+        Ok(crate::cmd::check::render(
+            &report,
+            &self.image.display().to_string(),
+            false,
+        ))
+    }
+
     /// Live reset: the steps of [`reset`] with writes held at the gate; the new empty top
     /// is opened under its temp name, then renamed over the image and served. Writes
     /// acknowledged before are discarded, as `reset` means. Call inside
