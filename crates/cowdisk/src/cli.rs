@@ -188,6 +188,10 @@ pub struct SquashArgs {
     /// How many sealed layers just below the top to merge (default: all).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub layers: Option<u32>,
+    /// Copy at most SIZE bytes of block data per second (K, M, G suffixes), leaving the
+    /// disk's bandwidth to the clients of a served image.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub rate: Option<u64>,
     /// Machine-readable output (schema in README.md, "JSON output").
     #[arg(long)]
     pub json: bool,

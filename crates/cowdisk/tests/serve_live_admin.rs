@@ -125,7 +125,12 @@ fn check_of_a_served_image_goes_through_its_server() {
     cowdisk_ok(&["snapshot", s(&vm1), s(&t.0.join("snap1.cow")), "-q"]);
     qemu_io(&uri, &["write -P 0xcd 128k 64k", "write -z -u 0 64k"]);
     let o = cowdisk(&["check", s(&vm1), "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["result"], "clean", "{v}");
     assert_eq!(v["image"], s(&vm1));
@@ -134,6 +139,13 @@ fn check_of_a_served_image_goes_through_its_server() {
     // Repair writes the top: not done behind the server's back.
     let o = cowdisk(&["check", s(&vm1), "--repair"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
-    qemu_io(&uri, &["read -P 0 0 64k", "read -P 0xcd 128k 64k", "write -P 1 1M 4k"]);
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0 0 64k",
+            "read -P 0xcd 128k 64k",
+            "write -P 1 1M 4k",
+        ],
+    );
     assert!(srv.stop().success());
 }

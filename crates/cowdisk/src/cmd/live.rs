@@ -72,7 +72,7 @@ pub fn route(command: &Command) -> Result<Option<i32>> {
         Command::Reset(a) => (&a.image, json!({"command": "reset"}), a.json),
         Command::Squash(a) => (
             &a.image,
-            json!({"command": "squash", "layers": a.layers}),
+            json!({"command": "squash", "layers": a.layers, "rate": a.rate}),
             a.json,
         ),
         Command::Snapshot(a) => {

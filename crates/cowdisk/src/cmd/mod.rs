@@ -87,7 +87,7 @@ fn run_command(cli: &Cli) -> Result<i32> {
         }
         Command::Snapshot(a) => layers::snapshot(&a.image, &a.snapshot, a.json)?,
         Command::Reset(a) => layers::reset(&a.image, a.json)?,
-        Command::Squash(a) => layers::squash(&a.image, a.layers, show, a.json)?,
+        Command::Squash(a) => layers::squash(&a.image, (a.layers, a.rate), show, a.json)?,
         Command::Rebase(a) => layers::rebase(&a.image, &a.backing, a.json)?,
         Command::Flatten(a) => transfer::flatten(&a.image, &a.output, show, a.json)?,
         Command::Export(a) => transfer::export(&a.image, &a.output, show, a.json)?,

@@ -240,10 +240,22 @@ fn squash(control: &Control, default: Option<&str>, req: &Value) -> Reply {
                 .ok_or_else(|| Failure::new("bad_request", "\"layers\" must be 1 or more"))?,
         ),
     };
+    let rate = match req.get("rate") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().filter(|&r| r > 0).ok_or_else(|| {
+            Failure::new(
+                "bad_request",
+                "\"rate\" must be a number of bytes per second",
+            )
+        })?),
+    };
     if t.live.current().is_read_only() {
         return Err(Failure::new("read_only", "the export is read-only"));
     }
-    let s = t.live.exclusive(|| t.live.squash(layers)).map_err(failed)?;
+    let s = t
+        .live
+        .exclusive(|| t.live.squash(layers, rate))
+        .map_err(failed)?;
     let image = display(req, &t);
     // The merged layer is named after the image: name it as the client named the image.
     let served = t.live.image().display().to_string();

@@ -42,8 +42,18 @@ pub fn squash_path(image: &Path, uuid_hex8: &str) -> PathBuf {
 
 /// Merges `layers` (default all) sealed layers below the top of `image`.
 pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<Squashed> {
+    squash_at_rate(image, layers, show_progress, None)
+}
+
+/// As [`squash`], copying at most `rate` bytes of block data per second if given.
+pub fn squash_at_rate(
+    image: &Path,
+    layers: Option<u32>,
+    show_progress: bool,
+    rate: Option<u64>,
+) -> Result<Squashed> {
     let disk = Disk::open(image, &crate::open_options())?;
-    let built = build(&disk, image, layers, show_progress)?;
+    let built = build(&disk, image, layers, show_progress, rate)?;
     let s = commit(&disk, image, built)?;
     drop(disk);
     Ok(s)
@@ -58,12 +68,14 @@ pub(crate) struct Built {
 }
 
 /// Writes the merged layer of `disk` (open from `image`). Reads only the sealed layers,
-/// which never change, so the top may take writes meanwhile (a live squash).
+/// which never change, so the top may take writes meanwhile (a live squash), at most
+/// `rate` bytes per second of block data if given.
 pub(crate) fn build(
     disk: &Disk,
     image: &Path,
     layers: Option<u32>,
     show_progress: bool,
+    rate: Option<u64>,
 ) -> Result<Built> {
     let chain = disk.layers();
     let below = chain.len() - 1;
@@ -103,7 +115,7 @@ pub(crate) fn build(
         lower,
         (n, held),
         rest.is_some(),
-        show_progress,
+        (show_progress, rate),
     )?;
     let written = builder.written();
     let header = builder.finish(true)?;
@@ -140,9 +152,11 @@ fn copy_blocks(
     lower: &Lower,
     (n, held_bytes): (usize, u64),
     has_rest: bool,
-    show: bool,
+    (show, rate): (bool, Option<u64>),
 ) -> Result<()> {
     let g = b.header().geometry;
+    let start = std::time::Instant::now();
+    let mut copied = 0u64;
     let mut buf = vec![0u8; g.block_size as usize];
     let mut progress = Progress::new("squash", held_bytes, show);
     lower.for_each_owned(|blk, owner| {
@@ -163,6 +177,8 @@ fn copy_blocks(
                     b.write_block(blk, data)?;
                 }
                 progress.add(data.len() as u64);
+                copied += data.len() as u64;
+                pace(start, copied, rate);
             }
             LowerOwner::Zero(i) if i < n && has_rest => b.whiteout(blk),
             _ => {}
@@ -171,4 +187,16 @@ fn copy_blocks(
     })?;
     progress.finish();
     Ok(())
+}
+
+/// Sleeps as long as `copied` bytes since `start` are ahead of `rate` bytes per second, so a
+/// live squash leaves the disk's bandwidth to the clients.
+fn pace(start: std::time::Instant, copied: u64, rate: Option<u64>) {
+    let Some(rate) = rate.filter(|&r| r > 0) else {
+        return;
+    };
+    let due = std::time::Duration::from_secs_f64(copied as f64 / rate as f64);
+    if let Some(wait) = due.checked_sub(start.elapsed()) {
+        std::thread::sleep(wait);
+    }
 }

@@ -129,8 +129,8 @@ impl LiveDisk {
     }
 
     /// Live squash (see [`live_squash`]). Call inside [`LiveDisk::exclusive`].
-    pub fn squash(&self, layers: Option<u32>) -> Result<squash::Squashed> {
-        live_squash(self, layers)
+    pub fn squash(&self, layers: Option<u32>, rate: Option<u64>) -> Result<squash::Squashed> {
+        live_squash(self, layers, rate)
     }
 
     /// `check` (read-only) of the served chain: writes are held at the gate and the top
@@ -220,8 +220,12 @@ impl LiveDisk {
 /// serves (it reads only sealed layers), then, with writes held at the gate, the top
 /// flushed, repointed (the commit point) and reopened in place over the new chain.
 /// Call inside [`LiveDisk::exclusive`].
-fn live_squash(live: &LiveDisk, layers: Option<u32>) -> Result<squash::Squashed> {
-    let built = squash::build(live.current(), &live.image, layers, false)?;
+fn live_squash(
+    live: &LiveDisk,
+    layers: Option<u32>,
+    rate: Option<u64>,
+) -> Result<squash::Squashed> {
+    let built = squash::build(live.current(), &live.image, layers, false, rate)?;
     let _gate = live.gate.write().unwrap_or_else(|e| e.into_inner());
     let cur = live.current();
     // The reopened top reads its map from the file: it must hold everything.
