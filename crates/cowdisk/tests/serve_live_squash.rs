@@ -71,6 +71,12 @@ fn online_squash_while_a_client_writes() {
     }
     olds.push(t.0.join("base.cow"));
     let before: Vec<Vec<u8>> = olds.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    // A client following what changed since snap1: its bitmap names that layer.
+    let mut bm = client::Client::connect(srv.addr);
+    bm.handshake("vm1.cow", true, &["qemu:dirty-bitmap:snap1.cow"]);
+    let st = bm.block_status(0, 0, 1 << 20);
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].0, 3, "the dirty-bitmap context");
     // Rate-limited (generously: the test asserts behaviour, not time).
     let sq = cowdisk_json(&["squash", s(&vm1), "--rate", "256M"]);
     assert_eq!(sq["layers_merged"], 5, "{sq}");

@@ -5,7 +5,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cowdisk_core::{Disk, Extent, LayerState};
+use cowdisk_core::{Disk, Extent, LayerState, Uuid};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -29,21 +29,39 @@ pub fn changed(e: &Extent, since: usize) -> bool {
     e.depth.is_some_and(|d| (d as usize) < since)
 }
 
-/// Sealed layers of `disk`, top first, as `(depth, file name)`: the checkpoints a
-/// changed-blocks query can start from.
-pub fn sealed_layers(disk: &Disk) -> Vec<(usize, String)> {
+/// A sealed layer of a chain: a checkpoint a changed-blocks query can start from.
+pub struct Checkpoint {
+    /// Its depth in the chain (0 = the top).
+    pub depth: usize,
+    /// Its file name: the bitmap's name.
+    pub name: String,
+    /// Its identity, which survives changes of the chain around it.
+    pub uuid: Uuid,
+}
+
+/// Sealed layers of `disk`, top first.
+pub fn sealed_layers(disk: &Disk) -> Vec<Checkpoint> {
     let name = |p: &Path| {
         p.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    let top = (disk.top_header().state == LayerState::Sealed).then(|| (0, name(disk.top_path())));
+    let h = disk.top_header();
+    let top = (h.state == LayerState::Sealed).then(|| Checkpoint {
+        depth: 0,
+        name: name(disk.top_path()),
+        uuid: h.uuid,
+    });
     let lower = disk
         .lower()
         .layers()
         .iter()
         .enumerate()
-        .map(|(i, l)| (i + 1, name(l.path())));
+        .map(|(i, l)| Checkpoint {
+            depth: i + 1,
+            name: name(l.path()),
+            uuid: l.header().uuid,
+        });
     top.into_iter().chain(lower).collect()
 }
 

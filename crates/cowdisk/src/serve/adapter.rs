@@ -1,10 +1,10 @@
 //! The NBD backend over a served image ([`LiveDisk`]): maps requests and errors between
 //! the two crates, takes the write gate for requests that change the disk and counts them.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cowdisk_core::{Disk, ExtentState, IoError, IoErrorKind, WriteFlags};
+use cowdisk_core::{Disk, ExtentState, IoError, IoErrorKind, Uuid, WriteFlags};
 use cowdisk_nbd::{
     Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, ZeroFlags,
 };
@@ -17,6 +17,9 @@ use super::stats::Op;
 /// Adapts a served image to the NBD server's backend trait.
 pub struct DiskBackend {
     live: Arc<LiveDisk>,
+    /// Layers named by dirty-bitmap keys: the key is the index. Grows only by layers of
+    /// the chain a client asked for, each once.
+    checkpoints: Mutex<Vec<Uuid>>,
 }
 
 impl DiskBackend {
@@ -29,7 +32,10 @@ impl DiskBackend {
 
     /// Wraps a served image whose chain the control socket may change.
     pub fn live(live: Arc<LiveDisk>) -> DiskBackend {
-        DiskBackend { live }
+        DiskBackend {
+            live,
+            checkpoints: Mutex::new(Vec::new()),
+        }
     }
 
     /// The disk requests go to now (it changes at a live snapshot).
@@ -178,15 +184,25 @@ impl Backend for DiskBackend {
     fn dirty_bitmaps(&self) -> Vec<String> {
         sealed_layers(self.disk())
             .into_iter()
-            .map(|(_, n)| n)
+            .map(|c| c.name)
             .collect()
     }
-    /// The key is the layer's position counted from the base: live snapshots add layers
-    /// on top, so it names the same layer for as long as the export serves.
+    /// The key names the layer by identity (its UUID, through [`DiskBackend::checkpoints`]):
+    /// a live snapshot or squash changes depths, and a connection must keep querying the
+    /// layer it chose, or learn that it is gone, never silently another one.
     fn dirty_bitmap_key(&self, name: &str) -> Option<u64> {
-        let disk = self.disk();
-        let (depth, _) = sealed_layers(disk).into_iter().find(|(_, n)| n == name)?;
-        Some((disk.depth() - 1 - depth) as u64)
+        let c = sealed_layers(self.disk())
+            .into_iter()
+            .find(|c| c.name == name)?;
+        let mut ids = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match ids.iter().position(|u| *u == c.uuid) {
+            Some(i) => i,
+            None => {
+                ids.push(c.uuid);
+                ids.len() - 1
+            }
+        };
+        Some(i as u64)
     }
     fn dirty_status(
         &self,
@@ -196,13 +212,20 @@ impl Backend for DiskBackend {
         out: &mut Vec<DirtyExtent>,
     ) -> Result<(), BackendError> {
         let disk = self.disk();
-        let Some(since) = (disk.depth() as u64)
-            .checked_sub(key.saturating_add(1))
-            .map(|d| d as usize)
-        else {
+        let uuid = usize::try_from(key).ok().and_then(|k| {
+            let ids = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
+            ids.get(k).copied()
+        });
+        let since = uuid.and_then(|u| {
+            sealed_layers(disk)
+                .into_iter()
+                .find(|c| c.uuid == u)
+                .map(|c| c.depth)
+        });
+        let Some(since) = since else {
             return Err(BackendError::new(
                 BackendErrorKind::Invalid,
-                "that dirty bitmap no longer exists",
+                "that dirty bitmap's layer is no longer in the chain",
             ));
         };
         // Cap the work per request, as for block status.
