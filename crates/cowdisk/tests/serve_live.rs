@@ -205,6 +205,8 @@ fn fio_verify_with_live_snapshots() {
                     "--verify=crc32c",
                     "--do_verify=1",
                     "--verify_fatal=1",
+                    // No verify state files in the crate folder.
+                    "--verify_state_save=0",
                     "--group_reporting",
                 ],
                 600,
