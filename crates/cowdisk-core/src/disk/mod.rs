@@ -65,6 +65,8 @@ pub struct Disk {
     /// waiting here instead leaves the CPU to threads reading and verifying the next blocks
     /// (a quarter less server CPU per first write on tmpfs).
     copy_lock: Mutex<()>,
+    /// Blocks copied up from a lower layer since the disk was opened (for statistics).
+    copy_ups: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -104,6 +106,7 @@ impl Disk {
             poisoned: AtomicBool::new(false),
             sealed: AtomicBool::new(false),
             copy_lock: Mutex::new(()),
+            copy_ups: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -148,6 +151,10 @@ impl Disk {
     /// State of block `b` in the top layer.
     pub fn top_state(&self, b: u64) -> BlockState {
         self.top.map.get(b)
+    }
+    /// Blocks copied up from a lower layer since the disk was opened.
+    pub fn copy_ups(&self) -> u64 {
+        self.copy_ups.load(SeqCst)
     }
     /// True once a sync failed: no flush succeeds until the disk is reopened.
     pub fn is_poisoned(&self) -> bool {

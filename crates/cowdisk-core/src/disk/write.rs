@@ -132,7 +132,10 @@ impl Disk {
             self.top
                 .storage
                 .write_at(buf, off)
-                .map_err(|e| Self::io_err(&self.top.path, "copy-up write", off, e))
+                .map_err(|e| Self::io_err(&self.top.path, "copy-up write", off, e))?;
+            self.copy_ups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
         })
     }
 

@@ -107,6 +107,11 @@ impl LiveDisk {
         f()
     }
 
+    /// Blocks copied up from lower layers since the export started (every generation).
+    pub fn copy_ups(&self) -> u64 {
+        self.generations().iter().map(|d| d.copy_ups()).sum()
+    }
+
     /// Every generation's disk, oldest first.
     fn generations(&self) -> Vec<&Disk> {
         let mut v = vec![&self.first.disk];

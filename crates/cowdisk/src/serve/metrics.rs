@@ -61,9 +61,14 @@ fn answer(mut s: TcpStream, control: &Control) -> std::io::Result<()> {
 
 /// Every export's counters, Prometheus text format.
 pub fn render(control: &Control) -> String {
-    let mut out = String::new();
-    for t in control.list() {
-        t.live.stats.prometheus(&t.name, &mut out);
-    }
-    out
+    let list = control.list();
+    let exports: Vec<(&str, &super::stats::Stats)> = list
+        .iter()
+        .map(|t| (t.name.as_str(), &t.live.stats))
+        .collect();
+    let copy_ups = list.iter().map(|t| t.live.copy_ups()).collect();
+    super::stats::prometheus(
+        &exports,
+        &[("copy_ups", "blocks copied up from lower layers", copy_ups)],
+    )
 }

@@ -129,27 +129,62 @@ impl Stats {
         v
     }
 
-    /// The counters in Prometheus text format, labelled with the export's name.
-    pub fn prometheus(&self, export: &str, out: &mut String) {
-        let label = export.replace('\\', "\\\\").replace('"', "\\\"");
-        for (name, help, n) in self.counters() {
-            let _ = writeln!(out, "# HELP cowdisk_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE cowdisk_{name}_total counter");
-            let _ = writeln!(out, "cowdisk_{name}_total{{export=\"{label}\"}} {n}");
+    /// `(quantile label, microseconds)` of the latency percentiles reported.
+    pub fn quantiles(&self) -> [(&'static str, u64); 3] {
+        [
+            ("0.5", self.percentile(0.50)),
+            ("0.9", self.percentile(0.90)),
+            ("0.99", self.percentile(0.99)),
+        ]
+    }
+}
+
+/// Exports' counters in Prometheus text format: one family per counter (HELP and TYPE
+/// once), a sample per export labelled with its name; `extra` adds counters kept
+/// elsewhere, as `(name, help, value per export)`.
+pub fn prometheus(exports: &[(&str, &Stats)], extra: &[(&str, &str, Vec<u64>)]) -> String {
+    let mut out = String::new();
+    let label = |n: &str| {
+        n.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let rows: Vec<_> = exports
+        .iter()
+        .map(|(n, s)| (label(n), s.counters()))
+        .collect();
+    let families = exports.first().map_or(0, |(_, s)| s.counters().len());
+    for f in 0..families {
+        let (name, help, _) = rows[0].1[f];
+        let _ = writeln!(out, "# HELP cowdisk_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE cowdisk_{name}_total counter");
+        for (l, c) in &rows {
+            let _ = writeln!(out, "cowdisk_{name}_total{{export=\"{l}\"}} {}", c[f].2);
         }
+    }
+    for (name, help, values) in extra {
+        let _ = writeln!(out, "# HELP cowdisk_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE cowdisk_{name}_total counter");
+        for ((l, _), v) in rows.iter().zip(values) {
+            let _ = writeln!(out, "cowdisk_{name}_total{{export=\"{l}\"}} {v}");
+        }
+    }
+    if !exports.is_empty() {
         let _ = writeln!(
             out,
             "# HELP cowdisk_latency_us request latency percentiles (microseconds, upper bound)"
         );
         let _ = writeln!(out, "# TYPE cowdisk_latency_us gauge");
-        for (q, v) in [("0.5", 0.50), ("0.9", 0.90), ("0.99", 0.99)] {
-            let p = self.percentile(v);
+    }
+    for ((l, _), (_, s)) in rows.iter().zip(exports) {
+        for (q, p) in s.quantiles() {
             let _ = writeln!(
                 out,
-                "cowdisk_latency_us{{export=\"{label}\",quantile=\"{q}\"}} {p}"
+                "cowdisk_latency_us{{export=\"{l}\",quantile=\"{q}\"}} {p}"
             );
         }
     }
+    out
 }
 
 #[cfg(test)]
