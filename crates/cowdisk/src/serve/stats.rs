@@ -205,11 +205,21 @@ mod tests {
         assert_eq!(v["bytes_read"], 0, "failed reads move no bytes");
         assert_eq!(v["errors"], 1);
         assert!(v["latency_us"]["p99"].as_u64().unwrap() >= 1);
-        let mut text = String::new();
-        s.prometheus("a\"b", &mut text);
+        let other = Stats::default();
+        let text = prometheus(
+            &[("a\"b", &s), ("c", &other)],
+            &[("x", "x things", vec![7, 8])],
+        );
         assert!(
             text.contains("cowdisk_writes_total{export=\"a\\\"b\"} 1"),
             "{text}"
         );
+        assert!(
+            text.contains("cowdisk_writes_total{export=\"c\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("cowdisk_x_total{export=\"c\"} 8"), "{text}");
+        let families = text.matches("# TYPE cowdisk_writes_total").count();
+        assert_eq!(families, 1, "{text}");
     }
 }
