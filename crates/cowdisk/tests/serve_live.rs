@@ -1,6 +1,6 @@
 //! Live disks: the control socket of `cowdisk serve` (info, map, stats, exports through the
-//! server) and live snapshots taken while clients write, checked against the writes each
-//! client saw acknowledged.
+//! server) and live snapshots (and squashes) taken while clients write, checked against the
+//! writes each client saw acknowledged.
 
 #[path = "../../cowdisk-nbd/tests/client/mod.rs"]
 mod client;
@@ -177,7 +177,7 @@ fn live_snapshots_hold_exactly_the_writes_acknowledged_before_them() {
 }
 
 #[test]
-fn fio_verify_with_live_snapshots() {
+fn fio_verify_with_live_snapshots_and_squashes() {
     if !have_tool("fio") {
         return;
     }
@@ -215,10 +215,16 @@ fn fio_verify_with_live_snapshots() {
             o
         })
     };
-    let mut n = 0;
+    let (mut n, mut squashes) = (0, 0);
     while !done.load(SeqCst) && n < 40 {
-        let snap = t.0.join(format!("snap{n}.cow"));
-        cowdisk_ok(&["snapshot", s(&vm1), s(&snap), "-q"]);
+        if n % 4 == 3 {
+            // Online squash of the layers below the top, in the middle of the run.
+            cowdisk_ok(&["squash", s(&vm1), "-q"]);
+            squashes += 1;
+        } else {
+            let snap = t.0.join(format!("snap{n}.cow"));
+            cowdisk_ok(&["snapshot", s(&vm1), s(&snap), "-q"]);
+        }
         n += 1;
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -230,6 +236,7 @@ fn fio_verify_with_live_snapshots() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(n >= 2, "snapshots were taken while fio ran ({n})");
+    eprintln!("{n} chain changes during fio, {squashes} of them squashes");
     let stats = cowdisk_json(&["stats", s(&vm1)]);
     assert_eq!(stats["exports"][0]["errors"], 0, "{stats}");
     assert!(srv.stop().success());
