@@ -10,35 +10,27 @@
 //! stream of writes cannot starve a snapshot. Reads and block status take no gate: while
 //! the gate is held nothing changes, so they read the same from either disk.
 //!
-//! **Generations.** Zero-copy reads hand out file descriptors borrowed from the disk for
-//! as long as the reply is being sent, so a replaced disk cannot be dropped while the
-//! export serves. Disks are kept in an append-only list of generations and never freed
-//! before the export is: each live snapshot keeps its old top's file and map open (one
-//! descriptor and the map's memory, which the new chain's copy of that layer also costs).
-//! FUTURE: count the borrowers and release old generations.
+//! **Generations.** A replaced disk stays open until the export ends
+//! ([`super::generations`]): each chain change keeps the old top's file and map (one
+//! descriptor and the map's memory, which the new chain's copy of that layer also costs),
+//! up to [`MAX_GENERATIONS`] changes, after which they are refused until the server
+//! restarts. FUTURE: count the borrowers and release old generations.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use cowdisk_core::create::sync_folder;
 use cowdisk_core::{folder_of, Disk, LayerState, LowerCache};
 
+use super::generations::{Generations, MAX_GENERATIONS};
 use super::stats::Stats;
 use crate::error::{Error, Result};
 use crate::ops::{exists, reset, snapshot, squash};
 
-struct Generation {
-    disk: Disk,
-    next: OnceLock<Box<Generation>>,
-}
-
 /// A served image (see the module doc).
 pub struct LiveDisk {
-    first: Generation,
-    /// How many generations exist; the last one is current.
-    count: AtomicUsize,
+    disks: Generations,
     gate: RwLock<()>,
     /// One chain-changing operation at a time.
     op: Mutex<()>,
@@ -52,11 +44,7 @@ impl LiveDisk {
     /// Serves `disk`, opened from `image` with `cache`.
     pub fn new(disk: Disk, image: PathBuf, cache: Arc<LowerCache>) -> LiveDisk {
         LiveDisk {
-            first: Generation {
-                disk,
-                next: OnceLock::new(),
-            },
-            count: AtomicUsize::new(1),
+            disks: Generations::new(disk),
             gate: RwLock::new(()),
             op: Mutex::new(()),
             image,
@@ -70,21 +58,9 @@ impl LiveDisk {
         &self.image
     }
 
-    fn last(&self) -> &Generation {
-        let mut g = &self.first;
-        // Bounded by the number of live snapshots taken of this export.
-        for _ in 1..self.count.load(SeqCst) {
-            match g.next.get() {
-                Some(n) => g = n,
-                None => break,
-            }
-        }
-        g
-    }
-
     /// The disk requests go to now.
     pub fn current(&self) -> &Disk {
-        &self.last().disk
+        self.disks.current()
     }
 
     /// Held by every request that writes or flushes (see the module doc).
@@ -104,33 +80,33 @@ impl LiveDisk {
                 ))
             }
         };
+        // Checked before anything changes: a chain change whose new disk could not be
+        // served would leave the export refusing writes.
+        if self.disks.is_full() {
+            return Err(Error::invalid(
+                &self.image,
+                format!(
+                    "this export took {MAX_GENERATIONS} chain changes; restart the server \
+                     to release the old layers it keeps open"
+                ),
+            ));
+        }
         f()
     }
 
     /// Blocks copied up from lower layers since the export started (every generation).
     pub fn copy_ups(&self) -> u64 {
-        self.generations().iter().map(|d| d.copy_ups()).sum()
-    }
-
-    /// Every generation's disk, oldest first.
-    fn generations(&self) -> Vec<&Disk> {
-        let mut v = vec![&self.first.disk];
-        let mut g = &self.first;
-        while let Some(n) = g.next.get() {
-            v.push(&n.disk);
-            g = n;
-        }
-        v
+        self.disks.all().map(|d| d.copy_ups()).sum()
     }
 
     fn push(&self, disk: Disk) {
-        let g = self.last();
-        // Only `exclusive` callers push, so the last generation has no successor yet.
-        let _ = g.next.set(Box::new(Generation {
-            disk,
-            next: OnceLock::new(),
-        }));
-        self.count.fetch_add(1, SeqCst);
+        // `exclusive` checked there is room, and only its callers push.
+        if !self.disks.push(disk) {
+            eprintln!(
+                "cowdisk: serve: {}: no room for the new chain's disk",
+                self.image.display()
+            );
+        }
     }
 
     /// Live squash (see [`live_squash`]). Call inside [`LiveDisk::exclusive`].
@@ -196,7 +172,7 @@ impl LiveDisk {
         let res = snapshot::steps(cur, &image, snap, &pending, reference, &mut || {
             // After a live squash older generations hold the same top file (one of them
             // its exclusive lock): all of them must let go of exclusivity.
-            for d in self.generations() {
+            for d in self.disks.all() {
                 if same_file(d, cur) {
                     share_sealed_lock(d)?;
                 }

@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::size::parse_size;
 
 mod adapter;
+mod generations;
 mod live;
 mod metrics;
 mod process;
