@@ -149,3 +149,37 @@ fn check_of_a_served_image_goes_through_its_server() {
     );
     assert!(srv.stop().success());
 }
+
+#[test]
+fn explicit_control_socket_and_default_paths_taken() {
+    let t = TempDir::new();
+    let vm1 = chain(&t.0, "4M");
+    let ctl = t.0.join("ctl.sock");
+    let mut srv = Serve::start(&vm1, &["--control", s(&ctl)], &[]);
+    assert!(!control_socket(&vm1).exists(), "only the socket asked for");
+    let v = cowdisk_json(&["exports", s(&ctl)]);
+    assert_eq!(v["exports"][0]["name"], "vm1.cow");
+    // The CLI does not find this server by the image's path: the files are in use.
+    let o = cowdisk(&["info", s(&vm1)]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
+    assert!(srv.stop().success());
+    assert!(!ctl.exists());
+    // An explicit path that is not a socket is refused; nothing is served.
+    std::fs::write(&ctl, b"keep").unwrap();
+    let o = cowdisk(&[
+        "serve",
+        s(&vm1),
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        s(&ctl),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a socket"));
+    // A default path taken by something else: served without it, which is left alone.
+    std::fs::write(control_socket(&vm1), b"keep").unwrap();
+    let mut srv = Serve::start(&vm1, &[], &[]);
+    assert!(srv.stop().success());
+    assert_eq!(std::fs::read(control_socket(&vm1)).unwrap(), b"keep");
+    assert_eq!(std::fs::read(&ctl).unwrap(), b"keep");
+}
