@@ -283,16 +283,26 @@ fn meta_context<W: Write>(
     };
     let backend = &cx.exports.get(export).backend;
     let mut found = MetaContexts::default();
-    let mut bitmaps = Vec::new();
+    // Each bitmap at most once, however many queries name it: the reply stays bounded by
+    // the export's bitmaps.
+    let mut all_bitmaps = queries.is_empty() && !set;
+    let mut named: Vec<String> = Vec::new();
     for q in &queries {
         found.add_query(q, set);
-        bitmaps.extend(bitmap_query(&**backend, q, set));
+        match bitmap_query(&**backend, q, set) {
+            BitmapQuery::All => all_bitmaps = true,
+            BitmapQuery::One(n) if !named.contains(&n) => named.push(n),
+            BitmapQuery::One(_) | BitmapQuery::None => {}
+        }
     }
     if queries.is_empty() && !set {
         found = MetaContexts::ALL;
-        bitmaps = backend.dirty_bitmaps();
     }
-    bitmaps.dedup();
+    let mut bitmaps = if all_bitmaps {
+        backend.dirty_bitmaps()
+    } else {
+        named
+    };
     if set {
         // One bitmap per connection (qemu and libnbd ask for one at a time).
         bitmaps.truncate(1);
@@ -317,17 +327,22 @@ fn meta_context<W: Write>(
     s.write_all(&out)
 }
 
+enum BitmapQuery {
+    None,
+    All,
+    One(String),
+}
+
 /// The dirty bitmaps one query names: `qemu:dirty-bitmap:NAME` that exists; for LIST
 /// also `qemu:dirty-bitmap:` and `qemu:` (every bitmap).
-fn bitmap_query(backend: &dyn crate::Backend, q: &[u8], set: bool) -> Vec<String> {
+fn bitmap_query(backend: &dyn crate::Backend, q: &[u8], set: bool) -> BitmapQuery {
     match q.strip_prefix(DIRTY_BITMAP_PREFIX) {
-        Some([]) if !set => backend.dirty_bitmaps(),
+        Some([]) if !set => BitmapQuery::All,
         Some(name) => std::str::from_utf8(name)
             .ok()
             .filter(|n| backend.dirty_bitmap_key(n).is_some())
-            .map(|n| vec![n.to_string()])
-            .unwrap_or_default(),
-        None if q == b"qemu:" && !set => backend.dirty_bitmaps(),
-        None => Vec::new(),
+            .map_or(BitmapQuery::None, |n| BitmapQuery::One(n.to_string())),
+        None if q == b"qemu:" && !set => BitmapQuery::All,
+        None => BitmapQuery::None,
     }
 }

@@ -101,6 +101,17 @@ fn listing_selecting_and_querying_dirty_bitmaps() {
     assert_eq!(ns, ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"]);
     let one = names(&mut c, opt::LIST_META_CONTEXT, &["qemu:dirty-bitmap:b"]);
     assert_eq!(one, ["qemu:dirty-bitmap:b"]);
+    // Repeated queries list each context once.
+    let many = vec!["qemu:"; 300];
+    let listed = names(&mut c, opt::LIST_META_CONTEXT, &many);
+    assert_eq!(
+        listed,
+        [
+            "qemu:allocation-depth",
+            "qemu:dirty-bitmap:a",
+            "qemu:dirty-bitmap:b"
+        ]
+    );
     let none = names(&mut c, opt::LIST_META_CONTEXT, &["qemu:dirty-bitmap:zz"]);
     assert!(none.is_empty());
     // SET with an unknown bitmap or a bare namespace selects nothing of it.
