@@ -243,3 +243,59 @@ fn fio_verify_with_live_snapshots_and_squashes() {
     let check = cowdisk_json(&["check", s(&vm1)]);
     assert_eq!(check["result"], "clean", "{check}");
 }
+
+#[test]
+fn readers_see_the_same_disk_across_live_snapshots() {
+    if !(have_tool("nbdcopy") && have_tool("qemu-io")) {
+        return;
+    }
+    let t = TempDir::new();
+    let vm1 = chain(&t.0, "32M");
+    let mut srv = Serve::start(&vm1, &[], &[]);
+    let uri = srv.uri("vm1.cow");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5c 0 16M",
+            "-c",
+            "write -P 0x3d 20M 4M",
+            &uri,
+        ],
+        60,
+    );
+    let mut want = vec![0u8; 32 << 20];
+    want[..16 << 20].fill(0x5c);
+    want[20 << 20..24 << 20].fill(0x3d);
+    let stop = Arc::new(AtomicBool::new(false));
+    let snapper = {
+        let (stop, vm1, dir) = (stop.clone(), vm1.clone(), t.0.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(SeqCst) && n < 30 {
+                let snap = dir.join(format!("r{n}.cow"));
+                cowdisk_ok(&["snapshot", s(&vm1), s(&snap), "-q"]);
+                n += 1;
+            }
+            n
+        })
+    };
+    // Whole-disk copies (zero-copy reads, 4 connections) while the chain changes under them.
+    let out = t.0.join("copy.raw");
+    for _ in 0..4 {
+        let _ = std::fs::remove_file(&out);
+        run_ok("nbdcopy", &[&uri, s(&out)], 120);
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "a copy read something else"
+        );
+    }
+    stop.store(true, SeqCst);
+    let n = snapper.join().unwrap();
+    assert!(n >= 1);
+    let stats = cowdisk_json(&["stats", s(&vm1)]);
+    assert_eq!(stats["exports"][0]["errors"], 0, "{stats}");
+    assert!(srv.stop().success());
+}
