@@ -108,6 +108,38 @@ fn add_and_remove_exports_live() {
     let v = cowdisk_json(&["exports", s(&sock), "--remove", "snap1.cow", "--close"]);
     assert_eq!(names(&v), ["vm1.cow"]);
     assert!(c.is_closed(), "its connection was closed");
+    // A writable image added live gets its control socket beside it: commands on it
+    // reach this server; once removed, its lock and socket are gone.
+    let vm2 = t.0.join("vm2.cow");
+    cowdisk_ok(&[
+        "create",
+        s(&vm2),
+        "--backing",
+        s(&t.0.join("base.cow")),
+        "-q",
+    ]);
+    cowdisk_ok(&["exports", s(&sock), "--add", s(&vm2)]);
+    assert!(control_socket(&vm2).exists());
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 64k",
+            &srv.uri("vm2.cow"),
+        ],
+        60,
+    );
+    cowdisk_ok(&["snapshot", s(&vm2), s(&t.0.join("vm2s.cow")), "-q"]);
+    assert_eq!(
+        cowdisk_json(&["stats", s(&vm2)])["exports"][0]["snapshots"],
+        1
+    );
+    cowdisk_ok(&["exports", s(&sock), "--remove", "vm2.cow"]);
+    assert!(!control_socket(&vm2).exists());
+    let info = cowdisk_json(&["info", s(&vm2)]);
+    assert_eq!(info["depth"], 3, "opened offline: the server let it go");
     // The served image never noticed.
     run_ok(
         "qemu-io",

@@ -17,7 +17,7 @@ const MAX_WAIT_SECS: u64 = 3600;
 
 /// `add_export`: `image` (absolute path), optional `name` (default: its file name) and
 /// `read_only` (default false; a sealed snapshot must be read-only).
-pub fn add(control: &Control, req: &Value) -> Result<Value, Failure> {
+pub fn add(control: &Arc<Control>, req: &Value) -> Result<Value, Failure> {
     let image = req
         .get("image")
         .and_then(Value::as_str)
@@ -63,6 +63,14 @@ pub fn add(control: &Control, req: &Value) -> Result<Value, Failure> {
         name: name.clone(),
         live,
     });
+    // Like the images `serve` was given, the image gets its control socket beside it
+    // (unless --control chose one socket for all), so commands on it find this server.
+    if !control.single_socket() {
+        let sock = super::default_socket(image);
+        if let Err(e) = control.open_socket(&sock, Some(name.clone())) {
+            eprintln!("cowdisk: warning: no control socket: {e}");
+        }
+    }
     Ok(json!({ "name": name, "read_only": read_only }))
 }
 

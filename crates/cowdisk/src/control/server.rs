@@ -48,6 +48,10 @@ pub fn spawn(listener: UnixListener, control: Arc<Control>, default: Option<Stri
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         for stream in listener.incoming() {
+            if default.as_deref().is_some_and(|n| !control.has_export(n)) {
+                // Its export was removed (and the socket file with it).
+                return;
+            }
             let Ok(stream) = stream else { continue };
             let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
             if active.fetch_add(1, SeqCst) >= MAX_CONNECTIONS {
@@ -102,7 +106,7 @@ fn read_line(r: &mut impl BufRead) -> Line {
     }
 }
 
-fn serve_connection(stream: UnixStream, control: &Control, default: Option<&str>) {
+fn serve_connection(stream: UnixStream, control: &Arc<Control>, default: Option<&str>) {
     let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let Ok(read_half) = stream.try_clone() else {
         return;
@@ -129,7 +133,7 @@ fn serve_connection(stream: UnixStream, control: &Control, default: Option<&str>
 }
 
 /// Parses and runs one request line; the reply to send.
-pub fn answer(bytes: &[u8], control: &Control, default: Option<&str>) -> Value {
+pub fn answer(bytes: &[u8], control: &Arc<Control>, default: Option<&str>) -> Value {
     let req: Value = match serde_json::from_slice(bytes) {
         Ok(v) => v,
         Err(e) => return reply(&Value::Null, Err(Failure::new("bad_json", e.to_string()))),

@@ -196,9 +196,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }
-    for path in controls {
-        let _ = std::fs::remove_file(path);
-    }
+    controls.remove_sockets();
     res
 }
 
@@ -211,7 +209,7 @@ fn start_control(
     exports: Vec<Target>,
     handle: cowdisk_nbd::ExportsHandle,
     cache: Arc<LowerCache>,
-) -> crate::error::Result<Vec<PathBuf>> {
+) -> crate::error::Result<Arc<Control>> {
     let images: Vec<(PathBuf, String)> = exports
         .iter()
         .map(|t| (t.live.image().to_path_buf(), t.name.clone()))
@@ -221,17 +219,13 @@ fn start_control(
         let local = metrics::start(addr, control.clone())?;
         eprintln!("cowdisk: metrics at http://{local}/metrics");
     }
-    let mut made = Vec::new();
     for (path, default) in control_server::socket_paths(&images, args.control.as_deref()) {
         let explicit = default.is_none();
-        match control_server::bind(&path) {
-            Ok(l) => {
-                control_server::spawn(l, control.clone(), default);
-                made.push(path);
-            }
+        match control.open_socket(&path, default) {
+            Ok(()) => {}
             Err(e) if explicit => return Err(e),
             Err(e) => eprintln!("cowdisk: warning: no control socket: {e}"),
         }
     }
-    Ok(made)
+    Ok(control)
 }
