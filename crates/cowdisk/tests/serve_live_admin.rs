@@ -183,3 +183,30 @@ fn explicit_control_socket_and_default_paths_taken() {
     assert_eq!(std::fs::read(control_socket(&vm1)).unwrap(), b"keep");
     assert_eq!(std::fs::read(&ctl).unwrap(), b"keep");
 }
+
+/// Descriptors the process holds.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn chain_changes_cost_the_server_one_descriptor_each() {
+    let t = TempDir::new();
+    let vm1 = chain(&t.0, "4M");
+    let mut srv = Serve::start(&vm1, &[], &[]);
+    let pid = srv.child.id();
+    let before = fds(pid);
+    for n in 0..60 {
+        cowdisk_ok(&["snapshot", s(&vm1), s(&t.0.join(format!("s{n}.cow"))), "-q"]);
+    }
+    cowdisk_ok(&["squash", s(&vm1), "-q"]);
+    cowdisk_ok(&["reset", s(&vm1), "-q"]);
+    let after = fds(pid);
+    // Each change keeps its new top open; the parents are shared, never reopened (which
+    // would grow with the square of the changes and hit the descriptor limit).
+    assert!(after <= before + 62 + 4, "{before} -> {after} descriptors");
+    assert_eq!(cowdisk_json(&["info", s(&vm1)])["depth"], 2);
+    assert!(srv.stop().success());
+}

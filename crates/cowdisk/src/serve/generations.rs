@@ -12,9 +12,11 @@ use std::sync::OnceLock;
 
 use cowdisk_core::Disk;
 
-const CHUNK: usize = 64;
+const CHUNK: usize = 32;
 /// Disks an export can have served (its first included) before chain changes are
-/// refused until the server restarts.
+/// refused until the server restarts. Each kept disk costs its top's descriptor and map
+/// and its chain's resolved map (2 bytes per block the sealed layers hold, shared when the
+/// sealed part did not change, as after a reset).
 pub const MAX_GENERATIONS: usize = CHUNK * CHUNK;
 
 /// One chunk of slots, made when first needed.

@@ -24,6 +24,7 @@ use cowdisk_core::create::sync_folder;
 use cowdisk_core::{folder_of, Disk, LayerState, LowerCache};
 
 use super::generations::{Generations, MAX_GENERATIONS};
+use super::reuse::Reusing;
 use super::stats::Stats;
 use crate::error::{Error, Result};
 use crate::ops::{exists, reset, snapshot, squash};
@@ -86,7 +87,7 @@ impl LiveDisk {
             return Err(Error::invalid(
                 &self.image,
                 format!(
-                    "this export took {MAX_GENERATIONS} chain changes; restart the server \
+                    "this export reached {MAX_GENERATIONS} disks (chain changes); restart the server \
                      to release the old layers it keeps open"
                 ),
             ));
@@ -97,6 +98,15 @@ impl LiveDisk {
     /// Blocks copied up from lower layers since the export started (every generation).
     pub fn copy_ups(&self) -> u64 {
         self.disks.all().map(|d| d.copy_ups()).sum()
+    }
+
+    /// How the next chain is opened: sharing lowers through the cache, reusing the files
+    /// `cur` has open ([`Reusing`]).
+    fn next_chain_options(&self, cur: &Disk) -> cowdisk_core::OpenOptions {
+        let source = Arc::new(Reusing::over(crate::layer_source(), cur));
+        crate::open_options()
+            .cache(self.cache.clone())
+            .source(source)
     }
 
     fn push(&self, disk: Disk) {
@@ -145,8 +155,7 @@ impl LiveDisk {
         let cur = self.current();
         let mut opened: Option<Disk> = None;
         let new = reset::steps(cur, &self.image, &mut |tmp| {
-            let opts = crate::open_options().cache(self.cache.clone());
-            let mut d = Disk::open(tmp, &opts)?;
+            let mut d = Disk::open(tmp, &self.next_chain_options(cur))?;
             d.set_top_path(self.image.clone());
             opened = Some(d);
             Ok(())
@@ -177,8 +186,7 @@ impl LiveDisk {
                     share_sealed_lock(d)?;
                 }
             }
-            let opts = crate::open_options().cache(self.cache.clone());
-            let mut d = Disk::open(&pending, &opts)?;
+            let mut d = Disk::open(&pending, &self.next_chain_options(cur))?;
             d.set_top_path(image.clone());
             opened = Some(d);
             Ok(())
@@ -213,9 +221,7 @@ fn live_squash(
     cur.flush().map_err(|e| Error::disk(&live.image, e))?;
     let done = squash::commit(cur, &live.image, built)?;
     // This process keeps the top's lock through the current disk's file all along.
-    let opts = crate::open_options()
-        .cache(live.cache.clone())
-        .top_locked_by_caller();
+    let opts = live.next_chain_options(cur).top_locked_by_caller();
     match Disk::open(&live.image, &opts) {
         Ok(d) => live.push(d),
         Err(e) => {

@@ -20,6 +20,7 @@ mod generations;
 mod live;
 mod metrics;
 mod process;
+mod reuse;
 pub mod stats;
 
 pub use adapter::DiskBackend;
