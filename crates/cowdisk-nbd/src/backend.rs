@@ -79,6 +79,16 @@ pub struct Extent {
     pub depth: u32,
 }
 
+/// One run of bytes of a dirty bitmap (`qemu:dirty-bitmap:NAME`), as reported by
+/// [`Backend::dirty_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyExtent {
+    /// Length in bytes; must be non-zero.
+    pub length: u64,
+    /// The bytes may have changed since the bitmap's checkpoint (wire flag 1).
+    pub dirty: bool,
+}
+
 /// Where part of a read's bytes are (see [`Backend::read_pieces`]).
 #[derive(Debug, Clone, Copy)]
 pub enum ReadPiece<'a> {
@@ -145,4 +155,31 @@ pub trait Backend: Send + Sync {
         len: u64,
         out: &mut Vec<Extent>,
     ) -> Result<(), BackendError>;
+    /// Names of the dirty bitmaps offered as metadata contexts `qemu:dirty-bitmap:NAME`
+    /// (qemu's semantics: flag 1 = changed since the bitmap's checkpoint). Default: none.
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// A key for bitmap `name` that stays valid while the export serves (a connection keeps
+    /// it from negotiation on), or `None` if there is no such bitmap.
+    fn dirty_bitmap_key(&self, name: &str) -> Option<u64> {
+        let _ = name;
+        None
+    }
+    /// Appends extents covering at least `[offset, offset+1)` and at most
+    /// `[offset, offset+len)`, in order, contiguous, saying which changed since the
+    /// checkpoint of the bitmap with `key`.
+    fn dirty_status(
+        &self,
+        key: u64,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<DirtyExtent>,
+    ) -> Result<(), BackendError> {
+        let _ = (key, offset, len, out);
+        Err(BackendError::new(
+            BackendErrorKind::Invalid,
+            "no dirty bitmaps on this export",
+        ))
+    }
 }

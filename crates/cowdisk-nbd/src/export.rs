@@ -9,10 +9,14 @@ use crate::Backend;
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 /// Context id of `qemu:allocation-depth`.
 pub(crate) const ALLOCATION_DEPTH_ID: u32 = 2;
+/// Context id of the one `qemu:dirty-bitmap:NAME` a connection may select.
+pub(crate) const DIRTY_BITMAP_ID: u32 = 3;
+pub(crate) const DIRTY_BITMAP_PREFIX: &[u8] = b"qemu:dirty-bitmap:";
 pub(crate) const BASE_ALLOCATION: &str = "base:allocation";
 pub(crate) const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// One named export.
+#[derive(Clone)]
 pub(crate) struct Export {
     pub name: String,
     pub description: Option<String>,
@@ -91,6 +95,29 @@ impl Exports {
     pub fn iter(&self) -> impl Iterator<Item = &Export> {
         self.list.iter()
     }
+
+    /// The same table with `export` added.
+    pub fn with(&self, export: Export) -> Exports {
+        let mut list = self.list.clone();
+        list.push(export);
+        Exports {
+            list,
+            default: self.default,
+        }
+    }
+
+    /// The same table without the export `name` (and without a default if it was that).
+    pub fn without(&self, name: &str) -> Exports {
+        let default = self.default.map(|i| self.list[i].name.clone());
+        let list: Vec<Export> = self
+            .list
+            .iter()
+            .filter(|e| e.name != name)
+            .cloned()
+            .collect();
+        let default = default.and_then(|d| list.iter().position(|e| e.name == d));
+        Exports { list, default }
+    }
 }
 
 /// Which metadata contexts are selected (or matched by a LIST query).
@@ -98,12 +125,15 @@ impl Exports {
 pub(crate) struct MetaContexts {
     pub base_allocation: bool,
     pub allocation_depth: bool,
+    /// The selected dirty bitmap: the backend's key for it (SET only; one per connection).
+    pub dirty_bitmap: Option<u64>,
 }
 
 impl MetaContexts {
     pub const ALL: Self = Self {
         base_allocation: true,
         allocation_depth: true,
+        dirty_bitmap: None,
     };
 
     /// Applies one query. LIST also accepts bare namespaces (`base:` → all of `base:`);
@@ -119,10 +149,10 @@ impl MetaContexts {
     }
 
     pub fn any(&self) -> bool {
-        self.base_allocation || self.allocation_depth
+        self.base_allocation || self.allocation_depth || self.dirty_bitmap.is_some()
     }
 
-    /// `(id, name)` of every selected context, in a fixed order.
+    /// `(id, name)` of the selected fixed contexts (not the dirty bitmap), in a fixed order.
     pub fn entries(&self) -> impl Iterator<Item = (u32, &'static str)> {
         let base = self
             .base_allocation

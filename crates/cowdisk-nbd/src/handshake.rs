@@ -6,7 +6,7 @@
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::export::{Exports, MetaContexts};
+use crate::export::{Exports, MetaContexts, DIRTY_BITMAP_ID, DIRTY_BITMAP_PREFIX};
 use crate::wire::{self, client_flags, info, opt, rep, Cursor, OptionHeader};
 use crate::Limits;
 
@@ -267,25 +267,53 @@ fn meta_context<W: Write>(
         let name_len = c.u32()? as usize;
         let name = c.bytes(name_len)?;
         let nq = c.u32()?;
-        let mut found = MetaContexts::default();
+        // Each query takes at least its 4-byte length, so the option length bounds this.
+        let mut queries = Vec::new();
         for _ in 0..nq {
             let qlen = c.u32()? as usize;
-            let q = c.bytes(qlen)?;
-            found.add_query(q, set);
+            queries.push(c.bytes(qlen)?);
         }
-        if nq == 0 && !set {
-            found = MetaContexts::ALL;
-        }
-        (c.remaining() == 0).then_some((name, found))
+        (c.remaining() == 0).then_some((name, queries))
     })();
-    let Some((name, found)) = parsed else {
+    let Some((name, queries)) = parsed else {
         return reply(s, option, rep::ERR_INVALID, b"malformed request");
     };
     let Some(export) = cx.exports.find(name) else {
         return reply(s, option, rep::ERR_UNKNOWN, b"unknown export");
     };
+    let backend = &cx.exports.get(export).backend;
+    let mut found = MetaContexts::default();
+    // Each bitmap at most once, however many queries name it: the reply stays bounded by
+    // the export's bitmaps.
+    let mut all_bitmaps = queries.is_empty() && !set;
+    let mut named: Vec<String> = Vec::new();
+    for q in &queries {
+        found.add_query(q, set);
+        match bitmap_query(&**backend, q, set) {
+            BitmapQuery::All => all_bitmaps = true,
+            BitmapQuery::One(n) if !named.contains(&n) => named.push(n),
+            BitmapQuery::One(_) | BitmapQuery::None => {}
+        }
+    }
+    if queries.is_empty() && !set {
+        found = MetaContexts::ALL;
+    }
+    let mut bitmaps = if all_bitmaps {
+        backend.dirty_bitmaps()
+    } else {
+        named
+    };
+    if set {
+        // One bitmap per connection (qemu and libnbd ask for one at a time).
+        bitmaps.truncate(1);
+        found.dirty_bitmap = bitmaps.first().and_then(|n| backend.dirty_bitmap_key(n));
+    }
     let mut out = Vec::new();
-    for (id, ctx_name) in found.entries() {
+    let bitmap_entries = bitmaps
+        .iter()
+        .map(|n| (DIRTY_BITMAP_ID, format!("qemu:dirty-bitmap:{n}")));
+    let fixed = found.entries().map(|(id, n)| (id, n.to_string()));
+    for (id, ctx_name) in fixed.chain(bitmap_entries) {
         let mut p = Vec::with_capacity(4 + ctx_name.len());
         wire::put_u32(&mut p, if set { id } else { 0 });
         p.extend_from_slice(ctx_name.as_bytes());
@@ -297,4 +325,24 @@ fn meta_context<W: Write>(
         st.contexts_export = Some(export);
     }
     s.write_all(&out)
+}
+
+enum BitmapQuery {
+    None,
+    All,
+    One(String),
+}
+
+/// The dirty bitmaps one query names: `qemu:dirty-bitmap:NAME` that exists; for LIST
+/// also `qemu:dirty-bitmap:` and `qemu:` (every bitmap).
+fn bitmap_query(backend: &dyn crate::Backend, q: &[u8], set: bool) -> BitmapQuery {
+    match q.strip_prefix(DIRTY_BITMAP_PREFIX) {
+        Some([]) if !set => BitmapQuery::All,
+        Some(name) => std::str::from_utf8(name)
+            .ok()
+            .filter(|n| backend.dirty_bitmap_key(n).is_some())
+            .map_or(BitmapQuery::None, |n| BitmapQuery::One(n.to_string())),
+        None if q == b"qemu:" && !set => BitmapQuery::All,
+        None => BitmapQuery::None,
+    }
 }

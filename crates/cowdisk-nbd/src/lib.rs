@@ -43,6 +43,7 @@ mod budget;
 mod export;
 mod handshake;
 mod limits;
+mod live_exports;
 pub mod mem;
 mod payload;
 mod reply;
@@ -53,6 +54,9 @@ mod transmission;
 mod validate;
 pub mod wire;
 
-pub use backend::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, ZeroFlags};
+pub use backend::{
+    Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, ZeroFlags,
+};
 pub use limits::Limits;
+pub use live_exports::{ExportsHandle, RemoveClients};
 pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle};

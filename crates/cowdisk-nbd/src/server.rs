@@ -15,6 +15,7 @@ use thiserror::Error;
 use crate::budget::SharedBytes;
 use crate::export::{Export, Exports};
 use crate::handshake::{self, Outcome};
+use crate::live_exports::{ExportTable, ExportsHandle};
 use crate::reply::BufPool;
 use crate::stream::{Deadline, Stream};
 use crate::table::{Activity, Table};
@@ -31,7 +32,7 @@ pub enum ServerError {
     #[error("listener I/O failed")]
     Io(#[source] io::Error),
     /// The final flush of a writable export failed at shutdown.
-    #[error("flushing export {export:?} at shutdown failed")]
+    #[error("flushing export {export:?} failed (at shutdown or removal)")]
     Flush {
         /// Export name.
         export: String,
@@ -162,7 +163,10 @@ impl ServerBuilder {
         });
         Ok(Server {
             io,
-            exports: Arc::new(Exports::new(self.exports, default)),
+            exports: Arc::new(ExportTable::new(
+                Exports::new(self.exports, default),
+                self.limits.max_export_name,
+            )),
             listeners: self.listeners,
             limits: Arc::new(self.limits),
             shared: Arc::new(Shared {
@@ -184,14 +188,14 @@ enum RunState {
     Done,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     shutting_down: AtomicBool,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
     state: Mutex<RunState>,
     finished: Condvar,
     /// Live connections, so shutdown can end their blocking reads.
-    table: Table,
+    pub(crate) table: Table,
 }
 
 impl Shared {
@@ -239,7 +243,7 @@ impl ShutdownHandle {
 
 /// An NBD server over a fixed set of exports and listeners.
 pub struct Server {
-    exports: Arc<Exports>,
+    exports: Arc<ExportTable>,
     listeners: Vec<Listener>,
     limits: Arc<Limits>,
     shared: Arc<Shared>,
@@ -250,6 +254,14 @@ impl Server {
     /// Starts a builder.
     pub fn builder() -> ServerBuilder {
         ServerBuilder::default()
+    }
+
+    /// A handle that adds and removes exports while the server runs.
+    pub fn exports_handle(&self) -> ExportsHandle {
+        ExportsHandle {
+            table: self.exports.clone(),
+            shared: self.shared.clone(),
+        }
     }
 
     /// A handle that stops [`Server::serve`].
@@ -292,7 +304,7 @@ impl Server {
 
     fn flush_all(&self) -> Result<(), ServerError> {
         let mut result = Ok(());
-        for e in self.exports.iter() {
+        for e in self.exports.current().iter() {
             if e.backend.is_read_only() {
                 continue;
             }
@@ -367,7 +379,7 @@ impl Server {
         // Full of busy connections: dropping the new one closes it, so the cap holds even
         // under a connection flood.
         let (id, activity) = shared.table.admit(&s, self.limits.max_connections)?;
-        let (exports, limits, sh) = (self.exports.clone(), self.limits.clone(), shared.clone());
+        let (table, limits, sh) = (self.exports.clone(), self.limits.clone(), shared.clone());
         let io = self.io.clone();
         let spawned = thread::Builder::new()
             .name("nbd-conn".into())
@@ -378,7 +390,15 @@ impl Server {
                     stream: &s,
                     id,
                 };
-                connection(&s, &exports, &limits, &sh.shutting_down, &io, &activity);
+                let exports = table.current();
+                let cx = ConnEnv {
+                    table: &table,
+                    limits: &limits,
+                    shutting_down: &sh.shutting_down,
+                    io: &io,
+                    activity: &activity,
+                };
+                connection(&s, &exports, &cx);
             });
         match spawned {
             Ok(h) => Some(h),
@@ -404,14 +424,17 @@ impl Drop for Slot<'_> {
     }
 }
 
-fn connection(
-    s: &Stream,
-    exports: &Exports,
-    limits: &Limits,
-    shutting_down: &AtomicBool,
-    io: &transmission::ServerIo,
-    activity: &Activity,
-) {
+/// What a connection needs from the server besides its stream and export table.
+struct ConnEnv<'a> {
+    table: &'a ExportTable,
+    limits: &'a Limits,
+    shutting_down: &'a AtomicBool,
+    io: &'a transmission::ServerIo,
+    activity: &'a Activity,
+}
+
+fn connection(s: &Stream, exports: &Exports, env: &ConnEnv<'_>) {
+    let (limits, shutting_down) = (env.limits, env.shutting_down);
     if shutting_down.load(Ordering::SeqCst) {
         return;
     }
@@ -425,18 +448,23 @@ fn connection(
     let Ok(Outcome::Transmission(session)) = outcome else {
         return;
     };
+    let export = exports.get(session.export);
+    // Tag first, then look: a removal either sees the tag or is seen here.
+    env.activity.set_export(&export.name);
+    if !env.table.current().iter().any(|e| e.name == export.name) {
+        return;
+    }
     if s.set_read_timeout(None).is_err() || s.set_write_timeout(Some(limits.reply_timeout)).is_err()
     {
         return;
     }
-    let export = exports.get(session.export);
     let abort = || s.shutdown(Shutdown::Both);
     let cx = transmission::ConnCx {
         export,
         limits,
         abort: &abort,
-        io,
-        activity,
+        io: env.io,
+        activity: env.activity,
     };
     transmission::serve(Deadline::none(s), s, session, &cx);
 }

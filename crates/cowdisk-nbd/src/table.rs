@@ -24,6 +24,8 @@ pub(crate) struct Activity {
     /// When the connection last became idle, in nanoseconds since `epoch`.
     idle_since: AtomicU64,
     epoch: Instant,
+    /// The export the connection chose, once it did (so removing an export finds them).
+    export: Mutex<Option<String>>,
 }
 
 impl Activity {
@@ -32,6 +34,7 @@ impl Activity {
             busy: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             epoch,
+            export: Mutex::new(None),
         };
         a.touch();
         a
@@ -52,6 +55,19 @@ impl Activity {
             })
             .ok()?;
         Some(Busy(self))
+    }
+
+    /// Records the export the connection entered transmission on.
+    pub fn set_export(&self, name: &str) {
+        *self.export.lock().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
+    }
+
+    fn is_on(&self, name: &str) -> bool {
+        self.export
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            == Some(name)
     }
 
     /// Whether no request is in flight.
@@ -138,6 +154,24 @@ impl Table {
     /// Removes a connection (no-op if it was evicted).
     pub fn remove(&self, id: u64) {
         self.lock().remove(&id);
+    }
+
+    /// Closes every connection on export `name`; returns how many.
+    pub fn close_export(&self, name: &str) -> usize {
+        let conns = self.lock();
+        let on: Vec<&Entry> = conns.values().filter(|e| e.activity.is_on(name)).collect();
+        for e in &on {
+            e.stream.shutdown(Shutdown::Both);
+        }
+        on.len()
+    }
+
+    /// How many connections are on export `name`.
+    pub fn count_export(&self, name: &str) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| e.activity.is_on(name))
+            .count()
     }
 
     /// Ends every connection's reads (shutdown): replies can still be written.

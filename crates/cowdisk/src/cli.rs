@@ -110,6 +110,17 @@ Refused unless the new parent is the same layer (same UUID and seal digest)."
     /// get readahead. --record-trace FILE writes the blocks fetched on demand; --prefetch
     /// FILE fetches a recorded trace's blocks in the background at start.
     Serve(ServeArgs),
+    /// Request counters of a served image (through its server's control socket).
+    #[command(after_help = "Example:\n  cowdisk stats vm1.cow --json | jq .exports[0].writes")]
+    Stats(crate::cmd::live::StatsArgs),
+    /// List the exports of a running server, given its control socket.
+    #[command(after_help = "Example:\n  cowdisk exports .vm1.cow.control --json")]
+    Exports(crate::cmd::live::ExportsArgs),
+    /// Show the extents that may have changed since a snapshot (changed-block tracking).
+    #[command(
+        after_help = "Example:\n  cowdisk diff vm1.cow --since snap1.cow --json\n\nAn extent is listed when a layer above SNAPSHOT holds it (data or whiteout); the same\nextents are dirty in the NBD context qemu:dirty-bitmap:SNAPSHOT of `cowdisk serve`."
+    )]
+    Diff(crate::cmd::diff::DiffArgs),
     /// Upload the sealed layers of an image's chain to object storage.
     #[command(after_help = crate::cmd::remote::PUSH_HELP)]
     Push(PushArgs),
@@ -248,6 +259,10 @@ pub struct SquashArgs {
     /// How many sealed layers just below the top to merge (default: all).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub layers: Option<u32>,
+    /// Copy at most SIZE bytes of block data per second (K, M, G suffixes), leaving the
+    /// disk's bandwidth to the clients of a served image.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub rate: Option<u64>,
     /// Machine-readable output (schema in README.md, "JSON output").
     #[arg(long)]
     pub json: bool,

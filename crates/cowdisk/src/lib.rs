@@ -21,6 +21,7 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod control;
 pub mod error;
 pub mod failpoint;
 pub mod ops;

@@ -59,6 +59,7 @@ pub struct OpenOptions {
     source: Option<Arc<dyn LayerSource>>,
     metadata_limit: u64,
     kernel_copy: bool,
+    top_locked: bool,
 }
 
 /// Default cap on the memory an open chain's metadata may take (maps, resolution,
@@ -75,6 +76,7 @@ impl Default for OpenOptions {
             source: None,
             metadata_limit: DEFAULT_METADATA_LIMIT,
             kernel_copy: true,
+            top_locked: false,
         }
     }
 }
@@ -126,6 +128,14 @@ impl OpenOptions {
             return Ok(self);
         }
         Ok(self.source(Arc::new(LocalFiles::confined(roots)?)))
+    }
+    /// Opens the top without locking it because the caller already holds its lock through
+    /// another open file of the same process: a served image reopened in place (after a
+    /// live squash) must never let the lock go, or another process could take the top
+    /// between the two opens. Parents are locked as usual.
+    pub fn top_locked_by_caller(mut self) -> OpenOptions {
+        self.top_locked = true;
+        self
     }
     fn locking(&self) -> bool {
         !(self.force_share && self.access == Access::ReadOnly)
@@ -182,7 +192,8 @@ impl Disk {
     /// Opens the chain whose top is `path`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Disk, OpenError> {
         let path = path.as_ref();
-        let (file, top_id) = open_layer_file(path, opts.access, opts.locking())?;
+        let lock_top = opts.locking() && !opts.top_locked;
+        let (file, top_id) = open_layer_file(path, opts.access, lock_top)?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let (top, header) = load_top(storage, path, opts.access)?;
         let mut budget = Budget::new(opts.metadata_limit);

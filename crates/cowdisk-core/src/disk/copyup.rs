@@ -38,10 +38,15 @@ impl Disk {
         chunk: &[u8],
     ) -> Result<(), IoError> {
         let worth = self.reflink_likely || self.lower.layers[i].is_verified(b);
-        if worth && self.kernel_copy.load(SeqCst) && self.copy_up_in_kernel(b, i, within, chunk)? {
-            return Ok(());
+        if !(worth
+            && self.kernel_copy.load(SeqCst)
+            && self.copy_up_in_kernel(b, i, within, chunk)?)
+        {
+            self.copy_up_buffered(b, i, within, chunk)?;
         }
-        self.copy_up_buffered(b, i, within, chunk)
+        self.copy_ups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Verifies block `b` of lower layer `i` (once), then has the kernel copy the parts of

@@ -64,6 +64,11 @@ impl LowerLayer {
         &self.header
     }
 
+    /// The layer's storage (so a process can reuse what it has open, not reopen it).
+    pub fn storage(&self) -> &Arc<dyn ReadStorage> {
+        &self.storage
+    }
+
     pub(crate) fn is_verified(&self, b: u64) -> bool {
         let (c, w) = ((b / 64) / VERIFIED_CHUNK, (b / 64) % VERIFIED_CHUNK);
         self.no_crcs

@@ -70,6 +70,8 @@ pub struct Disk {
     kernel_copy: AtomicBool,
     /// The top is on a file system whose `copy_file_range` shares extents (XFS, btrfs).
     reflink_likely: bool,
+    /// Blocks copied up from a lower layer since the disk was opened (for statistics).
+    copy_ups: std::sync::atomic::AtomicU64,
 }
 
 /// True where `copy_file_range` shares extents instead of copying (XFS, btrfs).
@@ -121,6 +123,7 @@ impl Disk {
             copy_lock: Mutex::new(()),
             kernel_copy: AtomicBool::new(true),
             reflink_likely: reflink,
+            copy_ups: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -148,6 +151,12 @@ impl Disk {
     pub fn top_path(&self) -> &Path {
         &self.top.path
     }
+    /// Names the top by another path to the same file: a live snapshot opens the new top
+    /// under its pending name and then renames it over the image (messages and `info`
+    /// must name the image).
+    pub fn set_top_path(&mut self, path: PathBuf) {
+        self.top.path = path;
+    }
     /// Number of layers (top included).
     pub fn depth(&self) -> usize {
         self.lower.layers.len() + 1
@@ -164,6 +173,10 @@ impl Disk {
     /// always through a buffer (for comparing the two).
     pub fn set_kernel_copy(&self, on: bool) {
         self.kernel_copy.store(on, SeqCst);
+    }
+    /// Blocks copied up from a lower layer since the disk was opened.
+    pub fn copy_ups(&self) -> u64 {
+        self.copy_ups.load(SeqCst)
     }
     /// True once a sync failed: no flush succeeds until the disk is reopened.
     pub fn is_poisoned(&self) -> bool {

@@ -7,7 +7,7 @@ use cowdisk_core::{Access, Disk, Extent};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::output::{extent_name, human_size, layer_json, print_json, print_lines, state_name};
+use crate::output::{extent_name, human_size, layer_json, report, state_name};
 
 /// Extents are gathered this many blocks at a time (bounds memory on huge disks).
 const MAP_WINDOW_BLOCKS: u64 = 1 << 16;
@@ -24,33 +24,38 @@ pub(crate) fn open_ro(image: &Path, force_share: bool) -> Result<Disk> {
 /// `info`: every layer, top first.
 pub fn info(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
     let disk = open_ro(image, force_share)?;
+    let (json, lines) = info_report(&disk, &image.display().to_string());
+    report(json_out, || json, &lines);
+    Ok(())
+}
+
+/// What `info` prints about `disk` (opened from `image`): the JSON document and the
+/// human lines. Also answers `info` on a served image through its control socket.
+pub fn info_report(disk: &Disk, image: &str) -> (serde_json::Value, Vec<String>) {
     let layers = disk.layers();
-    if json_out {
-        let ls: Vec<_> = layers
-            .iter()
-            .map(|l| {
-                let mut v = layer_json(&l.path, &l.header);
-                // The counts come from the open chain; allocated_bytes from its handle.
-                v["data_blocks"] = json!(l.data_blocks);
-                v["whiteout_blocks"] = json!(l.zero_blocks);
-                v["allocated_bytes"] = json!(l.allocated_bytes);
-                v["needs_check"] = json!(l.header.flags & FLAG_NEEDS_CHECK != 0);
-                // Remote layers are objects (their data is fetched on demand).
-                v["remote"] = json!(cowdisk_remote::is_remote(&l.path.to_string_lossy()));
-                v
-            })
-            .collect();
-        print_json(&json!({
-            "image": image.display().to_string(),
-            "virtual_size": disk.size(),
-            "block_size": disk.block_size(),
-            "depth": layers.len(),
-            "layers": ls,
-        }));
-        return Ok(());
-    }
+    let ls: Vec<_> = layers
+        .iter()
+        .map(|l| {
+            let mut v = layer_json(&l.path, &l.header);
+            // The counts come from the open chain; allocated_bytes from its handle.
+            v["data_blocks"] = json!(l.data_blocks);
+            v["whiteout_blocks"] = json!(l.zero_blocks);
+            v["allocated_bytes"] = json!(l.allocated_bytes);
+            v["needs_check"] = json!(l.header.flags & FLAG_NEEDS_CHECK != 0);
+            // Remote layers are objects (their data is fetched on demand).
+            v["remote"] = json!(cowdisk_remote::is_remote(&l.path.to_string_lossy()));
+            v
+        })
+        .collect();
+    let doc = json!({
+        "image": image,
+        "virtual_size": disk.size(),
+        "block_size": disk.block_size(),
+        "depth": layers.len(),
+        "layers": ls,
+    });
     let mut out = vec![
-        format!("image: {}", image.display()),
+        format!("image: {image}"),
         format!(
             "virtual size: {} ({} bytes)",
             human_size(disk.size()),
@@ -96,8 +101,7 @@ pub fn info(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
         };
         out.push(format!("    parent:          {parent}"));
     }
-    print_lines(&out);
-    Ok(())
+    (doc, out)
 }
 
 /// Calls `f` with the disk's extents, merged, a window at a time.
@@ -142,6 +146,14 @@ pub fn for_each_extent(
 /// `map`: extents of the virtual disk.
 pub fn map(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
     let disk = open_ro(image, force_share)?;
+    let (json, lines) = map_report(&disk, image)?;
+    report(json_out, || json, &lines);
+    Ok(())
+}
+
+/// What `map` prints about `disk` (opened from `image`): the JSON document and the
+/// human lines. Also answers `map` on a served image through its control socket.
+pub fn map_report(disk: &Disk, image: &Path) -> Result<(serde_json::Value, Vec<String>)> {
     let files: Vec<PathBuf> = disk.layers().into_iter().map(|l| l.path).collect();
     let file_of = |e: &Extent| {
         e.depth
@@ -149,26 +161,22 @@ pub fn map(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
             .map(|p| p.display().to_string())
     };
     let mut rows = Vec::new();
-    for_each_extent(&disk, image, |e| {
+    for_each_extent(disk, image, |e| {
         rows.push((*e, file_of(e)));
         Ok(())
     })?;
-    if json_out {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|(e, file)| {
-                json!({
-                    "start": e.offset,
-                    "length": e.length,
-                    "state": extent_name(e.state),
-                    "depth": e.depth,
-                    "file": file,
-                })
+    let v: Vec<_> = rows
+        .iter()
+        .map(|(e, file)| {
+            json!({
+                "start": e.offset,
+                "length": e.length,
+                "state": extent_name(e.state),
+                "depth": e.depth,
+                "file": file,
             })
-            .collect();
-        print_json(&serde_json::Value::Array(v));
-        return Ok(());
-    }
+        })
+        .collect();
     let mut out = vec![format!(
         "{:<18} {:<18} {:<5} {:>5}  {}",
         "Offset", "Length", "State", "Depth", "File"
@@ -183,6 +191,5 @@ pub fn map(image: &Path, json_out: bool, force_share: bool) -> Result<()> {
             file.as_deref().unwrap_or("-"),
         ));
     }
-    print_lines(&out);
-    Ok(())
+    Ok((serde_json::Value::Array(v), out))
 }

@@ -59,8 +59,13 @@ pub fn rebase(image: &Path, backing: &Path, json_out: bool) -> Result<()> {
 }
 
 /// `squash IMAGE [--layers N]`.
-pub fn squash(image: &Path, layers: Option<u32>, show: bool, json_out: bool) -> Result<()> {
-    let s = ops::squash::squash(image, layers, show)?;
+pub fn squash(
+    image: &Path,
+    (layers, rate): (Option<u32>, Option<u64>),
+    show: bool,
+    json_out: bool,
+) -> Result<()> {
+    let s = ops::squash::squash_at_rate(image, layers, show, rate)?;
     report(
         json_out,
         || {

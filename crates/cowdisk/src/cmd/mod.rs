@@ -4,8 +4,10 @@
 
 pub mod check;
 pub mod create;
+pub mod diff;
 pub mod inspect;
 pub mod layers;
+pub mod live;
 pub mod remote;
 pub mod transfer;
 
@@ -53,6 +55,9 @@ pub fn recovery_targets(command: &Command) -> Vec<&Path> {
         Command::Flatten(a) | Command::Export(a) => vec![&a.image],
         Command::Import(_) => Vec::new(),
         Command::Serve(a) => a.images.iter().map(|p| p.as_path()).collect(),
+        // Served images: their server owns them.
+        Command::Stats(_) | Command::Exports(_) => Vec::new(),
+        Command::Diff(a) => vec![&a.image],
     }
 }
 
@@ -60,6 +65,10 @@ pub fn recovery_targets(command: &Command) -> Vec<&Path> {
 /// per image per invocation, before the command opens anything, so no command (and no
 /// command added later) opens a half-finished chain or recovers twice.
 pub fn dispatch(cli: &Cli) -> Result<i32> {
+    // A served image's command goes to its server, which holds the image.
+    if let Some(code) = live::route(&cli.command)? {
+        return Ok(code);
+    }
     let mut done: Vec<&Path> = Vec::new();
     for image in recovery_targets(&cli.command) {
         if !done.contains(&image) {
@@ -87,7 +96,7 @@ fn run_command(cli: &Cli) -> Result<i32> {
         }
         Command::Snapshot(a) => layers::snapshot(&a.image, &a.snapshot, a.json)?,
         Command::Reset(a) => layers::reset(&a.image, a.json)?,
-        Command::Squash(a) => layers::squash(&a.image, a.layers, show, a.json)?,
+        Command::Squash(a) => layers::squash(&a.image, (a.layers, a.rate), show, a.json)?,
         Command::Rebase(a) => layers::rebase(&a.image, &a.backing, a.json)?,
         Command::Flatten(a) => transfer::flatten(&a.image, &a.output, show, a.json)?,
         Command::Export(a) => transfer::export(&a.image, &a.output, show, a.json)?,
@@ -95,6 +104,9 @@ fn run_command(cli: &Cli) -> Result<i32> {
         Command::Serve(a) => crate::serve::run(a)?,
         Command::Push(a) => remote::push(a)?,
         Command::Pull(a) => remote::pull(a)?,
+        Command::Stats(a) => live::stats(a)?,
+        Command::Exports(a) => live::exports(a)?,
+        Command::Diff(a) => diff::run(a)?,
     }
     Ok(EXIT_OK)
 }

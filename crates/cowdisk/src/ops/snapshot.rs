@@ -9,7 +9,7 @@
 //! 4. hard-link IMAGE to SNAP, sync the folder;
 //! 5. rename the pending file over IMAGE, sync the folder.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cowdisk_core::create::{reference_for, sync_folder};
 use cowdisk_core::layer::{create_on, NewLayer};
@@ -34,9 +34,25 @@ pub fn snapshot(image: &Path, snap: &Path) -> Result<Snapshotted> {
     if exists(snap) {
         return Err(Error::invalid(snap, "already exists"));
     }
+    let disk = Disk::open(image, &crate::open_options())?;
+    let (reference, pending) = plan(&disk, image, snap)?;
+    let res = steps(&disk, image, snap, &pending, reference, &mut || Ok(()));
+    drop(disk);
+    if res.is_err() && exists(&pending) {
+        // Roll back, or forward if the seal made it: the chain stays consistent.
+        let _ = recover(image);
+    }
+    res
+}
+
+/// Checks that `snap` can be taken of `image` (open as `disk`); returns the parent
+/// reference the new top records and the pending top's path. Changes nothing.
+pub(crate) fn plan(disk: &Disk, image: &Path, snap: &Path) -> Result<(String, PathBuf)> {
+    if exists(snap) {
+        return Err(Error::invalid(snap, "already exists"));
+    }
     let reference = reference_for(image, snap, ReferenceStyle::Relative)?;
     let pending = pending_snapshot_path(image);
-    let disk = Disk::open(image, &crate::open_options())?;
     if disk.depth() > 1
         && folder_of(image).canonicalize().ok() != folder_of(snap).canonicalize().ok()
     {
@@ -53,21 +69,20 @@ pub fn snapshot(image: &Path, snap: &Path) -> Result<Snapshotted> {
             "a snapshot of this image is already in progress",
         ));
     }
-    let res = steps(&disk, image, snap, &pending, reference);
-    drop(disk);
-    if res.is_err() && exists(&pending) {
-        // Roll back, or forward if the seal made it: the chain stays consistent.
-        let _ = recover(image);
-    }
-    res
+    Ok((reference, pending))
 }
 
-fn steps(
+/// The steps of the module doc. `before_rename` runs once SNAP exists (sealed) and the
+/// pending top is complete, just before it is renamed over IMAGE: a live snapshot opens
+/// the new top there, so that a failure to open it leaves the rename undone (recovery
+/// completes it at the next start).
+pub(crate) fn steps(
     disk: &Disk,
     image: &Path,
     snap: &Path,
     pending: &Path,
     reference: String,
+    before_rename: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Snapshotted> {
     let digest = disk.prepare_seal()?;
     let h = disk.top_header();
@@ -96,6 +111,7 @@ fn steps(
     std::fs::hard_link(image, snap).map_err(|e| Error::os(snap, "link snapshot", e))?;
     sync_folder(&folder_of(snap))?;
     failpoint::hit("snapshot.after_link");
+    before_rename()?;
     std::fs::rename(pending, image)
         .map_err(|e| Error::os(image, "rename new top into place", e))?;
     sync_folder(&folder_of(image))?;

@@ -42,7 +42,41 @@ pub fn squash_path(image: &Path, uuid_hex8: &str) -> PathBuf {
 
 /// Merges `layers` (default all) sealed layers below the top of `image`.
 pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<Squashed> {
+    squash_at_rate(image, layers, show_progress, None)
+}
+
+/// As [`squash`], copying at most `rate` bytes of block data per second if given.
+pub fn squash_at_rate(
+    image: &Path,
+    layers: Option<u32>,
+    show_progress: bool,
+    rate: Option<u64>,
+) -> Result<Squashed> {
     let disk = Disk::open(image, &crate::open_options())?;
+    let built = build(&disk, image, layers, show_progress, rate)?;
+    let s = commit(&disk, image, built)?;
+    drop(disk);
+    Ok(s)
+}
+
+/// A merged layer written, sealed and in place, not yet used by the top.
+pub(crate) struct Built {
+    target: PathBuf,
+    merged: usize,
+    header: Header,
+    written: Written,
+}
+
+/// Writes the merged layer of `disk` (open from `image`). Reads only the sealed layers,
+/// which never change, so the top may take writes meanwhile (a live squash), at most
+/// `rate` bytes per second of block data if given.
+pub(crate) fn build(
+    disk: &Disk,
+    image: &Path,
+    layers: Option<u32>,
+    show_progress: bool,
+    rate: Option<u64>,
+) -> Result<Built> {
     let chain = disk.layers();
     let below = chain.len() - 1;
     if below == 0 {
@@ -81,24 +115,32 @@ pub fn squash(image: &Path, layers: Option<u32>, show_progress: bool) -> Result<
         lower,
         (n, held),
         rest.is_some(),
-        show_progress,
+        (show_progress, rate),
     )?;
     let written = builder.written();
-    let new = builder.finish(true)?;
-    // Repoint the top: the commit point.
+    let header = builder.finish(true)?;
+    Ok(Built {
+        target,
+        merged: n,
+        header,
+        written,
+    })
+}
+
+/// Repoints the top at the merged layer: the commit point.
+pub(crate) fn commit(disk: &Disk, image: &Path, built: Built) -> Result<Squashed> {
     let top = disk.set_parent(ParentRef {
-        path: reference_for(image, &target, ReferenceStyle::Relative)?,
-        uuid: new.uuid,
-        digest: new.seal_digest,
+        path: reference_for(image, &built.target, ReferenceStyle::Relative)?,
+        uuid: built.header.uuid,
+        digest: built.header.seal_digest,
     })?;
     failpoint::hit("squash.after_repoint");
-    drop(disk);
     Ok(Squashed {
-        path: target,
-        merged: n,
-        header: new,
+        path: built.target,
+        merged: built.merged,
+        header: built.header,
         top,
-        written,
+        written: built.written,
     })
 }
 
@@ -110,9 +152,11 @@ fn copy_blocks(
     lower: &Lower,
     (n, held_bytes): (usize, u64),
     has_rest: bool,
-    show: bool,
+    (show, rate): (bool, Option<u64>),
 ) -> Result<()> {
     let g = b.header().geometry;
+    let start = std::time::Instant::now();
+    let mut copied = 0u64;
     let mut buf = vec![0u8; g.block_size as usize];
     let mut progress = Progress::new("squash", held_bytes, show);
     lower.for_each_owned(|blk, owner| {
@@ -133,6 +177,8 @@ fn copy_blocks(
                     b.write_block(blk, data)?;
                 }
                 progress.add(data.len() as u64);
+                copied += data.len() as u64;
+                pace(start, copied, rate);
             }
             LowerOwner::Zero(i) if i < n && has_rest => b.whiteout(blk),
             _ => {}
@@ -141,4 +187,16 @@ fn copy_blocks(
     })?;
     progress.finish();
     Ok(())
+}
+
+/// Sleeps as long as `copied` bytes since `start` are ahead of `rate` bytes per second, so a
+/// live squash leaves the disk's bandwidth to the clients.
+fn pace(start: std::time::Instant, copied: u64, rate: Option<u64>) {
+    let Some(rate) = rate.filter(|&r| r > 0) else {
+        return;
+    };
+    let due = std::time::Duration::from_secs_f64(copied as f64 / rate as f64);
+    if let Some(wait) = due.checked_sub(start.elapsed()) {
+        std::thread::sleep(wait);
+    }
 }

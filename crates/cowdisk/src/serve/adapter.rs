@@ -1,17 +1,63 @@
-//! The NBD backend over an open [`Disk`]: maps requests and errors between the two crates.
+//! The NBD backend over a served image ([`LiveDisk`]): maps requests and errors between
+//! the two crates, takes the write gate for requests that change the disk and counts them.
 
-use cowdisk_core::{Disk, ExtentState, IoError, IoErrorKind, WriteFlags};
-use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, Extent, ReadPiece, ZeroFlags};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-/// Adapts an open [`Disk`] to the NBD server's backend trait.
+use cowdisk_core::{Disk, ExtentState, IoError, IoErrorKind, Uuid, WriteFlags};
+use cowdisk_nbd::{
+    Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, ZeroFlags,
+};
+
+use crate::cmd::diff::{changed, sealed_layers};
+
+use super::live::LiveDisk;
+use super::stats::Op;
+
+/// Adapts a served image to the NBD server's backend trait.
 pub struct DiskBackend {
-    disk: Disk,
+    live: Arc<LiveDisk>,
+    /// Layers named by dirty-bitmap keys: the key is the index. Grows only by layers of
+    /// the chain a client asked for, each once.
+    checkpoints: Mutex<Vec<Uuid>>,
 }
 
 impl DiskBackend {
-    /// Wraps a disk.
+    /// Serves an open disk (no live changes other than through this backend).
     pub fn new(disk: Disk) -> DiskBackend {
-        DiskBackend { disk }
+        let image = disk.top_path().to_path_buf();
+        let cache = Arc::new(cowdisk_core::LowerCache::new());
+        DiskBackend::live(Arc::new(LiveDisk::new(disk, image, cache)))
+    }
+
+    /// Wraps a served image whose chain the control socket may change.
+    pub fn live(live: Arc<LiveDisk>) -> DiskBackend {
+        DiskBackend {
+            live,
+            checkpoints: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The disk requests go to now (it changes at a live snapshot).
+    fn disk(&self) -> &Disk {
+        self.live.current()
+    }
+
+    /// Runs a request that changes the disk or makes it durable under the write gate,
+    /// and counts it.
+    fn gated(
+        &self,
+        op: Op,
+        bytes: u64,
+        f: impl FnOnce(&Disk) -> Result<(), IoError>,
+    ) -> Result<(), BackendError> {
+        let start = Instant::now();
+        let res = {
+            let _gate = self.live.write_gate();
+            f(self.disk())
+        };
+        self.live.stats.record(op, bytes, start, res.is_ok());
+        res.map_err(nbd_err)
     }
 }
 
@@ -38,16 +84,20 @@ fn nbd_err(e: IoError) -> BackendError {
 
 impl Backend for DiskBackend {
     fn size(&self) -> u64 {
-        self.disk.size()
+        self.disk().size()
     }
     fn preferred_block_size(&self) -> u32 {
-        self.disk.block_size()
+        self.disk().block_size()
     }
     fn is_read_only(&self) -> bool {
-        self.disk.is_read_only()
+        self.disk().is_read_only()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.disk.read(offset, buf).map_err(nbd_err)
+        let start = Instant::now();
+        let res = self.disk().read(offset, buf);
+        let n = buf.len() as u64;
+        self.live.stats.record(Op::Read, n, start, res.is_ok());
+        res.map_err(nbd_err)
     }
     fn read_pieces<'a>(
         &'a self,
@@ -55,34 +105,42 @@ impl Backend for DiskBackend {
         len: u64,
         out: &mut Vec<ReadPiece<'a>>,
     ) -> Result<bool, BackendError> {
-        let complete = self
-            .disk
-            .read_pieces(offset, len, |p| {
-                out.push(match p {
-                    cowdisk_core::ReadPiece::Zeros(n) => ReadPiece::Zeros(n),
-                    cowdisk_core::ReadPiece::File { fd, offset, len } => {
-                        ReadPiece::File { fd, offset, len }
-                    }
-                })
+        let start = Instant::now();
+        let res = self.disk().read_pieces(offset, len, |p| {
+            out.push(match p {
+                cowdisk_core::ReadPiece::Zeros(n) => ReadPiece::Zeros(n),
+                cowdisk_core::ReadPiece::File { fd, offset, len } => {
+                    ReadPiece::File { fd, offset, len }
+                }
             })
-            .map_err(nbd_err)?;
-        if !complete {
+        });
+        let complete = match res {
+            Ok(c) => c,
+            Err(e) => {
+                self.live.stats.record(Op::Read, len, start, false);
+                return Err(nbd_err(e));
+            }
+        };
+        if complete {
+            self.live.stats.record(Op::Read, len, start, true);
+        } else {
+            // `read` follows and counts it.
             out.clear();
         }
         Ok(complete)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        self.disk
-            .write(offset, data, WriteFlags { fua })
-            .map_err(nbd_err)
+        self.gated(Op::Write, data.len() as u64, |d| {
+            d.write(offset, data, WriteFlags { fua })
+        })
     }
     fn flush(&self) -> Result<(), BackendError> {
-        self.disk.flush().map_err(nbd_err)
+        self.gated(Op::Flush, 0, |d| d.flush())
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
-        self.disk
-            .discard(offset, len, WriteFlags { fua })
-            .map_err(nbd_err)
+        self.gated(Op::Whiteout, len, |d| {
+            d.discard(offset, len, WriteFlags { fua })
+        })
     }
     fn write_zeroes(&self, offset: u64, len: u64, f: ZeroFlags) -> Result<(), BackendError> {
         let flags = cowdisk_core::ZeroFlags {
@@ -90,7 +148,7 @@ impl Backend for DiskBackend {
             no_hole: f.no_hole,
             fast: f.fast,
         };
-        self.disk.write_zeroes(offset, len, flags).map_err(nbd_err)
+        self.gated(Op::Whiteout, len, |d| d.write_zeroes(offset, len, flags))
     }
     fn block_status(
         &self,
@@ -99,13 +157,15 @@ impl Backend for DiskBackend {
         out: &mut Vec<Extent>,
     ) -> Result<(), BackendError> {
         // Cap the work per request: clients (nbdinfo) ask for ~4 GiB and accept less.
-        let len = len
-            .min(1 << 30)
-            .min(self.disk.size() - offset.min(self.disk.size()));
+        let start = Instant::now();
+        let disk = self.disk();
+        let len = len.min(1 << 30).min(disk.size() - offset.min(disk.size()));
         let mut exts = Vec::new();
-        self.disk
-            .block_status(offset, len, &mut exts)
-            .map_err(nbd_err)?;
+        let res = disk.block_status(offset, len, &mut exts);
+        self.live
+            .stats
+            .record(Op::BlockStatus, 0, start, res.is_ok());
+        res.map_err(nbd_err)?;
         out.extend(exts.iter().map(|e| {
             let (zero, hole) = match e.state {
                 ExtentState::Data => (false, false),
@@ -119,6 +179,69 @@ impl Backend for DiskBackend {
                 depth: e.depth.map_or(0, |d| d + 1),
             }
         }));
+        Ok(())
+    }
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        sealed_layers(self.disk())
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    }
+    /// The key names the layer by identity (its UUID, through [`DiskBackend::checkpoints`]):
+    /// a live snapshot or squash changes depths, and a connection must keep querying the
+    /// layer it chose, or learn that it is gone, never silently another one.
+    fn dirty_bitmap_key(&self, name: &str) -> Option<u64> {
+        let c = sealed_layers(self.disk())
+            .into_iter()
+            .find(|c| c.name == name)?;
+        let mut ids = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match ids.iter().position(|u| *u == c.uuid) {
+            Some(i) => i,
+            None => {
+                ids.push(c.uuid);
+                ids.len() - 1
+            }
+        };
+        Some(i as u64)
+    }
+    fn dirty_status(
+        &self,
+        key: u64,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<DirtyExtent>,
+    ) -> Result<(), BackendError> {
+        let disk = self.disk();
+        let uuid = usize::try_from(key).ok().and_then(|k| {
+            let ids = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
+            ids.get(k).copied()
+        });
+        let since = uuid.and_then(|u| {
+            sealed_layers(disk)
+                .into_iter()
+                .find(|c| c.uuid == u)
+                .map(|c| c.depth)
+        });
+        let Some(since) = since else {
+            return Err(BackendError::new(
+                BackendErrorKind::Invalid,
+                "that dirty bitmap's layer is no longer in the chain",
+            ));
+        };
+        // Cap the work per request, as for block status.
+        let len = len.min(1 << 30).min(disk.size() - offset.min(disk.size()));
+        let mut exts = Vec::new();
+        disk.block_status(offset, len, &mut exts).map_err(nbd_err)?;
+        for e in &exts {
+            let dirty = changed(e, since);
+            match out.last_mut() {
+                Some(last) if last.dirty == dirty => last.length += e.length,
+                _ => out.push(DirtyExtent {
+                    length: e.length,
+                    dirty,
+                }),
+            }
+        }
         Ok(())
     }
 }

@@ -16,9 +16,25 @@ use crate::error::Error;
 use crate::size::parse_size;
 
 mod adapter;
+mod generations;
+mod live;
+mod metrics;
 mod process;
+mod reuse;
+pub mod stats;
 
 pub use adapter::DiskBackend;
+pub use live::LiveDisk;
+
+use crate::control::handlers::{Control, Target};
+use crate::control::server as control_server;
+
+/// Binds a unix socket with mode 0600, refusing an existing path.
+pub(crate) fn bind_unix_0600(
+    path: &Path,
+) -> crate::error::Result<std::os::unix::net::UnixListener> {
+    process::bind_unix(path)
+}
 
 /// Default TCP address: loopback only unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -79,6 +95,15 @@ pub struct ServeArgs {
     /// (sendfile) need none.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub read_budget: Option<u64>,
+    /// Control socket (JSON lines, docs/control.md; mode 0600). By default one beside each
+    /// image, `.IMAGE.control`, through which `cowdisk snapshot`, `info`, `map`, `stats`
+    /// on a served image reach this server.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Serve the export counters in Prometheus text format at http://HOST:PORT/metrics
+    /// (off by default; port 0 picks a free one, printed on stderr).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
 }
 
 /// The server's limits from the command line.
@@ -122,6 +147,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let cache = Arc::new(LowerCache::new());
     let mut builder = Server::builder().limits(limits(args));
     let mut names = Vec::new();
+    let mut targets = Vec::new();
     for img in &args.images {
         let disk = Disk::open(
             img,
@@ -135,7 +161,9 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
             ));
         }
         names.push(name.clone());
-        builder = builder.export(name, Arc::new(DiskBackend::new(disk)));
+        let live = Arc::new(LiveDisk::new(disk, img.clone(), cache.clone()));
+        builder = builder.export(name.clone(), Arc::new(DiskBackend::live(live.clone())));
+        targets.push(Target { name, live });
     }
     if names.len() == 1 {
         builder = builder.default_export(names[0].clone());
@@ -160,6 +188,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let server = builder
         .build()
         .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()))?;
+    let controls = start_control(args, targets, server.exports_handle(), cache)?;
     process::stop_on_signals(server.shutdown_handle())?;
     process::announce(&names, &address);
     let res = server
@@ -168,5 +197,36 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }
+    controls.remove_sockets();
     res
+}
+
+/// Binds the control sockets and answers them in the background; returns the paths
+/// made, to remove at exit. A default socket that cannot be made (a read-only folder,
+/// another read-only server of the same image) costs only the control interface, with
+/// a warning; an explicit `--control` that cannot be made is an error.
+fn start_control(
+    args: &ServeArgs,
+    exports: Vec<Target>,
+    handle: cowdisk_nbd::ExportsHandle,
+    cache: Arc<LowerCache>,
+) -> crate::error::Result<Arc<Control>> {
+    let images: Vec<(PathBuf, String)> = exports
+        .iter()
+        .map(|t| (t.live.image().to_path_buf(), t.name.clone()))
+        .collect();
+    let control = Arc::new(Control::new(exports, handle, cache));
+    if let Some(addr) = &args.metrics {
+        let local = metrics::start(addr, control.clone())?;
+        eprintln!("cowdisk: metrics at http://{local}/metrics");
+    }
+    for (path, default) in control_server::socket_paths(&images, args.control.as_deref()) {
+        let explicit = default.is_none();
+        match control.open_socket(&path, default) {
+            Ok(()) => {}
+            Err(e) if explicit => return Err(e),
+            Err(e) => eprintln!("cowdisk: warning: no control socket: {e}"),
+        }
+    }
+    Ok(control)
 }

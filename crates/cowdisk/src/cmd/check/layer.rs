@@ -23,6 +23,13 @@ const MAX_BLOCK_REPORTS: usize = 100;
 
 /// Walks and checks the chain whose top is `image`, through the engine's chain walk.
 pub fn check_chain(image: &Path, opts: &Options) -> Result<Report> {
+    check_chain_with(image, opts, true)
+}
+
+/// As [`check_chain`]; `lock_top` false when this process already holds the top's lock
+/// through another open file and keeps it still while the check runs (a served image,
+/// its writes held at the gate).
+pub fn check_chain_with(image: &Path, opts: &Options, lock_top: bool) -> Result<Report> {
     let repair = opts.repair;
     let mut report = Report::default();
     let top_access = if repair {
@@ -30,7 +37,7 @@ pub fn check_chain(image: &Path, opts: &Options) -> Result<Report> {
     } else {
         Access::ReadOnly
     };
-    let (top_file, top_id) = open_layer_file(image, top_access, true)?;
+    let (top_file, top_id) = open_layer_file(image, top_access, lock_top)?;
     let top = FileStorage::new(top_file);
     let mut ctx = Ctx {
         report: &mut report,

@@ -16,12 +16,14 @@ mod layer;
 mod slots;
 mod temps;
 
+pub use layer::check_chain_with;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
 use crate::error::Result;
-use crate::output::{print_json, print_lines};
+
 use crate::{EXIT_CORRUPT, EXIT_LEAKS, EXIT_OK, EXIT_REPAIRED};
 
 /// How bad a finding is.
@@ -106,11 +108,17 @@ pub const MAP_SLOT_NEWER: &str = "map_slot_newer";
 
 /// Runs the check and prints the report; returns the exit code.
 pub fn run(image: &Path, opts: &Options, json_out: bool) -> Result<i32> {
-    let repair = opts.repair;
     let report = layer::check_chain(image, opts)?;
+    let (doc, lines, code) = render(&report, &image.display().to_string(), opts.repair);
+    crate::output::report(json_out, || doc, &lines);
+    Ok(code)
+}
+
+/// What `check` prints about `report` (on `image`): the JSON document, the human lines
+/// and the exit code. Also answers `check` on a served image through its server.
+pub fn render(report: &Report, image: &str, repair: bool) -> (serde_json::Value, Vec<String>, i32) {
     let code = report.exit_code();
-    if json_out {
-        let findings: Vec<_> = report
+    let findings: Vec<_> = report
             .findings
             .iter()
             .map(|f| {
@@ -124,8 +132,8 @@ pub fn run(image: &Path, opts: &Options, json_out: bool) -> Result<i32> {
                 })
             })
             .collect();
-        print_json(&json!({
-            "image": image.display().to_string(),
+    let doc = json!({
+            "image": image,
             "result": report.result_name(),
             "exit_code": code,
             "layers_checked": report.layers_checked,
@@ -135,47 +143,42 @@ pub fn run(image: &Path, opts: &Options, json_out: bool) -> Result<i32> {
             "repaired": report.findings.iter().filter(|f| f.repaired).count(),
             "findings": findings,
             "remote_layers": report.remote_layers,
-        }));
-    } else {
-        let mut lines = Vec::new();
-        for f in &report.findings {
-            let sev = match (f.severity, f.repaired) {
-                (_, true) => "repaired",
-                (Severity::Error, false) => "ERROR",
-                (Severity::Leak, false) => "leak",
-            };
-            lines.push(format!(
-                "{sev}: {} (layer {}): {}",
-                f.file.display(),
-                f.depth,
-                f.message
-            ));
-        }
-        lines.push(match code {
-            EXIT_OK => format!(
-                "No errors found: {} layer(s), {} data block(s) verified.",
-                report.layers_checked, report.blocks_verified
-            ),
-            EXIT_REPAIRED => "All problems found were repaired.".to_string(),
-            // Repair only ever writes a writable top (depth 0).
-            EXIT_LEAKS if !repair && report.findings.iter().any(|f| f.depth == 0) => {
-                "Only leaks found (harmless); run with --repair to reclaim them.".to_string()
-            }
-            EXIT_LEAKS => {
-                "Only leaks found (harmless), in layers --repair never writes.".to_string()
-            }
-            _ if report
-                .findings
-                .iter()
-                .any(|f| f.kind == MAP_SLOT_NEWER && !f.repaired) =>
-            {
-                "Corruption found: flushed writes may be lost (map_slot_newer). --repair keeps \
-the data involved and flags the image; --repair --discard-unreferenced accepts the loss."
-                    .to_string()
-            }
-            _ => "Corruption found.".to_string(),
-        });
-        print_lines(&lines);
+    });
+    let mut lines = Vec::new();
+    for f in &report.findings {
+        let sev = match (f.severity, f.repaired) {
+            (_, true) => "repaired",
+            (Severity::Error, false) => "ERROR",
+            (Severity::Leak, false) => "leak",
+        };
+        lines.push(format!(
+            "{sev}: {} (layer {}): {}",
+            f.file.display(),
+            f.depth,
+            f.message
+        ));
     }
-    Ok(code)
+    lines.push(match code {
+        EXIT_OK => format!(
+            "No errors found: {} layer(s), {} data block(s) verified.",
+            report.layers_checked, report.blocks_verified
+        ),
+        EXIT_REPAIRED => "All problems found were repaired.".to_string(),
+        // Repair only ever writes a writable top (depth 0).
+        EXIT_LEAKS if !repair && report.findings.iter().any(|f| f.depth == 0) => {
+            "Only leaks found (harmless); run with --repair to reclaim them.".to_string()
+        }
+        EXIT_LEAKS => "Only leaks found (harmless), in layers --repair never writes.".to_string(),
+        _ if report
+            .findings
+            .iter()
+            .any(|f| f.kind == MAP_SLOT_NEWER && !f.repaired) =>
+        {
+            "Corruption found: flushed writes may be lost (map_slot_newer). --repair keeps \
+the data involved and flags the image; --repair --discard-unreferenced accepts the loss."
+                .to_string()
+        }
+        _ => "Corruption found.".to_string(),
+    });
+    (doc, lines, code)
 }
