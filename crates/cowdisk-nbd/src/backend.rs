@@ -155,6 +155,14 @@ pub trait Backend: Send + Sync {
         len: u64,
         out: &mut Vec<Extent>,
     ) -> Result<(), BackendError>;
+    /// A WRITE whose payload did not fit the write budget is about to reach [`Backend::write`]
+    /// in pieces as it arrives; [`Backend::pieces_end`] follows when the last one was
+    /// written or the payload was cut short. A backend that changes what it writes to (a
+    /// live snapshot) can wait for such writes, so that none lands partly on each side.
+    /// Default: nothing.
+    fn pieces_begin(&self) {}
+    /// See [`Backend::pieces_begin`].
+    fn pieces_end(&self) {}
     /// Names of the dirty bitmaps offered as metadata contexts `qemu:dirty-bitmap:NAME`
     /// (qemu's semantics: flag 1 = changed since the bitmap's checkpoint). Default: none.
     fn dirty_bitmaps(&self) -> Vec<String> {

@@ -72,6 +72,15 @@ pub(crate) fn receive<'c, R: Read>(
         return Ok(Received::Staged { data, held });
     }
     drop(held);
+    // Told to the backend for as long as pieces may arrive, however this ends.
+    struct Pieces<'b>(&'b dyn Backend);
+    impl Drop for Pieces<'_> {
+        fn drop(&mut self) {
+            self.0.pieces_end();
+        }
+    }
+    b.pieces_begin();
+    let _pieces = Pieces(b);
     // Exactly one piece, never a larger pooled buffer: it is held outside the budget.
     let mut piece = vec![0; PASS_PIECE.min(len)];
     let (mut done, mut res) = (0usize, Ok(()));

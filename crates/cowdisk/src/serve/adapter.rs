@@ -181,6 +181,12 @@ impl Backend for DiskBackend {
         }));
         Ok(())
     }
+    fn pieces_begin(&self) {
+        self.live.streamed_writes(true);
+    }
+    fn pieces_end(&self) {
+        self.live.streamed_writes(false);
+    }
     fn dirty_bitmaps(&self) -> Vec<String> {
         sealed_layers(self.disk())
             .into_iter()

@@ -8,7 +8,9 @@
 //! one, and every write acknowledged before the snapshot started is in the snapshot.
 //! std's `RwLock` makes new shared takers wait behind a waiting exclusive one, so a
 //! stream of writes cannot starve a snapshot. Reads and block status take no gate: while
-//! the gate is held nothing changes, so they read the same from either disk.
+//! the gate is held nothing changes, so they read the same from either disk. A WRITE
+//! applied in pieces as its payload arrives holds the gate per piece, so a chain change
+//! also waits for those to end (`close_gate`).
 //!
 //! **Generations.** A replaced disk stays open until the export ends
 //! ([`super::generations`]): each chain change keeps the old top's file and map (one
@@ -17,8 +19,13 @@
 //! restarts. FUTURE: count the borrowers and release old generations.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+/// Longest a chain change waits for WRITEs arriving in pieces (the default payload
+/// timeout: a payload slower than that is cut off anyway).
+const STREAM_WAIT: Duration = Duration::from_secs(30);
 
 use cowdisk_core::create::sync_folder;
 use cowdisk_core::{folder_of, Disk, LayerState, LowerCache};
@@ -33,6 +40,8 @@ use crate::ops::{exists, reset, snapshot, squash};
 pub struct LiveDisk {
     disks: Generations,
     gate: RwLock<()>,
+    /// WRITEs arriving in pieces (too large for the write budget) now in progress.
+    streaming: AtomicUsize,
     /// One chain-changing operation at a time.
     op: Mutex<()>,
     image: PathBuf,
@@ -47,6 +56,7 @@ impl LiveDisk {
         LiveDisk {
             disks: Generations::new(disk),
             gate: RwLock::new(()),
+            streaming: AtomicUsize::new(0),
             op: Mutex::new(()),
             image,
             cache,
@@ -62,6 +72,32 @@ impl LiveDisk {
     /// The disk requests go to now.
     pub fn current(&self) -> &Disk {
         self.disks.current()
+    }
+
+    /// Counts WRITEs whose pieces are arriving (see `Backend::pieces_begin`).
+    pub fn streamed_writes(&self, begin: bool) {
+        if begin {
+            self.streaming.fetch_add(1, SeqCst);
+        } else {
+            self.streaming.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Closes the write gate for a chain change. A WRITE arriving in pieces takes the gate
+    /// per piece, so the gate alone could fall between two of them: wait (with the gate
+    /// open) until none is in progress. One that starts once the gate is closed has all
+    /// its pieces after the change. Bounded by [`STREAM_WAIT`]; past it (a payload that
+    /// never ends is cut off by the payload timeout, unanswered) the change goes ahead.
+    fn close_gate(&self) -> RwLockWriteGuard<'_, ()> {
+        let deadline = Instant::now() + STREAM_WAIT;
+        loop {
+            let g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            if self.streaming.load(SeqCst) == 0 || Instant::now() >= deadline {
+                return g;
+            }
+            drop(g);
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Held by every request that writes or flushes (see the module doc).
@@ -128,7 +164,7 @@ impl LiveDisk {
     /// flushed, so the files are exactly what a crash now would leave, and stay so while
     /// the check reads them (reads go on). Returns what `check` prints and its exit code.
     pub fn check(&self) -> Result<(serde_json::Value, Vec<String>, i32)> {
-        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let _gate = self.close_gate();
         let cur = self.current();
         if !cur.is_read_only() {
             cur.flush().map_err(|e| Error::disk(&self.image, e))?;
@@ -151,7 +187,7 @@ impl LiveDisk {
     /// acknowledged before are discarded, as `reset` means. Call inside
     /// [`LiveDisk::exclusive`].
     pub fn reset(&self) -> Result<cowdisk_core::Header> {
-        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let _gate = self.close_gate();
         let cur = self.current();
         let mut opened: Option<Disk> = None;
         let new = reset::steps(cur, &self.image, &mut |tmp| {
@@ -175,7 +211,7 @@ impl LiveDisk {
         // The slow part of the seal (writing back the map) is done once before the gate
         // closes, so writes wait only for what arrived since.
         cur.flush().map_err(|e| Error::disk(&image, e))?;
-        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let _gate = self.close_gate();
         let (reference, pending) = snapshot::plan(cur, &image, snap)?;
         let mut opened: Option<Disk> = None;
         let res = snapshot::steps(cur, &image, snap, &pending, reference, &mut || {
@@ -215,7 +251,7 @@ fn live_squash(
     rate: Option<u64>,
 ) -> Result<squash::Squashed> {
     let built = squash::build(live.current(), &live.image, layers, false, rate)?;
-    let _gate = live.gate.write().unwrap_or_else(|e| e.into_inner());
+    let _gate = live.close_gate();
     let cur = live.current();
     // The reopened top reads its map from the file: it must hold everything.
     cur.flush().map_err(|e| Error::disk(&live.image, e))?;
