@@ -2,6 +2,9 @@
 # Installs what cowdisk's tests and tools need on a fresh Debian machine (as root).
 set -euo pipefail
 PKGS=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 nbd-client e2fsprogs util-linux jq gnuplot-nox procps)
+# tools/vm-test.sh: modules.dep (kmod), the initramfs (cpio, zstd), dm targets in the guest (dmsetup).
+PKGS+=(kmod cpio zstd dmsetup)
+QEMU_IMG_BEFORE=$(qemu-img --version 2>/dev/null | head -n1 || true)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -13,3 +16,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+# The guest's kernel, busybox and qemu-system-x86 are unpacked into a cache, not installed:
+# installing qemu-system-x86 would replace a newer qemu-utils with Debian 12's.
+bash "$(dirname "$0")/vm/fetch.sh"
+QEMU_IMG_AFTER=$(qemu-img --version | head -n1)
+if [ -n "$QEMU_IMG_BEFORE" ] && [ "$QEMU_IMG_AFTER" != "$QEMU_IMG_BEFORE" ]; then
+  echo "install-deps.sh: qemu-utils changed from '$QEMU_IMG_BEFORE' to '$QEMU_IMG_AFTER'" >&2
+  exit 1
+fi
