@@ -4,6 +4,16 @@ set -euo pipefail
 # Any failing command names itself, not only fail().
 trap 'rc=$?; echo "FAILED: line $LINENO of $(basename "$0"): $BASH_COMMAND (status $rc)" >&2' ERR
 T0=$(date +%s)
+# Whatever happens, the next test starts with nothing mounted or attached.
+cleanup_test() {
+  local st
+  grep -q " $PWD/mnt " /proc/mounts 2>/dev/null && umount -l "$PWD/mnt" 2>/dev/null
+  for st in /run/cowdisk/*.state; do
+    [ -e "$st" ] && bash /repo/tools/nbd-detach.sh "/dev/$(basename "$st" .state)" >/dev/null 2>&1 || true
+  done
+  return 0
+}
+trap cleanup_test EXIT
 step() { echo "-- [$(( $(date +%s) - T0 ))s] $*"; }
 fail() { echo "FAILED: $*" >&2; exit 1; }
 # expect_eq WHAT GOT WANT
@@ -11,6 +21,14 @@ expect_eq() { [ "$2" = "$3" ] || fail "$1: got '$2', want '$3'"; }
 # The server PID nbd-attach.sh recorded for DEV.
 attach_state() { # attach_state DEV VAR
   sed -n "s/^$2=//p" "/run/cowdisk/$(basename "$1").state"
+}
+# PIDs of running `cowdisk serve` processes, one a line.
+server_pids() {
+  local p
+  for p in /proc/[0-9]*; do
+    tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q '^[^ ]*cowdisk serve ' && basename "$p"
+  done
+  return 0
 }
 # Sockets the process holds (listener included).
 socket_count() { ls -l "/proc/$1/fd" | grep -c 'socket:'; }
