@@ -110,7 +110,7 @@ TESTLIST=$(IFS=,; echo "${TESTS[*]}")
 
 boot() { # boot ACCEL: runs the guest to the end; returns 3 if KVM could not boot it
   local accel=$1 a=() i
-  if [ "$accel" = kvm ]; then a=(-accel kvm -cpu host); else a=(-accel tcg,thread=multi -cpu max); fi
+  if [ "$accel" = kvm ]; then a=(-accel kvm -cpu host); else a=(-accel "tcg,thread=multi" -cpu max); fi
   : > "$RUN/console.log"
   qemu "${a[@]}" "${QEMU_FW[@]}" -M q35 -smp "$VM_SMP" -m "$VM_MEM" \
     -nographic -nic none -no-reboot -serial file:"$RUN/console.log" -monitor none \
@@ -119,7 +119,7 @@ boot() { # boot ACCEL: runs the guest to the end; returns 3 if KVM could not boo
     </dev/null >"$RUN/qemu.out" 2>&1 &
   QPID=$!
   # Show the console as it comes (tail stops with qemu).
-  tail -n +1 -F --pid="$QPID" "$RUN/console.log" 2>/dev/null | tr -d '\r' | sed -u -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' -e 's/^/guest| /' &
+  tail -n +1 -F --pid="$QPID" "$RUN/console.log" 2>/dev/null | sed -u -e 's/\r//g' -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' -e 's/^/guest| /' &
   local tailpid=$!
   local deadline=$(( $(date +%s) + VM_TIMEOUT )) probe=$(( $(date +%s) + ${VM_KVM_PROBE:-30} ))
   while kill -0 "$QPID" 2>/dev/null; do

@@ -6,11 +6,13 @@
 #   dm-thin   dm-thin external-origin volume (64 KiB blocks) over a loop device of base.raw
 # Every image/store is a file on the guest's tmpfs. fio (libaio, direct, qd16) runs, in order:
 # 4 KiB random reads of the untouched overlay (served by the base), 4 KiB random writes (first
-# writes: copy-up), 256 KiB sequential reads. Prints "BENCH name job IOPS MiB/s" lines and a
+# writes: copy-up; later rounds rewrite), 256 KiB sequential reads; contenders interleaved,
+# BENCH_REPS rounds (3) of BENCH_RUNTIME seconds (5). Prints "BENCH name job IOPS MiB/s" lines and a
 # table with each contender's ratio to cowdisk. Not in the default set: tools/vm-test.sh bench-cow.
 . /repo/tools/vm/tests/lib.sh
 SIZE_MB=${BENCH_SIZE_MB:-128}
-RUNTIME=${BENCH_RUNTIME:-8}
+RUNTIME=${BENCH_RUNTIME:-5}
+REPS=${BENCH_REPS:-3}
 BS=65536
 SECTORS=$((SIZE_MB * 2048))
 
@@ -47,7 +49,7 @@ for d in /sys/block/nbd*; do
   [ "$(cat "$d/size")" = 0 ] && { QDEV=/dev/$(basename "$d"); break; }
 done
 qemu-nbd -c "$QDEV" -f qcow2 --cache=writeback --aio=threads ov.qcow2
-for _ in $(seq 100); do [ "$(cat /sys/block/$(basename "$QDEV")/size)" != 0 ] && break; sleep 0.1; done
+for _ in $(seq 100); do [ "$(cat "/sys/block/${QDEV#/dev/}/size")" != 0 ] && break; sleep 0.1; done
 dm create snap --table "0 $SECTORS snapshot $BASE_LOOP $SNAP_LOOP P $((BS / 512))"
 dm create pool --table "0 $SECTORS thin-pool $META_LOOP $DATA_LOOP $((BS / 512)) 0 1 skip_block_zeroing"
 dm message pool 0 "create_thin 0"
@@ -73,24 +75,28 @@ run_fio() {
     printf "BENCH %s %s %d %.1f\n", n, j, iops, bw }'
 }
 : > bench.txt
+# Contenders interleaved, REPS rounds; the table gives each one's median.
 for job in rr4k rw4k sr256k; do
-  step "fio $job"
-  for n in "${NAMES[@]}"; do
-    case $job in
-      rr4k) run_fio "$n" $job --rw=randread --bs=4k ;;
-      rw4k) run_fio "$n" $job --rw=randwrite --bs=4k ;;
-      sr256k) run_fio "$n" $job --rw=read --bs=256k ;;
-    esac | tee -a bench.txt
+  for rep in $(seq "$REPS"); do
+    step "fio $job, round $rep of $REPS"
+    for n in "${NAMES[@]}"; do
+      case $job in
+        rr4k) run_fio "$n" $job --rw=randread --bs=4k ;;
+        rw4k) run_fio "$n" $job --rw=randwrite --bs=4k ;;
+        sr256k) run_fio "$n" $job --rw=read --bs=256k ;;
+      esac | tee -a bench.txt
+    done
   done
 done
+median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : int((v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
 echo
-echo "guest: $(nproc) vCPUs, kernel $(uname -r); fio libaio direct qd16, ${RUNTIME}s per job, ${SIZE_MB} MiB device"
+echo "guest: $(nproc) vCPUs, kernel $(uname -r); fio libaio direct qd16, ${RUNTIME}s per run, median of $REPS interleaved rounds, ${SIZE_MB} MiB device"
 printf '%-8s' job; for n in "${NAMES[@]}"; do printf ' | %-18s' "$n IOPS (x cowdisk)"; done; echo
 for job in rr4k rw4k sr256k; do
-  ref=$(awk -v j=$job '$2 == "cowdisk" && $3 == j {print $4}' bench.txt)
+  ref=$(awk -v j=$job '$2 == "cowdisk" && $3 == j {print $4}' bench.txt | median)
   printf '%-8s' "$job"
   for n in "${NAMES[@]}"; do
-    v=$(awk -v n="$n" -v j=$job '$2 == n && $3 == j {print $4}' bench.txt)
+    v=$(awk -v n="$n" -v j=$job '$2 == n && $3 == j {print $4}' bench.txt | median)
     printf ' | %-18s' "$v ($(awk -v a="$v" -v b="$ref" 'BEGIN {printf "%.2f", b ? a / b : 0}'))"
   done
   echo

@@ -1,7 +1,9 @@
+# shellcheck shell=bash
 # Helpers for the guest tests (sourced). Each test runs as root in a fresh folder under /tmp
 # (tmpfs), with COWDISK and REPO set by tools/vm/guest-run.sh.
 set -euo pipefail
 # Any failing command names itself, not only fail().
+# shellcheck disable=SC2154  # rc is set inside the trap string
 trap 'rc=$?; echo "FAILED: line $LINENO of $(basename "$0"): $BASH_COMMAND (status $rc)" >&2' ERR
 T0=$(date +%s)
 # Whatever happens, the next test starts with nothing mounted or attached.
@@ -31,7 +33,11 @@ server_pids() {
   return 0
 }
 # Sockets the process holds (listener included).
-socket_count() { ls -l "/proc/$1/fd" | grep -c 'socket:'; }
+socket_count() {
+  local f n=0
+  for f in "/proc/$1"/fd/*; do [[ $(readlink "$f") == socket:* ]] && n=$((n + 1)); done
+  echo "$n"
+}
 # A base with recognisable content: 32 MiB of random data at the start, then 4 MiB at 200 MiB,
 # of a 256 MiB disk; prints nothing. Leaves base.raw for comparisons.
 make_base() {

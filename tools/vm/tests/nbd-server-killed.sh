@@ -51,7 +51,7 @@ expect_eq "nbd-detach.sh exit status (dead server)" "$rc" 3
 grep -q "had exited while $DEV was attached" detach.err || fail "detach did not report the dead server"
 expect_eq "device size after detach" "$(cat /sys/block/$NAME/size)" 0
 [ ! -e "/run/cowdisk/$NAME.state" ] || fail "state file left behind"
-[ -z "$(ls /run/cowdisk | grep '^attach\.' || true)" ] || fail "socket folder left behind: $(ls /run/cowdisk)"
+! compgen -G '/run/cowdisk/attach.*' >/dev/null || fail "socket folder left behind: $(ls /run/cowdisk)"
 
 step "the image after the kill"
 cowdisk -q check vm1.cow || fail "cowdisk check after SIGKILL (exit $?)"
