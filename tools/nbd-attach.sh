@@ -31,6 +31,15 @@ trap 'cleanup_fail' ERR
 
 setsid "$BIN" serve "$IMAGE" --socket "$SOCK" >"$WORK/serve.log" 2>&1 < /dev/null &
 SRV=$!
+# Ready when it answers; a server that exits at once (image in use, bad image) is reported
+# without waiting out the timeout.
+for _ in $(seq 100); do
+  nbdinfo --size "$URI" >/dev/null 2>&1 && break
+  if ! kill -0 "$SRV" 2>/dev/null; then
+    echo "$0: cowdisk serve $IMAGE exited:" >&2; cat "$WORK/serve.log" >&2; false
+  fi
+  sleep 0.1
+done
 wait_nbd "$URI" || { cat "$WORK/serve.log" >&2; false; }
 
 if [ "$MODE" = kernel ]; then
@@ -40,7 +49,10 @@ if [ "$MODE" = kernel ]; then
     done
   fi
   [ -n "$DEV" ] || { echo "$0: no free /dev/nbdN" >&2; false; }
-  nbd-client -unix "$SOCK" "$DEV" -b 4096 -C 4 >/dev/null
+  # Several connections only where the server offers multi-conn (the kernel refuses otherwise).
+  CONNS=1
+  nbdinfo --json "$URI" 2>/dev/null | grep -q '"can_multi_conn": *true' && CONNS=${NBD_CONNECTIONS:-4}
+  nbd-client -unix "$SOCK" "$DEV" -b 4096 -C "$CONNS" >/dev/null
 else
   mkdir "$WORK/fuse"
   setsid nbdfuse -P "$WORK/fuse.pid" "$WORK/fuse/disk" "$URI" </dev/null >"$WORK/fuse.log" 2>&1 &
