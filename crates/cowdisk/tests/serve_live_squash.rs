@@ -105,47 +105,61 @@ fn online_squash_while_a_client_writes() {
     assert_eq!(check["result"], "clean", "{check}");
 }
 
+/// A server killed at every step of an online squash (each failpoint of `squash`):
+/// the chain is the old one or the squashed one, opens, checks clean and reads the same.
 #[test]
-fn online_squash_killed_at_the_commit_point() {
+fn online_squash_killed_at_every_step() {
     if !have_tool("qemu-io") {
         return;
     }
-    let t = TempDir::new();
-    let vm1 = chain(&t.0, "4M");
-    let fp = [("COWDISK_FAILPOINT", "squash.after_repoint")];
-    let mut srv = Serve::start(&vm1, &[], &fp);
-    let uri = srv.uri("vm1.cow");
-    run_ok(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0xab 0 1M", &uri],
-        60,
-    );
-    cowdisk_ok(&["snapshot", s(&vm1), s(&t.0.join("snap1.cow")), "-q"]);
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0xcd 512k 1M",
-            "-c",
-            "flush",
-            &uri,
-        ],
-        60,
-    );
-    assert!(!cowdisk(&["squash", s(&vm1)]).status.success());
-    assert_eq!(srv.wait_exit(30).and_then(|s| s.code()), Some(137));
-    drop(srv);
-    let check = cowdisk_json(&["check", s(&vm1)]);
-    assert_eq!(check["result"], "clean", "{check}");
-    assert_eq!(
-        cowdisk_json(&["info", s(&vm1)])["depth"],
-        2,
-        "squashed chain"
-    );
-    let mut want = vec![0u8; 4 << 20];
-    want[..1 << 20].fill(0xab);
-    want[512 << 10..(512 << 10) + (1 << 20)].fill(0xcd);
-    assert!(content(&vm1, &t.0) == want);
+    let steps = [
+        "squash.after_first_block",
+        "squash.after_temp",
+        "squash.after_seal",
+        "squash.after_rename",
+        "squash.after_repoint",
+    ];
+    for step in steps {
+        let t = TempDir::new();
+        let vm1 = chain(&t.0, "4M");
+        let fp = [("COWDISK_FAILPOINT", step)];
+        let mut srv = Serve::start(&vm1, &[], &fp);
+        let uri = srv.uri("vm1.cow");
+        run_ok(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0xab 0 1M", &uri],
+            60,
+        );
+        cowdisk_ok(&["snapshot", s(&vm1), s(&t.0.join("snap1.cow")), "-q"]);
+        run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xcd 512k 1M",
+                "-c",
+                "flush",
+                &uri,
+            ],
+            60,
+        );
+        assert!(!cowdisk(&["squash", s(&vm1)]).status.success(), "{step}");
+        assert_eq!(
+            srv.wait_exit(30).and_then(|s| s.code()),
+            Some(137),
+            "{step}"
+        );
+        drop(srv);
+        let check = cowdisk_json(&["check", s(&vm1)]);
+        assert_eq!(check["result"], "clean", "{step}: {check}");
+        let depth = cowdisk_json(&["info", s(&vm1)])["depth"].as_u64();
+        let squashed = step == "squash.after_repoint";
+        let want_depth = if squashed { 2 } else { 3 };
+        assert_eq!(depth, Some(want_depth), "{step}");
+        let mut want = vec![0u8; 4 << 20];
+        want[..1 << 20].fill(0xab);
+        want[512 << 10..(512 << 10) + (1 << 20)].fill(0xcd);
+        assert!(content(&vm1, &t.0) == want, "{step}: content");
+    }
 }
