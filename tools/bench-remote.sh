@@ -7,6 +7,14 @@
 #   nbdkit-curl      nbdkit --filter=cow --filter=cache curl ... cache-on-read=true (range
 #                    GETs of the raw base object; the closest peer to a writable top over
 #                    a remote base)
+#   cowdisk-local    cowdisk serve on a top over the same base as a local file (what warm
+#                    remote reads should approach)
+# Also: bytes fetched for a cold whole-disk read against the data the base holds (the host
+# cache's allocated bytes afterwards), and a recorded "boot" (random reads) replayed on a
+# cold cache with and without `serve --prefetch` of its trace.
+# Not run: qemu-nbd with a qcow2 top over the raw object through qemu's curl driver. Its
+# module (Debian's qemu-block-extra) exists here only for qemu 7.2, and installing it
+# replaces the machine's qemu-utils 10.0.2.
 # Each is measured cold (fresh cache, every block comes from the store) and warm (the
 # same server again, every block cached). A loopback store has no real latency, so the
 # cold rows measure the fetch path's overheads (request count, verification, caching),
@@ -53,6 +61,7 @@ RUN=$BENCH_DIR
 SOCK=$RUN/nbd.sock
 RES=$OUT/results.tsv
 printf 'rep\tworkload\tcontender\tMiB_s\tIOPS\n' >"$RES"
+: >"$OUT/fetched.tsv"
 
 log "starting SeaweedFS on 127.0.0.1:$S3_PORT"
 weed mini -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false -admin.ui=false -webdav=false \
@@ -98,6 +107,39 @@ RAND=(--rw=randread --bs=4k --iodepth=16 --size=${SIZE_MB}m --io_size=$((SIZE_MB
 for rep in $(seq "$REPS"); do
   for wl in seqread randread; do
     if [[ $wl == seqread ]]; then args=("${SEQ[@]}"); else args=("${RAND[@]}"); fi
+    log "rep $rep $wl: cowdisk-local"
+    rm -f "$RUN/ltop.cow"
+    "$COWDISK" create "$RUN/ltop.cow" --backing "$RUN/base.cow" >/dev/null
+    start "$COWDISK" serve "$RUN/ltop.cow" --socket "$SOCK"
+    fio_once "$wl-cold" cowdisk-local "$rep" -- "${args[@]}"
+    fio_once "$wl-warm" cowdisk-local "$rep" -- "${args[@]}"
+    stop
+  done
+  # Bytes fetched by a cold whole-disk read: what the host cache holds afterwards.
+  rm -rf "$RUN/cache" "$RUN/rtop.cow"
+  "$COWDISK" create "$RUN/rtop.cow" --backing "$URL" >/dev/null
+  start "$COWDISK" serve "$RUN/rtop.cow" --socket "$SOCK" --cache-dir "$RUN/cache"
+  fio --name=whole --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" "${SEQ[@]}" >/dev/null
+  stop
+  fetched=$(du -s --block-size=1 "$RUN/cache" | cut -f1)
+  printf '%s\t%s\t%s\n' "$rep" "$fetched" "$((SIZE_MB * 1048576))" >>"$OUT/fetched.tsv"
+  # A boot trace: the random reads, recorded once, then replayed on a cold cache with
+  # and without prefetch.
+  rm -rf "$RUN/cache" "$RUN/rtop.cow" "$RUN/boot.trace"
+  "$COWDISK" create "$RUN/rtop.cow" --backing "$URL" >/dev/null
+  start "$COWDISK" serve "$RUN/rtop.cow" --socket "$SOCK" --cache-dir "$RUN/cache" \
+    --record-trace "$RUN/boot.trace"
+  fio --name=record --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" "${RAND[@]}" >/dev/null
+  stop
+  for mode in plain prefetch; do
+    rm -rf "$RUN/cache"
+    pf=(); [[ $mode == prefetch ]] && pf=(--prefetch "$RUN/boot.trace")
+    start "$COWDISK" serve "$RUN/rtop.cow" --socket "$SOCK" --cache-dir "$RUN/cache" "${pf[@]}"
+    fio_once "boot-$mode" cowdisk-remote "$rep" -- "${RAND[@]}"
+    stop
+  done
+  for wl in seqread randread; do
+    if [[ $wl == seqread ]]; then args=("${SEQ[@]}"); else args=("${RAND[@]}"); fi
     log "rep $rep $wl: cowdisk-remote"
     rm -rf "$RUN/cache" "$RUN/rtop.cow"
     "$COWDISK" create "$RUN/rtop.cow" --backing "$URL" >/dev/null
@@ -125,4 +167,20 @@ print("| workload | contender | MiB/s | IOPS |")
 print("|---|---|---|---|")
 for (w, c), v in sorted(rows.items()):
     print(f"| {w} | {c} | {statistics.median(x[0] for x in v):.0f} | {statistics.median(x[1] for x in v):.0f} |")
+med = lambda w, c: statistics.median(x[1] for x in rows.get((w, c), [(0, 0)]))
+def ratio(a, b):
+    return f"{a / b:.2f}" if b else "n/a"
+print()
+print("| goal | measured | target |")
+print("|---|---:|---:|")
+for wl in ("seqread", "randread"):
+    print(f"| warm {wl}: cowdisk-remote / cowdisk-local | {ratio(med(wl + '-warm', 'cowdisk-remote'), med(wl + '-warm', 'cowdisk-local'))} | >= 0.9 |")
+print(f"| cold seqread: cowdisk-remote / nbdkit-curl | {ratio(med('seqread-cold', 'cowdisk-remote'), med('seqread-cold', 'nbdkit-curl'))} | >= 1.5 |")
+print(f"| cold randread 4k qd16: cowdisk-remote / nbdkit-curl | {ratio(med('randread-cold', 'cowdisk-remote'), med('randread-cold', 'nbdkit-curl'))} | >= 1.5 |")
+import os
+fetched = os.path.join(os.path.dirname(sys.argv[1]), "fetched.tsv")
+if os.path.exists(fetched):
+    v = [int(l.split()[1]) / int(l.split()[2]) for l in open(fetched) if l.strip()]
+    print(f"| bytes fetched for a cold whole-disk read / data held | {statistics.median(v):.3f} | <= 1.05 |")
+print(f"| boot replay on a cold cache: with prefetch / without | {ratio(med('boot-prefetch', 'cowdisk-remote'), med('boot-plain', 'cowdisk-remote'))} | >= 2 |")
 PY
