@@ -241,7 +241,31 @@ impl AllocMap {
         }
     }
 
+    /// Page `p`'s words, if it holds anything (for scans that visit its blocks in turn).
+    #[inline]
+    pub(crate) fn page_words(&self, p: u64) -> Option<&[AtomicU64]> {
+        self.pages
+            .get(p as usize)
+            .and_then(OnceLock::get)
+            .map(|b| &**b)
+    }
+
+    /// State of block `b` given its page's words from [`AllocMap::page_words`].
+    #[inline]
+    pub(crate) fn state_in(words: Option<&[AtomicU64]>, b: u64) -> BlockState {
+        let Some(ws) = words else {
+            return BlockState::Absent;
+        };
+        let w = ws[((b % ENTRIES_PER_PAGE) / ENTRIES_PER_WORD) as usize].load(SeqCst);
+        match (w >> (2 * (b % ENTRIES_PER_WORD))) & 3 {
+            1 => BlockState::Data,
+            2 => BlockState::Zero,
+            _ => BlockState::Absent,
+        }
+    }
+
     /// The raw word holding blocks `32*i .. 32*i+32` (0 where the page is not held).
+    #[inline]
     pub(crate) fn word(&self, i: usize) -> u64 {
         let (p, w) = (i as u64 / WORDS_PER_PAGE, i as u64 % WORDS_PER_PAGE);
         match self.pages.get(p as usize).and_then(OnceLock::get) {

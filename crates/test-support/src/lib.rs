@@ -97,7 +97,11 @@ mod tests {
 
     #[test]
     fn missing_prerequisite_skips_outside_ci() {
-        assert!(!enforce(false, false, "the rule's own test tool (not a real skip)"));
+        assert!(!enforce(
+            false,
+            false,
+            "the rule's own test tool (not a real skip)"
+        ));
     }
 
     #[test]

@@ -233,13 +233,14 @@ impl Disk {
     /// How many blocks from `b` (itself unallocated) are surely unallocated too: up to the
     /// end of the top's map page and of the resolved chunk, where either holds nothing.
     fn unheld_run(&self, b: u64) -> u64 {
-        let top = self.top.map.unheld_until(b);
+        // The lower chunk first: in a fragmented chain it holds something, and one block
+        // is all there is to skip.
         let low = self.lower.resolved.unheld_until(b);
+        if low <= b {
+            return 1;
+        }
+        let top = self.top.map.unheld_until(b);
         top.min(low).min(self.geometry.blocks).max(b + 1) - b
-    }
-
-    fn kind_of(&self, b: u64) -> MappingKind {
-        block_kind(self.top.map.get(b), || self.lower.resolved.get(b))
     }
 
     /// Calls `f` with maximal runs of `[offset, offset + len)` that read the same way.
@@ -261,8 +262,15 @@ impl Disk {
         let end = offset + len;
         let mut b = offset / bs;
         let mut run: Option<Mapping> = None;
+        // The top's map page is looked up once per page, not once per block.
+        let (mut page_no, mut page) = (u64::MAX, None);
         while b * bs < end {
-            let kind = self.kind_of(b);
+            let p = b / crate::format::ENTRIES_PER_PAGE;
+            if p != page_no {
+                (page_no, page) = (p, self.top.map.page_words(p));
+            }
+            let top = AllocMap::state_in(page, b);
+            let kind = block_kind(top, || self.lower.resolved.get(b));
             // A region no layer holds is skipped as a whole, not block by block.
             let step = match kind {
                 MappingKind::Unallocated => self.unheld_run(b),
