@@ -105,10 +105,11 @@ impl LocalFiles {
 
     /// The path `reference` names from the layer at `child`, for messages and opening.
     fn target(child: &Path, reference: &str) -> PathBuf {
-        if reference.starts_with('/') {
+        let dir = folder_of(child);
+        if reference.starts_with('/') || dir == Path::new(".") {
             PathBuf::from(reference)
         } else {
-            folder_of(child).join(reference)
+            dir.join(reference)
         }
     }
 
