@@ -14,6 +14,14 @@
 //! files are emptied with hole punches (not unlinked, so processes that have them open
 //! keep sharing one file and see the punched blocks as misses).
 //!
+//! Warm reads skip the CRC: a process remembers which blocks it verified, and an
+//! *eviction generation* (`v2.evictions` beside the folder, a seqlock across processes)
+//! tells it when that memory may be stale. An evictor takes the file's lock, makes the
+//! count odd, punches, makes it even. A block verified while the count read the same even
+//! value before and after, and read later while the count still has that value, cannot
+//! have been punched in between; otherwise the read is redone with the CRC. Other writes
+//! to a cache file only ever store the same verified bytes, so they cannot change a block.
+//!
 //! Trust: the cache folder is created 0700. CRC-32 detects damage, not forgery, so the
 //! folder must not be writable by anyone the host does not trust with its disks.
 
@@ -21,7 +29,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::log::log;
 
@@ -38,6 +46,12 @@ pub struct CacheDir {
     /// The last write failed (a full file system): readahead is pointless until one
     /// succeeds again.
     failing: AtomicBool,
+    /// The eviction generation's file; `None` if it cannot be opened (then every cached
+    /// read is checked against its CRC).
+    generation: Option<File>,
+    /// Held while this process evicts: the file lock is per open file, so it cannot tell
+    /// this process's threads apart.
+    evicting: Mutex<()>,
 }
 
 /// Where the cache lives when nothing says: `$COWDISK_CACHE_DIR`, else the user's cache
@@ -57,18 +71,46 @@ pub fn default_cache_dir() -> PathBuf {
 impl CacheDir {
     /// A cache in `root` (created 0700 if missing) bounded to `limit` bytes.
     pub fn new(root: &Path, limit: u64) -> std::io::Result<Arc<CacheDir>> {
-        let root = root.join("v1");
+        let generation = root.join("v2.evictions");
+        let root = root.join("v2");
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&root)?;
+        let generation = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(generation)
+            .ok();
         Ok(Arc::new(CacheDir {
             root,
             limit,
             written: AtomicU64::new(0),
             warned: AtomicBool::new(false),
             failing: AtomicBool::new(false),
+            generation,
+            evicting: Mutex::new(()),
         }))
+    }
+
+    /// The eviction generation if no eviction is under way (an even count), else `None`.
+    /// An odd count left by an evictor that died is made even here (its lock is free).
+    pub fn generation(&self) -> Option<u64> {
+        let f = self.generation.as_ref()?;
+        let g = read_count(f)?;
+        if g % 2 == 0 {
+            return Some(g);
+        }
+        let _evicting = self.evicting.try_lock().ok()?;
+        let _lock = GenLock::try_new(f)?;
+        let g = read_count(f)?;
+        if g % 2 == 1 {
+            f.write_all_at(&(g + 1).to_le_bytes(), 0).ok()?;
+        }
+        Some(g + g % 2)
     }
 
     /// The folder holding the cache files.
@@ -132,10 +174,29 @@ impl CacheDir {
             .flatten()
             .filter_map(|e| {
                 let m = e.metadata().ok()?;
-                m.is_file().then(|| (m.mtime(), m.blocks() * 512, e.path()))
+                let ours = e.file_name().to_string_lossy().ends_with(".blocks");
+                (m.is_file() && ours).then(|| (m.mtime(), m.blocks() * 512, e.path()))
             })
             .collect();
         let mut total: u64 = files.iter().map(|f| f.1).sum();
+        if total <= self.limit {
+            return;
+        }
+        // Readers that skip the CRC must see that blocks may have gone: odd while punching.
+        let Some(gen_file) = &self.generation else {
+            return;
+        };
+        let _evicting = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(_lock) = GenLock::new(gen_file) else {
+            return;
+        };
+        let Some(g) = read_count(gen_file) else {
+            return;
+        };
+        let odd = g | 1;
+        if gen_file.write_all_at(&odd.to_le_bytes(), 0).is_err() {
+            return;
+        }
         files.sort();
         for (_, size, path) in files {
             if total <= self.limit {
@@ -147,6 +208,43 @@ impl CacheDir {
                 }
             }
         }
+        // If this write fails the count stays odd until a reader repairs it.
+        let _ = gen_file.write_all_at(&(odd + 1).to_le_bytes(), 0);
+    }
+}
+
+/// The count in the generation file (a missing or short file counts as 0).
+fn read_count(f: &File) -> Option<u64> {
+    let mut b = [0u8; 8];
+    match f.read_at(&mut b, 0) {
+        Ok(8) => Some(u64::from_le_bytes(b)),
+        Ok(_) => Some(0),
+        Err(_) => None,
+    }
+}
+
+/// The generation file's exclusive lock, held while evicting (released on drop, or by
+/// the kernel if the evictor dies).
+struct GenLock<'a>(&'a File);
+
+impl<'a> GenLock<'a> {
+    fn new(f: &'a File) -> Option<Self> {
+        use rustix::fs::{flock, FlockOperation};
+        flock(f, FlockOperation::LockExclusive).ok()?;
+        Some(GenLock(f))
+    }
+
+    fn try_new(f: &'a File) -> Option<Self> {
+        use rustix::fs::{flock, FlockOperation};
+        flock(f, FlockOperation::NonBlockingLockExclusive).ok()?;
+        Some(GenLock(f))
+    }
+}
+
+impl Drop for GenLock<'_> {
+    fn drop(&mut self) {
+        use rustix::fs::{flock, FlockOperation};
+        let _ = flock(self.0, FlockOperation::Unlock);
     }
 }
 
@@ -173,6 +271,17 @@ impl CacheFile {
     /// `crc`); false on a miss, a torn entry or any read error.
     pub fn read(&self, buf: &mut [u8], off: u64, crc: u32) -> bool {
         self.file.read_exact_at(buf, off).is_ok() && crc32fast::hash(buf) == crc
+    }
+
+    /// Reads cached bytes at `off` without checking them: only for blocks this process
+    /// verified under the current eviction generation (see the module's comment).
+    pub fn read_trusted(&self, buf: &mut [u8], off: u64) -> bool {
+        self.file.read_exact_at(buf, off).is_ok()
+    }
+
+    /// The folder's eviction generation (see [`CacheDir::generation`]).
+    pub fn generation(&self) -> Option<u64> {
+        self.dir.generation()
     }
 
     /// Stores a verified block; failures (a full file system) only mean no caching.

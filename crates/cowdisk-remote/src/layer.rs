@@ -23,6 +23,7 @@ use crate::fetch::{cache_offset, FetchOptions, Fetcher, Unit};
 use crate::object::{object_name, LayerMeta, ObjectHeader, META_OFFSET, OBJECT_HEADER, SUFFIX};
 use crate::trace::TraceRecorder;
 use crate::url::S3Url;
+use crate::verified::Verified;
 
 /// Range GETs a trace prefetch keeps in flight (overlaybd replays with 16).
 const PREFETCH_PARALLEL: usize = 16;
@@ -34,12 +35,26 @@ const PAGE_ENTRY_BYTES: u64 = PAGE_SIZE - PAGE_HEADER as u64;
 const MAX_BACKGROUND: usize = 4;
 static BACKGROUND: AtomicUsize = AtomicUsize::new(0);
 
+/// A piece of a read to check or fetch: rank, offset in the block, start in the buffer,
+/// length.
+type Piece = (usize, usize, usize, usize);
+
+/// How one read is served: `trusted` runs of the cache file (file offset, start in the
+/// buffer, length), `checked` pieces.
+#[derive(Default)]
+struct Plan {
+    trusted: Vec<(u64, usize, usize)>,
+    checked: Vec<Piece>,
+    generation: Option<u64>,
+}
+
 /// One open layer object.
 pub struct RemoteLayer {
     url: S3Url,
     meta: LayerMeta,
     fetcher: Fetcher,
     last_unit: AtomicUsize,
+    verified: Verified,
     me: Weak<RemoteLayer>,
     record: Option<Arc<TraceRecorder>>,
 }
@@ -86,7 +101,8 @@ impl RemoteLayer {
         let meta = load_meta(&client, url, Instant::now() + opts.deadline)?;
         let bs = meta.object.geometry.block_size;
         let name = object_name(&meta.header.uuid, meta.header.seal_digest);
-        let cache_len = meta.data.len() as u64 * u64::from(bs);
+        let ranks = meta.data.len();
+        let cache_len = ranks as u64 * u64::from(bs);
         let cache = cache.and_then(|c| c.open(name.trim_end_matches(SUFFIX), cache_len));
         let fetcher = Fetcher::new(url.clone(), client, cache, opts, bs);
         Ok(Arc::new_cyclic(|me| RemoteLayer {
@@ -94,6 +110,7 @@ impl RemoteLayer {
             meta,
             fetcher,
             last_unit: AtomicUsize::new(usize::MAX - 1),
+            verified: Verified::new(ranks),
             me: me.clone(),
             record,
         }))
@@ -190,46 +207,104 @@ impl RemoteLayer {
         });
     }
 
-    /// Fills `buf` from the data region at virtual file offset `off`.
+    /// Fills `buf` from the data region at virtual file offset `off`: blocks this process
+    /// verified straight from the cache file, others from the cache checked against their
+    /// CRC, the rest fetched.
     fn read_data(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut plan = self.plan(buf, off, true);
+        if !plan.trusted.is_empty() && !self.read_trusted(buf, &plan) {
+            // Evicted since verified, or a read error: every piece the CRC way.
+            plan = self.plan(buf, off, false);
+        }
+        let missing = self.read_checked(buf, &plan.checked);
+        self.fill_missing(buf, &missing)?;
+        Ok(())
+    }
+
+    /// Splits a read into runs of the cache file to read as they are (verified blocks,
+    /// adjacent ones merged into one read) and pieces to check; fills holes with zeros.
+    fn plan(&self, buf: &mut [u8], off: u64, trust: bool) -> Plan {
         let g = self.meta.object.geometry;
         let bs = u64::from(g.block_size);
-        let mut missing: Vec<(usize, usize, usize, usize)> = Vec::new(); // rank, in-block, buf start, len
-        let mut scratch = Vec::new();
+        let mut plan = Plan::default();
+        let verified = self.verified.read();
+        let trust = trust && self.fetcher.cache.is_some();
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64 - g.data_offset;
             let (b, inb) = (pos / bs, (pos % bs) as usize);
             let n = (bs as usize - inb).min(buf.len() - done);
-            let piece = &mut buf[done..done + n];
             let blen = g.block_len(b);
             match self.meta.rank(b) {
                 Some(r) if inb < blen => {
-                    let cached = self.fetcher.cache.as_ref().is_some_and(|c| {
-                        scratch.resize(blen, 0);
-                        c.read(&mut scratch, cache_offset(&self.meta, r), self.meta.crcs[r])
-                    });
-                    if cached {
-                        let k = n.min(blen - inb);
-                        piece[..k].copy_from_slice(&scratch[inb..inb + k]);
-                        piece[k..].fill(0);
+                    let k = n.min(blen - inb);
+                    buf[done + k..done + n].fill(0);
+                    if trust && verified.has(r) {
+                        let at = cache_offset(&self.meta, r) + inb as u64;
+                        match plan.trusted.last_mut() {
+                            Some(t) if t.0 + t.2 as u64 == at && t.1 + t.2 == done => t.2 += k,
+                            _ => plan.trusted.push((at, done, k)),
+                        }
                     } else {
-                        missing.push((r, inb, done, n));
+                        plan.checked.push((r, inb, done, n));
                     }
                 }
-                _ => piece.fill(0),
+                _ => buf[done..done + n].fill(0),
             }
             done += n;
         }
-        self.fill_missing(buf, &missing)?;
-        Ok(())
+        plan.generation = verified.generation();
+        plan
     }
 
-    fn fill_missing(
-        &self,
-        buf: &mut [u8],
-        missing: &[(usize, usize, usize, usize)],
-    ) -> io::Result<()> {
+    /// Reads verified runs from the cache file; false (and the verified set forgotten) if
+    /// an eviction may have touched them or a read failed.
+    fn read_trusted(&self, buf: &mut [u8], plan: &Plan) -> bool {
+        let Some(cache) = &self.fetcher.cache else {
+            return false;
+        };
+        // The generation the set had when the plan consulted it, not whatever it has now.
+        let before = plan.generation;
+        let ok = plan
+            .trusted
+            .iter()
+            .all(|&(at, s, n)| cache.read_trusted(&mut buf[s..s + n], at));
+        let now = cache.generation();
+        if ok && now.is_some() && now == before {
+            return true;
+        }
+        self.verified.reset(now);
+        false
+    }
+
+    /// Reads `pieces` from the cache, each block checked against its CRC; remembers the
+    /// blocks that pass while no eviction ran. Returns the pieces the cache lacks.
+    fn read_checked(&self, buf: &mut [u8], pieces: &[Piece]) -> Vec<Piece> {
+        let Some(cache) = &self.fetcher.cache else {
+            return pieces.to_vec();
+        };
+        let before = cache.generation();
+        let mut missing = Vec::new();
+        let mut good = Vec::new();
+        let mut scratch = Vec::new();
+        for &(r, inb, at, n) in pieces {
+            let blen = self.meta.data_range(r).1;
+            scratch.resize(blen, 0);
+            if cache.read(&mut scratch, cache_offset(&self.meta, r), self.meta.crcs[r]) {
+                let k = n.min(blen - inb);
+                buf[at..at + k].copy_from_slice(&scratch[inb..inb + k]);
+                good.push(r);
+            } else {
+                missing.push((r, inb, at, n));
+            }
+        }
+        if let Some(g) = before.filter(|&g| cache.generation() == Some(g)) {
+            self.verified.mark(g, &good);
+        }
+        missing
+    }
+
+    fn fill_missing(&self, buf: &mut [u8], missing: &[Piece]) -> io::Result<()> {
         let units: Vec<usize> = missing
             .iter()
             .map(|m| self.fetcher.unit_of(m.0))

@@ -27,6 +27,7 @@ pub mod push;
 pub mod source;
 pub mod trace;
 pub mod url;
+mod verified;
 
 pub use cache::{default_cache_dir, CacheDir, DEFAULT_CACHE_SIZE};
 pub use client::Client;

@@ -183,7 +183,7 @@ fn eight_clones_fetch_each_block_once_and_torn_cache_entries_are_refetched() {
     assert_eq!((n, bytes), (4, MIB), "{n} GETs, {bytes} bytes");
 
     // A torn cache entry (garbage in the cached block) is detected and refetched.
-    let f = std::fs::read_dir(cache.join("v1"))
+    let f = std::fs::read_dir(cache.join("v2"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
@@ -226,7 +226,7 @@ fn cache_stays_bounded() {
     let top = new_top(&src, &tmp.0, "t.cow", &url);
     let all = read_all(&top, &OpenOptions::new().source(src.clone()));
     assert!(all == expect);
-    let used: u64 = std::fs::read_dir(cache.join("v1"))
+    let used: u64 = std::fs::read_dir(cache.join("v2"))
         .unwrap()
         .flatten()
         .map(|e| {
@@ -324,4 +324,35 @@ fn an_object_that_is_not_the_expected_layer_is_refused_at_open() {
         .unwrap()
         .to_string();
     assert!(e.contains("w/renamed") && e.contains("expects"), "{e}");
+}
+
+#[test]
+fn warm_readers_notice_another_process_evicting() {
+    let tmp = Tmp::new("evict");
+    let Some(server) = start(&tmp) else { return };
+    let (url, expect) = pushed(&tmp, &server, "evict");
+    let cache = tmp.0.join("cache");
+    let src = source(&server, Some(&cache), Duration::from_secs(30));
+    let top = new_top(&src, &tmp.0, "t.cow", &url);
+    let d = Disk::open(&top, &OpenOptions::new().source(src.clone())).unwrap();
+    let at = 200 * MIB; // held by the remote base only
+    let want = &expect[at as usize..][..MIB as usize];
+    let mut b = vec![0u8; MIB as usize];
+    // Fetched, then checked once from the cache; after that the cache file is trusted.
+    for _ in 0..3 {
+        d.read(at, &mut b).unwrap();
+        assert!(b[..] == want[..]);
+    }
+    let g0 = gets(&src).0;
+    d.read(at, &mut b).unwrap();
+    assert_eq!(gets(&src).0, g0, "served from the cache");
+    // Another process (its own handle on the folder, a zero bound) empties every file.
+    cowdisk_remote::cache::CacheDir::new(&cache, 0)
+        .unwrap()
+        .enforce();
+    d.read(at, &mut b).unwrap();
+    assert!(b[..] == want[..], "never the punched zeros");
+    assert!(gets(&src).0 > g0, "fetched again");
+    d.read(at, &mut b).unwrap();
+    assert!(b[..] == want[..]);
 }

@@ -176,7 +176,7 @@ fn serve_two_tops_shared_cache_and_kill_9_mid_fetch() {
     stop(a);
     stop(b);
     assert_eq!(
-        std::fs::read_dir(t.p("cache2/v1")).unwrap().count(),
+        std::fs::read_dir(t.p("cache2/v2")).unwrap().count(),
         3,
         "one cache file per layer"
     );
