@@ -10,8 +10,9 @@
 #   cowdisk-local    cowdisk serve on a top over the same base as a local file (what warm
 #                    remote reads should approach)
 # Also: bytes fetched for a cold whole-disk read against the data the base holds (the host
-# cache's allocated bytes afterwards), and a recorded "boot" (random reads) replayed on a
-# cold cache with and without `serve --prefetch` of its trace.
+# cache's allocated bytes afterwards), and a recorded "boot" (dependent 4 KiB reads, QD 1,
+# over a quarter of the disk) replayed on a cold cache with and without `serve --prefetch`
+# of its trace.
 # Not run: qemu-nbd with a qcow2 top over the raw object through qemu's curl driver. Its
 # module (Debian's qemu-block-extra) exists here only for qemu 7.2, and installing it
 # replaces the machine's qemu-utils 10.0.2.
@@ -103,6 +104,8 @@ fio_once() {  # fio_once WORKLOAD CONTENDER REP -- FIO-ARGS
 }
 SEQ=(--rw=read --bs=1M --iodepth=8 --size=${SIZE_MB}m)
 RAND=(--rw=randread --bs=4k --iodepth=16 --size=${SIZE_MB}m --io_size=$((SIZE_MB / 8))m --randseed=7)
+# A boot: dependent reads (one at a time) scattered over a quarter of the disk.
+BOOT=(--rw=randread --bs=4k --iodepth=1 --size=$((SIZE_MB / 4))m --io_size=$((SIZE_MB / 64))m --randseed=11)
 
 for rep in $(seq "$REPS"); do
   for wl in seqread randread; do
@@ -123,19 +126,18 @@ for rep in $(seq "$REPS"); do
   stop
   fetched=$(du -s --block-size=1 "$RUN/cache" | cut -f1)
   printf '%s\t%s\t%s\n' "$rep" "$fetched" "$((SIZE_MB * 1048576))" >>"$OUT/fetched.tsv"
-  # A boot trace: the random reads, recorded once, then replayed on a cold cache with
-  # and without prefetch.
+  # A boot trace: recorded once, then replayed on a cold cache with and without prefetch.
   rm -rf "$RUN/cache" "$RUN/rtop.cow" "$RUN/boot.trace"
   "$COWDISK" create "$RUN/rtop.cow" --backing "$URL" >/dev/null
   start "$COWDISK" serve "$RUN/rtop.cow" --socket "$SOCK" --cache-dir "$RUN/cache" \
     --record-trace "$RUN/boot.trace"
-  fio --name=record --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" "${RAND[@]}" >/dev/null
+  fio --name=record --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" "${BOOT[@]}" >/dev/null
   stop
   for mode in plain prefetch; do
     rm -rf "$RUN/cache"
     pf=(); [[ $mode == prefetch ]] && pf=(--prefetch "$RUN/boot.trace")
     start "$COWDISK" serve "$RUN/rtop.cow" --socket "$SOCK" --cache-dir "$RUN/cache" "${pf[@]}"
-    fio_once "boot-$mode" cowdisk-remote "$rep" -- "${RAND[@]}"
+    fio_once "boot-$mode" cowdisk-remote "$rep" -- "${BOOT[@]}"
     stop
   done
   for wl in seqread randread; do

@@ -37,6 +37,12 @@ pub trait ReadStorage: Send + Sync {
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+    /// True if every read of a data block returns only bytes already checked against
+    /// the block CRCs this storage presents (a source that verifies on arrival): the
+    /// engine then does not read a whole block to check it again before a partial read.
+    fn verifies_reads(&self) -> bool {
+        false
+    }
 }
 
 /// Positional, exact I/O on a writable layer file.

@@ -137,48 +137,108 @@ impl Fetcher {
         first..(first + self.per_unit).min(meta.data.len())
     }
 
-    /// Unit `u`, fetching it unless another reader already is (then waits for that
-    /// fetch, up to `deadline`).
-    pub fn unit(&self, meta: &LayerMeta, u: usize, deadline: Instant) -> Outcome {
-        if let Some(hit) = self
-            .recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|r| r.0 == u)
+    /// The units `want` (ascending), fetching those no reader is fetching yet with one
+    /// GET per stretch of at most `per_get` adjacent units, `parallel` GETs at a time,
+    /// and waiting (up to `deadline`) for those another reader is fetching. Fewer, larger
+    /// requests cost the store less than many unit-sized ones; a unit is still fetched
+    /// once however many readers want it.
+    pub fn get_units(
+        &self,
+        meta: &LayerMeta,
+        want: &[usize],
+        per_get: usize,
+        parallel: usize,
+        deadline: Instant,
+    ) -> Vec<(usize, Outcome)> {
+        let mut out = Vec::with_capacity(want.len());
+        let mut waits = Vec::new();
+        let mut stretches: Vec<Vec<(usize, Arc<Pending>)>> = Vec::new();
         {
-            return Ok(hit.1.clone());
-        }
-        let (pending, leader) = {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            match m.get(&u) {
-                Some(p) => (p.clone(), false),
-                None => {
+            let mut cur: Vec<(usize, Arc<Pending>)> = Vec::new();
+            for &u in want {
+                let adjacent = cur.last().is_some_and(|l| l.0 + 1 == u);
+                if !cur.is_empty() && (!adjacent || cur.len() == per_get.max(1)) {
+                    stretches.push(std::mem::take(&mut cur));
+                }
+                if let Some(hit) = recent.iter().find(|r| r.0 == u) {
+                    out.push((u, Ok(hit.1.clone())));
+                } else if let Some(p) = m.get(&u) {
+                    waits.push((u, p.clone()));
+                } else {
                     let p = Arc::new(Pending::default());
                     m.insert(u, p.clone());
-                    (p, true)
+                    cur.push((u, p));
                 }
             }
-        };
-        if leader {
-            let r = self
-                .download(meta, u, deadline)
-                .map_err(|e| Arc::from(e.to_string()));
-            if let Ok(unit) = &r {
+            stretches.extend((!cur.is_empty()).then_some(cur));
+        }
+        for group in stretches.chunks(parallel.max(1)) {
+            if let [one] = group {
+                out.extend(self.lead(meta, one, deadline));
+                continue;
+            }
+            std::thread::scope(|s| {
+                let hs: Vec<_> = group
+                    .iter()
+                    .map(|st| s.spawn(move || self.lead(meta, st, deadline)))
+                    .collect();
+                for h in hs {
+                    out.extend(h.join().expect("fetch thread"));
+                }
+            });
+        }
+        for (u, p) in waits {
+            out.push((u, self.wait(&p, deadline)));
+        }
+        out
+    }
+
+    /// Unit `u` (see [`Fetcher::get_units`]).
+    pub fn unit(&self, meta: &LayerMeta, u: usize, deadline: Instant) -> Outcome {
+        let mut v = self.get_units(meta, &[u], 1, 1, deadline);
+        v.pop()
+            .map(|x| x.1)
+            .unwrap_or_else(|| Err(Arc::from("no unit")))
+    }
+
+    /// Fetches a stretch of adjacent units this reader claimed, and hands the outcome to
+    /// every reader waiting for one of them.
+    fn lead(
+        &self,
+        meta: &LayerMeta,
+        stretch: &[(usize, Arc<Pending>)],
+        deadline: Instant,
+    ) -> Vec<(usize, Outcome)> {
+        let first = stretch[0].0;
+        let r = self.download(meta, first..first + stretch.len(), deadline);
+        let mut out = Vec::with_capacity(stretch.len());
+        for (i, (u, p)) in stretch.iter().enumerate() {
+            let outcome: Outcome = match &r {
+                Ok(units) => Ok(units[i].clone()),
+                Err(e) => Err(Arc::from(e.to_string())),
+            };
+            if let Ok(unit) = &outcome {
                 let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
                 if recent.len() == RECENT {
                     recent.pop_front();
                 }
-                recent.push_back((u, unit.clone()));
+                recent.push_back((*u, unit.clone()));
             }
-            *pending.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
-            pending.cv.notify_all();
+            *p.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome.clone());
+            p.cv.notify_all();
             self.inflight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&u);
-            return r;
+                .remove(u);
+            out.push((*u, outcome));
         }
+        out
+    }
+
+    /// Waits for another reader's fetch, up to `deadline`.
+    fn wait(&self, pending: &Pending, deadline: Instant) -> Outcome {
         let mut done = pending.done.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = done.as_ref() {
@@ -202,19 +262,41 @@ impl Fetcher {
         }
     }
 
-    /// One range GET for unit `u`; verifies every block, caches the good ones.
+    /// One range GET for the adjacent units `units`; verifies every block, caches the
+    /// good ones.
     fn download(
         &self,
         meta: &LayerMeta,
-        u: usize,
+        units: std::ops::Range<usize>,
         deadline: Instant,
-    ) -> Result<Arc<Unit>, RemoteError> {
-        let ranks = self.ranks(meta, u);
-        let (start, _) = meta.data_range(ranks.start);
-        let (last_off, last_len) = meta.data_range(ranks.end - 1);
+    ) -> Result<Vec<Arc<Unit>>, RemoteError> {
+        let first_rank = units.start * self.per_unit;
+        let end_rank = (units.end * self.per_unit).min(meta.data.len());
+        let (start, _) = meta.data_range(first_rank);
+        let (last_off, last_len) = meta.data_range(end_rank - 1);
         let mut bytes = vec![0u8; (last_off + last_len as u64 - start) as usize];
         self.client
             .get_known(&self.url, start, &mut bytes, deadline)?;
+        let mut out = Vec::with_capacity(units.len());
+        for u in units {
+            let ranks = self.ranks(meta, u);
+            let (ustart, _) = meta.data_range(ranks.start);
+            let (uoff, ulen) = meta.data_range(ranks.end - 1);
+            let base = (ustart - start) as usize;
+            let ubytes = bytes[base..base + (uoff + ulen as u64 - ustart) as usize].to_vec();
+            out.push(Arc::new(self.check_unit(meta, ranks, ustart, ubytes)));
+        }
+        Ok(out)
+    }
+
+    /// Checks every block of a fetched unit against its CRC and caches the good ones.
+    fn check_unit(
+        &self,
+        meta: &LayerMeta,
+        ranks: std::ops::Range<usize>,
+        start: u64,
+        bytes: Vec<u8>,
+    ) -> Unit {
         let mut offsets = Vec::with_capacity(ranks.len());
         let mut bad = Vec::with_capacity(ranks.len());
         for r in ranks.clone() {
@@ -235,12 +317,12 @@ impl Fetcher {
             offsets.push((s, len));
             bad.push(!ok);
         }
-        Ok(Arc::new(Unit {
+        Unit {
             first_rank: ranks.start,
             offsets,
             bytes,
             bad,
-        }))
+        }
     }
 }
 

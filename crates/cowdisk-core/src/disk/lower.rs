@@ -23,8 +23,9 @@ pub struct LowerLayer {
     /// stored CRC once. Sealed layers never change, so once is enough; shared by every
     /// disk using the layer.
     verified: Box<[OnceLock<Box<[AtomicU64]>>]>,
-    /// Without stored CRCs there is nothing to verify against.
-    no_crcs: bool,
+    /// Without stored CRCs there is nothing to verify against; a storage that verifies
+    /// every read itself (a remote layer) needs no second check.
+    no_check: bool,
 }
 
 /// Words (64 blocks each) per chunk of verified bits.
@@ -43,10 +44,11 @@ impl LowerLayer {
         counts: (u64, u64),
     ) -> LowerLayer {
         let chunks = header.geometry.blocks.div_ceil(64 * VERIFIED_CHUNK) as usize;
+        let no_check = header.compat & COMPAT_BLOCK_CRCS == 0 || storage.verifies_reads();
         LowerLayer {
             storage,
             path,
-            no_crcs: header.compat & COMPAT_BLOCK_CRCS == 0,
+            no_check,
             header,
             data_blocks: counts.0,
             zero_blocks: counts.1,
@@ -71,7 +73,7 @@ impl LowerLayer {
 
     pub(crate) fn is_verified(&self, b: u64) -> bool {
         let (c, w) = ((b / 64) / VERIFIED_CHUNK, (b / 64) % VERIFIED_CHUNK);
-        self.no_crcs
+        self.no_check
             || self.verified[c as usize]
                 .get()
                 .is_some_and(|ws| ws[w as usize].load(SeqCst) & (1 << (b % 64)) != 0)

@@ -147,7 +147,7 @@ pub fn push(env: &Env, t: &Tmp, prefix: &str) -> (String, Value) {
 /// Allocated bytes of the cache files under `dir`.
 pub fn cached_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir.join("v1"))
+    std::fs::read_dir(dir.join("v2"))
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.metadata().unwrap().blocks() * 512)
