@@ -13,9 +13,10 @@
 # cache's allocated bytes afterwards), and a recorded "boot" (dependent 4 KiB reads, QD 1,
 # over a quarter of the disk) replayed on a cold cache with and without `serve --prefetch`
 # of its trace.
-# Not run: qemu-nbd with a qcow2 top over the raw object through qemu's curl driver. Its
-# module (Debian's qemu-block-extra) exists here only for qemu 7.2, and installing it
-# replaces the machine's qemu-utils 10.0.2.
+#   qemu-curl        qemu-nbd on a qcow2 top whose backing file is the raw object through
+#                    qemu's curl driver (Debian's qemu-block-extra, from bookworm-backports
+#                    to match qemu-utils 10.0; tools/install-deps.sh --bench installs it).
+#                    No host cache: its warm reads go to the store again.
 # Each is measured cold (fresh cache, every block comes from the store) and warm (the
 # same server again, every block cached). A loopback store has no real latency, so the
 # cold rows measure the fetch path's overheads (request count, verification, caching),
@@ -52,6 +53,9 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 for t in weed fio nbdkit jq curl; do command -v "$t" >/dev/null || die "$t missing (tools/install-deps.sh)"; done
 [[ -x $COWDISK ]] || die "$COWDISK missing: cargo build --release"
+HAVE_QEMU_CURL=0
+if ls /usr/lib/*/qemu/block-curl.so >/dev/null 2>&1; then HAVE_QEMU_CURL=1
+else log "qemu's curl driver missing (tools/install-deps.sh --bench): no qemu-curl rows"; fi
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
@@ -156,6 +160,15 @@ for rep in $(seq "$REPS"); do
     fio_once "$wl-cold" nbdkit-curl "$rep" -- "${args[@]}"
     fio_once "$wl-warm" nbdkit-curl "$rep" -- "${args[@]}"
     stop
+    if ((HAVE_QEMU_CURL)); then
+      log "rep $rep $wl: qemu-curl"
+      rm -f "$RUN/qtop.qcow2"
+      qemu-img create -q -f qcow2 -F raw -b "$ENDPOINT/$BUCKET/raw/base.raw" "$RUN/qtop.qcow2"
+      start qemu-nbd -t -e 8 -f qcow2 --socket "$SOCK" "$RUN/qtop.qcow2"
+      fio_once "$wl-cold" qemu-curl "$rep" -- "${args[@]}"
+      fio_once "$wl-warm" qemu-curl "$rep" -- "${args[@]}"
+      stop
+    fi
   done
 done
 

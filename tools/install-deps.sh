@@ -38,6 +38,20 @@ fi
 # The guest's kernel, busybox and qemu-system-x86 are unpacked into a cache, not installed:
 # installing qemu-system-x86 would replace a newer qemu-utils with Debian 12's.
 bash "$(dirname "$0")/vm/fetch.sh"
+# --bench: qemu's curl block driver for tools/bench-remote.sh's qemu-curl peer. It must
+# match qemu-utils exactly; where qemu-utils came from bookworm-backports (10.0 here), so
+# does the driver (Debian 12's own qemu-block-extra is 7.2 and would downgrade qemu-utils).
+if [[ " $* " == *" --bench "* ]] && ! dpkg-query -W -f='${Status}' qemu-block-extra 2>/dev/null | grep -q 'install ok installed'; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  QV=$(dpkg-query -W -f='${Version}' qemu-utils)
+  if [[ $QV == *bpo12* ]]; then
+    BPO=/etc/apt/sources.list.d/bookworm-backports.sources
+    [ -e "$BPO" ] || printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' | $SUDO tee "$BPO" >/dev/null
+    $SUDO apt-get update -qq
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "qemu-block-extra=$QV"
+fi
 QEMU_IMG_AFTER=$(qemu-img --version | head -n1)
 if [ -n "$QEMU_IMG_BEFORE" ] && [ "$QEMU_IMG_AFTER" != "$QEMU_IMG_BEFORE" ]; then
   echo "install-deps.sh: qemu-utils changed from '$QEMU_IMG_BEFORE' to '$QEMU_IMG_AFTER'" >&2

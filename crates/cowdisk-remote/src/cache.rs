@@ -273,6 +273,19 @@ impl CacheFile {
         self.file.read_exact_at(buf, off).is_ok() && crc32fast::hash(buf) == crc
     }
 
+    /// A cheap guess whether the `len` bytes at `off` are cached: not all a hole (never
+    /// written, or punched), by `SEEK_DATA`, without reading them. A guess only decides
+    /// whether to look closer or to fetch: a wrong "no" costs a fetch, a wrong "yes" a
+    /// CRC check that then fails.
+    pub fn probably_holds(&self, off: u64, len: usize) -> bool {
+        use rustix::fs::{seek, SeekFrom};
+        match seek(&self.file, SeekFrom::Data(off)) {
+            Ok(d) => d < off + len as u64,
+            Err(rustix::io::Errno::NXIO) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Reads cached bytes at `off` without checking them: only for blocks this process
     /// verified under the current eviction generation (see the module's comment).
     pub fn read_trusted(&self, buf: &mut [u8], off: u64) -> bool {

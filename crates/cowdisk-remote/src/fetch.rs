@@ -120,15 +120,17 @@ impl Fetcher {
         meta.data.len().div_ceil(self.per_unit)
     }
 
-    /// True if every block of unit `u` is in the cache, intact.
-    pub fn unit_cached(&self, meta: &LayerMeta, u: usize, scratch: &mut Vec<u8>) -> bool {
+    /// True if unit `u` looks cached (its first and last blocks, by
+    /// [`CacheFile::probably_holds`]): for readahead and prefetch, which only need to
+    /// skip what is there; reads check every block anyway.
+    pub fn unit_cached(&self, meta: &LayerMeta, u: usize) -> bool {
         let Some(cache) = &self.cache else {
             return false;
         };
-        self.ranks(meta, u).all(|r| {
-            let (_, len) = meta.data_range(r);
-            scratch.resize(len, 0);
-            cache.read(scratch, cache_offset(meta, r), meta.crcs[r])
+        let r = self.ranks(meta, u);
+        [r.start, r.end - 1].iter().all(|&k| {
+            let len = meta.data_range(k).1;
+            cache.probably_holds(cache_offset(meta, k), len)
         })
     }
 

@@ -145,10 +145,9 @@ impl RemoteLayer {
             .filter_map(|b| self.meta.rank(b))
             .map(|r| self.fetcher.unit_of(r))
             .collect();
-        let mut scratch = Vec::new();
         let missing: Vec<usize> = units
             .into_iter()
-            .filter(|&u| !self.fetcher.unit_cached(&self.meta, u, &mut scratch))
+            .filter(|&u| !self.fetcher.unit_cached(&self.meta, u))
             .collect();
         let deadline = Instant::now() + self.fetcher.opts.deadline;
         self.fetch_units(&missing, deadline, PREFETCH_PARALLEL)
@@ -192,10 +191,9 @@ impl RemoteLayer {
             return;
         };
         std::thread::spawn(move || {
-            let mut scratch = Vec::new();
             let deadline = Instant::now() + me.fetcher.opts.deadline;
             let missing: Vec<usize> = (last + 1..end)
-                .filter(|&u| !me.fetcher.unit_cached(&me.meta, u, &mut scratch))
+                .filter(|&u| !me.fetcher.unit_cached(&me.meta, u))
                 .collect();
             // In parallel, like a foreground read. Errors are the foreground reader's to
             // report when it gets there.
@@ -286,8 +284,12 @@ impl RemoteLayer {
         let mut scratch = Vec::new();
         for &(r, inb, at, n) in pieces {
             let blen = self.meta.data_range(r).1;
+            let at_cache = cache_offset(&self.meta, r);
             scratch.resize(blen, 0);
-            if cache.read(&mut scratch, cache_offset(&self.meta, r), self.meta.crcs[r]) {
+            // A cold block is a hole: no need to read and check a whole block of zeros.
+            if cache.probably_holds(at_cache, blen)
+                && cache.read(&mut scratch, at_cache, self.meta.crcs[r])
+            {
                 let k = n.min(blen - inb);
                 buf[at..at + k].copy_from_slice(&scratch[inb..inb + k]);
                 good.push(r);
