@@ -168,6 +168,33 @@ pub fn serve(
     flushed
 }
 
+/// Removes device `id` left behind by a server that died (SIGKILL, crash): the driver has
+/// then failed its I/O and removed `/dev/ublkbN`, but `/dev/ublkcN` stays, its number taken,
+/// until someone deletes it. Refused for a device that is live or waiting for recovery
+/// (its server, or one recovering it, still owns it).
+pub fn remove_dead(id: u32) -> Result<(), ServeError> {
+    if !Path::new(CONTROL).exists() {
+        return Err(ServeError::NoDriver);
+    }
+    let n = i32::try_from(id).map_err(|_| ServeError::Options("no such device number"))?;
+    let ctrl = UblkCtrl::new_simple(n).map_err(|e| ServeError::driver("find", e))?;
+    ctrl.read_dev_info()
+        .map_err(|e| ServeError::driver("query", e))?;
+    let info = ctrl.dev_info();
+    // A device being set up is DEAD until it starts: its server is alive, though.
+    let server_alive =
+        info.ublksrv_pid > 0 && Path::new(&format!("/proc/{}", info.ublksrv_pid)).exists();
+    if u32::from(info.state) != sys::UBLK_S_DEV_DEAD || server_alive {
+        return Err(ServeError::NotDead {
+            id,
+            pid: info.ublksrv_pid,
+        });
+    }
+    ctrl.del_dev()
+        .map_err(|e| ServeError::driver("delete", e))?;
+    Ok(())
+}
+
 /// One queue: fetches requests into this queue's buffers and answers each in turn, until
 /// the device stops.
 fn serve_queue(qid: u16, dev: &UblkDev, target: &dyn Target) {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 mod device;
 mod request;
 
-pub use device::{serve, Stop};
+pub use device::{remove_dead, serve, Stop};
 pub use request::Request;
 
 /// A disk as the block device sees it: the calls ublk requests become. Implementations
@@ -135,6 +135,14 @@ pub enum ServeError {
         /// The driver's errno, or libublk's own failure.
         #[source]
         source: std::io::Error,
+    },
+    /// [`remove_dead`] on a device that is not dead.
+    #[error("ublk device {id} is not dead (its server, PID {pid}, or a recovery owns it): stop that server instead")]
+    NotDead {
+        /// The device number.
+        id: u32,
+        /// The server the driver records for it.
+        pid: i32,
     },
     /// The final flush after the device was removed failed: writes may not be durable.
     #[error("flushing the disk after removing the device failed ({0:?})")]
