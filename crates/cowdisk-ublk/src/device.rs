@@ -196,7 +196,9 @@ pub fn remove_dead(id: u32) -> Result<(), ServeError> {
 }
 
 /// One queue: fetches requests into this queue's buffers and answers each in turn, until
-/// the device stops.
+/// the device stops. FUTURE: answer a queue's requests in parallel (libublk's async queue
+/// with the engine calls on worker threads, woken through an eventfd), for deep queues on
+/// few CPUs.
 fn serve_queue(qid: u16, dev: &UblkDev, target: &dyn Target) {
     let mut bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
