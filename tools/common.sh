@@ -20,10 +20,10 @@ wait_nbd() {
   return 1
 }
 
-# Waits for a PID to exit (up to ~10 s); returns non-zero if it did not.
+# Waits for a PID to exit (up to SECS, default 10); returns non-zero if it did not.
 wait_exit() {
   local pid=$1 i
-  for i in $(seq 100); do
+  for i in $(seq $(( ${2:-10} * 10 ))); do
     kill -0 "$pid" 2>/dev/null || return 0
     sleep 0.1
   done

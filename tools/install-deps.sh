@@ -4,6 +4,9 @@ set -euo pipefail
 PKGS=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 nbd-client e2fsprogs util-linux jq gnuplot-nox procps xfsprogs btrfs-progs openssl)
 # tools/vm-test.sh: modules.dep (kmod), the initramfs (cpio, zstd), dm targets in the guest (dmsetup).
 PKGS+=(kmod cpio zstd dmsetup)
+# Building crates/cowdisk-ublk: libublk's -sys crate runs bindgen over the kernel's ublk
+# header (libclang, and the kernel's uapi headers it includes).
+PKGS+=(libclang-dev linux-libc-dev)
 QEMU_IMG_BEFORE=$(qemu-img --version 2>/dev/null | head -n1 || true)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -17,5 +17,6 @@ cargo test --workspace --doc
 # test, then a short AFL++ run of every target (tools/fuzz.sh; longer runs: README).
 (cd fuzz && cargo fmt -- --check && cargo clippy --lib --examples -- -D warnings && cargo test --lib)
 bash tools/fuzz.sh 20
-# Kernel nbd (and dm) end to end in a throwaway guest: this host's kernel has no nbd module.
+# Kernel nbd and ublk (and dm) end to end in a throwaway guest: this host's kernel has
+# neither module.
 VM_SKIP_DEPS=1 bash tools/vm-test.sh

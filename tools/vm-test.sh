@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-DEFAULT_TESTS=(smoke nbd-e2e nbd-server-killed nbd-double-attach)
+DEFAULT_TESTS=(smoke nbd-e2e nbd-server-killed nbd-double-attach ublk-e2e ublk-server-killed)
 VM_CACHE=${VM_CACHE:-$HOME/.cache/cowdisk-vm}
 VM_ACCEL=${VM_ACCEL:-auto}
 VM_MEM=${VM_MEM:-2048}

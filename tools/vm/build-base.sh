@@ -18,11 +18,12 @@ die() { echo "vm/build-base.sh: $*" >&2; exit 1; }
 KVER=$(basename "$(ls -d "$KERNEL_ROOT"/lib/modules/*)")
 
 # Host programs the tests run in the guest, by package: nbd-client; e2fsprogs; fio;
-# util-linux; kmod; dmsetup; libnbd-bin (nbdinfo, which tools/common.sh waits with);
+# util-linux (blkdiscard and fallocate send discard and write-zeroes requests); kmod;
+# dmsetup; libnbd-bin (nbdinfo, which tools/common.sh waits with);
 # qemu-utils (the qcow2 peer); bash and a few GNU coreutils whose options the scripts use.
 PROGS=(
   bash nbd-client mke2fs e2fsck tune2fs dumpe2fs fio
-  losetup findmnt blockdev lsblk flock mount umount
+  losetup findmnt blockdev lsblk flock mount umount blkdiscard fallocate
   kmod dmsetup nbdinfo qemu-img qemu-nbd
   dd stat sha256sum mktemp timeout sync truncate cmp
 )

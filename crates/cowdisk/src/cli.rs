@@ -110,6 +110,13 @@ Refused unless the new parent is the same layer (same UUID and seal digest)."
     /// get readahead. --record-trace FILE writes the blocks fetched on demand; --prefetch
     /// FILE fetches a recorded trace's blocks in the background at start.
     Serve(ServeArgs),
+    /// Remove a ublk device whose server died (`serve --ublk` killed: /dev/ublkcN stays,
+    /// its number taken); refused while a server owns the device.
+    #[command(
+        name = "ublk-remove",
+        after_help = "Example:\n  cowdisk ublk-remove 0    # after /dev/ublkb0's server was killed"
+    )]
+    UblkRemove(crate::serve::UblkRemoveArgs),
     /// Request counters of a served image (through its server's control socket).
     #[command(after_help = "Example:\n  cowdisk stats vm1.cow --json | jq .exports[0].writes")]
     Stats(crate::cmd::live::StatsArgs),

@@ -17,6 +17,7 @@ fn help_has_examples_for_every_command() {
             "{cmd} --help lacks an example:\n{out}"
         );
     }
+    assert!(ok(&["ublk-remove", "--help"]).contains("Example"));
     assert!(ok(&["--help"]).contains("Exit codes"));
 }
 

@@ -11,7 +11,11 @@ cleanup_test() {
   local st
   grep -q " $PWD/mnt " /proc/mounts 2>/dev/null && umount -l "$PWD/mnt" 2>/dev/null
   for st in /run/cowdisk/*.state; do
-    [ -e "$st" ] && bash /repo/tools/nbd-detach.sh "/dev/$(basename "$st" .state)" >/dev/null 2>&1 || true
+    [ -e "$st" ] || continue
+    case $(basename "$st") in
+      ublkb*) bash /repo/tools/ublk-detach.sh "/dev/$(basename "$st" .state)" >/dev/null 2>&1 || true ;;
+      *) bash /repo/tools/nbd-detach.sh "/dev/$(basename "$st" .state)" >/dev/null 2>&1 || true ;;
+    esac
   done
   return 0
 }

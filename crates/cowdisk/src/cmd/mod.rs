@@ -56,7 +56,7 @@ pub fn recovery_targets(command: &Command) -> Vec<&Path> {
         Command::Import(_) => Vec::new(),
         Command::Serve(a) => a.images.iter().map(|p| p.as_path()).collect(),
         // Served images: their server owns them.
-        Command::Stats(_) | Command::Exports(_) => Vec::new(),
+        Command::Stats(_) | Command::Exports(_) | Command::UblkRemove(_) => Vec::new(),
         Command::Diff(a) => vec![&a.image],
     }
 }
@@ -102,6 +102,7 @@ fn run_command(cli: &Cli) -> Result<i32> {
         Command::Export(a) => transfer::export(&a.image, &a.output, show, a.json)?,
         Command::Import(a) => transfer::import(&a.raw, &a.image, a.block_size, show, a.json)?,
         Command::Serve(a) => crate::serve::run(a)?,
+        Command::UblkRemove(a) => crate::serve::ublk_remove(a)?,
         Command::Push(a) => remote::push(a)?,
         Command::Pull(a) => remote::pull(a)?,
         Command::Stats(a) => live::stats(a)?,

@@ -18,6 +18,7 @@ const MAX_WAIT_SECS: u64 = 3600;
 /// `add_export`: `image` (absolute path), optional `name` (default: its file name) and
 /// `read_only` (default false; a sealed snapshot must be read-only).
 pub fn add(control: &Arc<Control>, req: &Value) -> Result<Value, Failure> {
+    nbd_exports(control)?;
     let image = req
         .get("image")
         .and_then(Value::as_str)
@@ -55,8 +56,7 @@ pub fn add(control: &Arc<Control>, req: &Value) -> Result<Value, Failure> {
         image.to_path_buf(),
         control.cache.clone(),
     ));
-    control
-        .handle
+    nbd_exports(control)?
         .add(&name, Arc::new(DiskBackend::live(live.clone())))
         .map_err(|e| Failure::new("failed", e.to_string()))?;
     control.push(Target {
@@ -72,6 +72,16 @@ pub fn add(control: &Arc<Control>, req: &Value) -> Result<Value, Failure> {
         }
     }
     Ok(json!({ "name": name, "read_only": read_only }))
+}
+
+/// The NBD server's export table, which a ublk device's server does not have.
+fn nbd_exports(control: &Control) -> Result<&cowdisk_nbd::ExportsHandle, Failure> {
+    control.handle.as_ref().ok_or_else(|| {
+        Failure::new(
+            "failed",
+            "this server attaches a ublk device (serve --ublk): it has no NBD exports to add or remove",
+        )
+    })
 }
 
 /// `remove_export`: `export` (its name); `clients`: `"wait"` (default, up to
@@ -104,7 +114,7 @@ pub fn remove(control: &Control, req: &Value) -> Result<Value, Failure> {
             format!("no export named {name:?}"),
         ));
     }
-    let res = control.handle.remove(name, clients);
+    let res = nbd_exports(control)?.remove(name, clients);
     // Gone for new clients either way: the control interface follows the server.
     control.drop_export(name);
     let (_, closed) = res.map_err(|e| Failure::new("failed", e.to_string()))?;

@@ -28,8 +28,9 @@ pub struct Target {
 pub struct Control {
     /// The exports, in the order they were given to `serve` or added.
     exports: RwLock<Vec<Arc<Target>>>,
-    /// Adds and removes exports of the NBD server.
-    pub(crate) handle: ExportsHandle,
+    /// Adds and removes exports of the NBD server; `None` for a ublk device (`serve
+    /// --ublk`), which has no NBD exports.
+    pub(crate) handle: Option<ExportsHandle>,
     /// Shares lower chains between the server's disks.
     pub(crate) cache: Arc<LowerCache>,
     /// Control sockets made, with the export each one addresses by default.
@@ -38,7 +39,11 @@ pub struct Control {
 
 impl Control {
     /// The control state of a server serving `exports` through `handle`.
-    pub fn new(exports: Vec<Target>, handle: ExportsHandle, cache: Arc<LowerCache>) -> Control {
+    pub fn new(
+        exports: Vec<Target>,
+        handle: Option<ExportsHandle>,
+        cache: Arc<LowerCache>,
+    ) -> Control {
         Control {
             exports: RwLock::new(exports.into_iter().map(Arc::new).collect()),
             handle,

@@ -22,9 +22,11 @@ mod metrics;
 mod process;
 mod reuse;
 pub mod stats;
+mod ublk;
 
 pub use adapter::DiskBackend;
 pub use live::LiveDisk;
+pub use ublk::{remove as ublk_remove, UblkRemoveArgs};
 
 use crate::control::handlers::{Control, Target};
 use crate::control::server as control_server;
@@ -43,7 +45,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Examples:\n  cowdisk serve disk.cow --socket /tmp/disk.sock\n  \
-nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0\n\n\
+nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0\n  \
+cowdisk serve --ublk vm1.cow      # prints /dev/ublkbN; kill -TERM flushes and removes it\n\n\
 Memory for request data stays below, whatever clients do:\n  \
 max(read-budget, 32M) + write-budget + max-connections x 144K + (4 x threads + 8) x 1M\n\
 (defaults, 2 CPUs: 32M + 64M + 18M + 24M = 138M), plus about 16K of stack per\n\
@@ -100,6 +103,21 @@ pub struct ServeArgs {
     /// on a served image reach this server.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Attach the image as a local block device through the kernel's ublk driver instead
+    /// of serving NBD: prints the device (/dev/ublkbN) on stdout once it exists; SIGTERM
+    /// or SIGINT flushes and removes it. Linux with ublk_drv loaded (/dev/ublk-control),
+    /// as root. One image.
+    #[arg(long, conflicts_with_all = ["listen", "socket", "export_name"])]
+    pub ublk: bool,
+    /// (--ublk) Hardware queues, each served by its own thread (1-32; default: one per
+    /// CPU, at most 8).
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub queues: Option<u16>,
+    /// (--ublk) Requests each queue may have outstanding (1-1024; default 64).
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub queue_depth: Option<u16>,
     /// Serve the export counters in Prometheus text format at http://HOST:PORT/metrics
     /// (off by default; port 0 picks a free one, printed on stderr).
     #[arg(long, value_name = "HOST:PORT")]
@@ -133,6 +151,16 @@ fn export_name(path: &Path) -> String {
 /// Runs the server until SIGINT/SIGTERM, then flushes every export. The caller has run
 /// recovery on every image.
 pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
+    if args.ublk {
+        return ublk::run(args);
+    }
+    // clap's `requires` counts a flag's default as given, so the check is here.
+    if args.queues.is_some() || args.queue_depth.is_some() {
+        return Err(Error::invalid(
+            Path::new("--queues/--queue-depth"),
+            "only with --ublk",
+        ));
+    }
     if args.export_name.is_some() && args.images.len() != 1 {
         return Err(Error::invalid(
             Path::new("--export-name"),
@@ -188,8 +216,9 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let server = builder
         .build()
         .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()))?;
-    let controls = start_control(args, targets, server.exports_handle(), cache)?;
-    process::stop_on_signals(server.shutdown_handle())?;
+    let controls = start_control(args, targets, Some(server.exports_handle()), cache)?;
+    let shutdown = server.shutdown_handle();
+    process::stop_on_signals(move || shutdown.request())?;
     process::announce(&names, &address);
     let res = server
         .serve()
@@ -208,7 +237,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
 fn start_control(
     args: &ServeArgs,
     exports: Vec<Target>,
-    handle: cowdisk_nbd::ExportsHandle,
+    handle: Option<cowdisk_nbd::ExportsHandle>,
     cache: Arc<LowerCache>,
 ) -> crate::error::Result<Arc<Control>> {
     let images: Vec<(PathBuf, String)> = exports

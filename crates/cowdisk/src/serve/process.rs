@@ -7,8 +7,6 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use cowdisk_nbd::ShutdownHandle;
-
 use crate::error::{Error, Result};
 
 /// Binds a unix socket with mode 0600, refusing an existing path.
@@ -26,10 +24,10 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener> {
     res.map_err(|e| Error::os(path, "bind", e))
 }
 
-/// SIGINT and SIGTERM ask `handle` to stop the server (it then flushes every export);
+/// SIGINT and SIGTERM call `stop` (which asks the server to stop; it then flushes);
 /// SIGXFSZ is ignored so a write past RLIMIT_FSIZE fails with EFBIG (reported to the client
 /// as ENOSPC) instead of killing the server.
-pub fn stop_on_signals(handle: ShutdownHandle) -> Result<()> {
+pub fn stop_on_signals(stop: impl FnOnce() + Send + 'static) -> Result<()> {
     let signal_err = |e| Error::os(Path::new("serve"), "install signal handlers", e);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -43,7 +41,7 @@ pub fn stop_on_signals(handle: ShutdownHandle) -> Result<()> {
     .map_err(signal_err)?;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
-            handle.request();
+            stop();
         }
     });
     Ok(())
