@@ -39,6 +39,7 @@ mod resolve;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod storage;
+mod storage_direct;
 
 pub use chain::{
     check_link, folder_of, link_problems, open_layer_file, rebase, ChainWalk, LayerId, LayerSource,
@@ -56,3 +57,4 @@ pub use map::{AllocMap, PendingPages, SlotFinding};
 pub use map_slots::SlotEntries;
 pub use resolve::{LowerOwner, Mapping, MappingKind};
 pub use storage::{FileStorage, ReadStorage, Storage};
+pub use storage_direct::{DirectStorage, DIRECT_ALIGN};

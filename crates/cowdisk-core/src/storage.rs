@@ -37,6 +37,11 @@ pub trait ReadStorage: Send + Sync {
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+    /// True if callers may move this file's bytes by its descriptor (`sendfile`,
+    /// `copy_file_range`) instead of reading them; false for direct I/O.
+    fn moves_data_by_fd(&self) -> bool {
+        true
+    }
     /// True if every read of a data block returns only bytes already checked against
     /// the block CRCs this storage presents (a source that verifies on arrival): the
     /// engine then does not read a whole block to check it again before a partial read.

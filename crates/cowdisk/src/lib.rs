@@ -99,12 +99,21 @@ pub fn layer_source() -> Arc<dyn LayerSource> {
     remote_source()
 }
 
+/// Layer files opened with O_DIRECT (`serve --cache=none`), for the rest of the process.
+static DIRECT_IO: OnceLock<bool> = OnceLock::new();
+
+/// Sets whether chains are opened with direct I/O (once per process).
+pub fn set_direct_io(on: bool) {
+    let _ = DIRECT_IO.set(on);
+}
+
 /// The options every command opens chains with: the process's layer source.
 pub fn open_options() -> OpenOptions {
     // COWDISK_COPY_UP=buffer: copy-up through a buffer, never copy_file_range (to
     // compare the two in benchmarks).
     let buffered = std::env::var_os("COWDISK_COPY_UP").is_some_and(|v| v == "buffer");
-    let mut o = OpenOptions::new().kernel_copy(!buffered);
+    let direct = DIRECT_IO.get().copied().unwrap_or(false);
+    let mut o = OpenOptions::new().kernel_copy(!buffered).direct_io(direct);
     if let Some(&m) = MAX_METADATA.get() {
         o = o.metadata_limit(m);
     }

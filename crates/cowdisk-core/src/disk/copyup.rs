@@ -65,6 +65,9 @@ impl Disk {
         let (Some(src), Some(dst)) = (layer.storage.fd(), self.top.storage.fd()) else {
             return Ok(false);
         };
+        if !(layer.storage.moves_data_by_fd() && self.top.storage.moves_data_by_fd()) {
+            return Ok(false);
+        }
         // Bad lower data must not become "real" top data: checked before it is copied.
         let bs = u64::from(self.geometry.block_size);
         self.verify_run(i as u32 + 1, b * bs, 1)?;

@@ -49,7 +49,7 @@ impl Disk {
                 MappingKind::Data { depth } => {
                     self.verify_run(depth, m.offset, m.len)?;
                     let (st, _, data_offset) = self.storage_at(depth);
-                    match st.fd() {
+                    match st.fd().filter(|_| st.moves_data_by_fd()) {
                         Some(fd) => ReadPiece::File {
                             fd,
                             offset: data_offset + m.offset,

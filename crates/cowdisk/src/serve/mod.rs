@@ -122,6 +122,22 @@ pub struct ServeArgs {
     /// (off by default; port 0 picks a free one, printed on stderr).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Host page cache for the layer files: writeback (default) or none (O_DIRECT, as
+    /// `qemu-nbd --cache=none`: the guest's cache is the only one; reads no longer go
+    /// out by sendfile, copy-ups go through a buffer). Local layer files only; the file
+    /// system must support direct I/O.
+    #[arg(long, value_enum, default_value = "writeback", value_name = "MODE")]
+    pub cache: CacheMode,
+}
+
+/// `serve --cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheMode {
+    /// The host's page cache holds layer data (fast rereads, zero-copy reads).
+    Writeback,
+    /// O_DIRECT on every layer file.
+    #[value(name = "none")]
+    NoCache,
 }
 
 /// The server's limits from the command line.
@@ -151,6 +167,7 @@ fn export_name(path: &Path) -> String {
 /// Runs the server until SIGINT/SIGTERM, then flushes every export. The caller has run
 /// recovery on every image.
 pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
+    crate::set_direct_io(args.cache == CacheMode::NoCache);
     if args.ublk {
         return ublk::run(args);
     }
