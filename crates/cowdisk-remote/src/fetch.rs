@@ -197,14 +197,6 @@ impl Fetcher {
         out
     }
 
-    /// Unit `u` (see [`Fetcher::get_units`]).
-    pub fn unit(&self, meta: &LayerMeta, u: usize, deadline: Instant) -> Outcome {
-        let mut v = self.get_units(meta, &[u], 1, 1, deadline);
-        v.pop()
-            .map(|x| x.1)
-            .unwrap_or_else(|| Err(Arc::from("no unit")))
-    }
-
     /// Fetches a stretch of adjacent units this reader claimed, and hands the outcome to
     /// every reader waiting for one of them.
     fn lead(
@@ -279,6 +271,11 @@ impl Fetcher {
         let mut bytes = vec![0u8; (last_off + last_len as u64 - start) as usize];
         self.client
             .get_known(&self.url, start, &mut bytes, deadline)?;
+        if units.len() == 1 {
+            // One unit (every cold random read): its bytes as they came, no copy.
+            let ranks = self.ranks(meta, units.start);
+            return Ok(vec![Arc::new(self.check_unit(meta, ranks, start, bytes))]);
+        }
         let mut out = Vec::with_capacity(units.len());
         for u in units {
             let ranks = self.ranks(meta, u);

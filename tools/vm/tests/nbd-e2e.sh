@@ -46,26 +46,7 @@ echo "fio raw 64k: ok"
 cmp -n $((32 << 20)) "$DEV" base.raw || fail "fio outside its range changed the first 32 MiB"
 
 step "mkfs.ext4, files"
-mkfs.ext4 -q -F -E nodiscard "$DEV"
-mkdir -p mnt
-mount "$DEV" mnt
-dd if=/dev/urandom of=mnt/a.bin bs=1M count=16 status=none
-mkdir mnt/dir
-for i in $(seq 1 40); do head -c $((i * 1000)) /dev/urandom > "mnt/dir/f$i"; done
-head -c $((32 << 20)) base.raw > mnt/base-head.bin
-(cd mnt && find . -type f | sort | xargs sha256sum) > files.sum
-step "fio on ext4 + verify"
-fio --name=fs --directory=mnt --filename=fio.dat --size=16m --rw=randwrite --bs=16k --direct=1 \
-    --ioengine=libaio --iodepth=16 --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 >/dev/null
-echo "fio on ext4 verify: ok"
-rm mnt/fio.dat
-step "fstrim, remount, e2fsck"
-fstrim -v mnt
-umount mnt
-mount "$DEV" mnt
-(cd mnt && sha256sum -c --quiet ../files.sum) || fail "files differ after remount"
-umount mnt
-e2fsck -fn "$DEV" || fail "e2fsck -fn found problems"
+ext4_exercise "$DEV" -E nodiscard
 
 step "detach"
 bash $D "$DEV"
