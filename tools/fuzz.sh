@@ -3,7 +3,7 @@
 # a time (the machine has two cores). Exits non-zero if any target crashed, printing
 # where the crashing inputs are; timeouts ("hangs") are listed but do not fail the run,
 # since a shared, loaded machine makes them noisy. Replay a crash with
-#   fuzz/target/release/<target> < <input>
+#   ${CARGO_TARGET_DIR:-fuzz/target}/release/<target> < <input>
 # Usage: tools/fuzz.sh [SECONDS] [TARGET...]   (FUZZ_OUT=dir to keep findings elsewhere)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,9 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(header layer chain nbd model)
 out=${FUZZ_OUT:-fuzz/out}
 root=$(pwd)
+# Where cargo puts the binaries: the fuzz workspace's own target/ unless CARGO_TARGET_DIR
+# says otherwise.
+bin=${CARGO_TARGET_DIR:-fuzz/target}/release
 
 # Run as root in CI without changing the host: no core_pattern, CPU governor or
 # affinity requirements, no curses UI. AFL++ only warns about each of these.
@@ -35,7 +38,7 @@ for t in "${targets[@]}"; do
   # -m: address-space cap in MiB, so an input that makes the engine allocate without
   # bound is reported as a crash instead of exhausting the machine.
   if ! cargo afl fuzz -V "$secs" -t 10000 -m 4096 -s 1 -i "fuzz/seeds/$t" -o "$dir" \
-    "fuzz/target/release/$t" >"$dir/afl.log" 2>&1; then
+    "$bin/$t" >"$dir/afl.log" 2>&1; then
     echo "fuzz: afl-fuzz failed on $t; its log ($dir/afl.log) ends:" >&2
     tail -n 30 "$dir/afl.log" >&2
     failed=1
@@ -54,7 +57,7 @@ for t in "${targets[@]}"; do
   if [ -n "$crashes" ]; then
     echo "fuzz: $t CRASHED; inputs:" >&2
     sed "s|^|  $root/|" <<<"$crashes" >&2
-    echo "  replay: fuzz/target/release/$t < <input>" >&2
+    echo "  replay: $bin/$t < <input>" >&2
     failed=1
   fi
 done
