@@ -56,5 +56,5 @@ pub use format::{BlockState, Geometry, Header, LayerState, ParentRef, Uuid, DEFA
 pub use map::{AllocMap, PendingPages, SlotFinding};
 pub use map_slots::SlotEntries;
 pub use resolve::{LowerOwner, Mapping, MappingKind};
-pub use storage::{FileStorage, ReadStorage, Storage};
+pub use storage::{Copied, FileStorage, ReadStorage, Storage};
 pub use storage_direct::{DirectStorage, DIRECT_ALIGN};

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::{Rng, SeedableRng};
 
-use crate::storage::{ReadStorage, Storage};
+use crate::storage::{Copied, ReadStorage, Storage};
 
 #[derive(Debug, Clone)]
 enum Pending {
@@ -47,6 +47,10 @@ struct World {
     crash_at: Option<u64>,
     crashed: bool,
     fail: Option<FailPlan>,
+    /// Files copy ranges between them as the kernel would (see [`SimWorld::kernel_copy`]).
+    kernel_copy: bool,
+    /// Ranges copied that way.
+    kernel_copies: u64,
 }
 
 /// What happens to writes that were not synced when the power failed.
@@ -113,6 +117,16 @@ impl SimWorld {
     pub fn crash_before_sync(&self, k: u64) {
         self.lock().crash_at = Some(k);
     }
+    /// Files copy ranges between them themselves, and say they share extents (as XFS
+    /// and btrfs do): copy-ups then take the engine's in-kernel path, whose copied
+    /// ranges are unsynced writes like any other until a sync.
+    pub fn kernel_copy(&self, on: bool) {
+        self.lock().kernel_copy = on;
+    }
+    /// Ranges copied by [`Storage::copy_range_from`] so far.
+    pub fn kernel_copies(&self) -> u64 {
+        self.lock().kernel_copies
+    }
     /// Injects I/O failures.
     pub fn fail(&self, plan: Option<FailPlan>) {
         self.lock().fail = plan;
@@ -153,6 +167,7 @@ impl SimWorld {
         Arc::new(SimWorld {
             inner: Mutex::new(World {
                 files,
+                kernel_copy: w.kernel_copy,
                 ..World::default()
             }),
         })
@@ -358,5 +373,27 @@ impl Storage for SimStorage {
         let mut w = self.enter(false)?;
         self.record(&mut w, Pending::Punch { off: offset, len });
         Ok(())
+    }
+    fn copy_range_from(
+        &self,
+        src: &dyn ReadStorage,
+        from: u64,
+        to: u64,
+        len: u64,
+    ) -> io::Result<Copied> {
+        {
+            let mut w = self.world.lock();
+            if !w.kernel_copy {
+                return Ok(Copied::Refused);
+            }
+            w.kernel_copies += u64::from(len > 0);
+        }
+        let mut data = vec![0u8; len as usize];
+        src.read_at(&mut data, from)?;
+        self.write_at(&data, to)?;
+        Ok(Copied::Done)
+    }
+    fn shares_extents(&self) -> bool {
+        self.world.lock().kernel_copy
     }
 }

@@ -50,6 +50,17 @@ pub trait ReadStorage: Send + Sync {
     }
 }
 
+/// What [`Storage::copy_range_from`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// Every byte.
+    Done,
+    /// Nothing: this storage will not copy from that one this way; do not ask again.
+    Refused,
+    /// Part (an unaligned rest the kernel would not share): copy the rest otherwise.
+    Partly,
+}
+
 /// Positional, exact I/O on a writable layer file.
 pub trait Storage: ReadStorage {
     /// Writes all of `buf` at `offset`.
@@ -65,6 +76,24 @@ pub trait Storage: ReadStorage {
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         let _ = (offset, len);
         Ok(())
+    }
+    /// Copies `len` bytes of `src` at `from` to `to` in this file without moving them
+    /// through the caller (`copy_file_range`, which shares the extents where
+    /// [`Storage::shares_extents`]). By default nothing copies this way.
+    fn copy_range_from(
+        &self,
+        src: &dyn ReadStorage,
+        from: u64,
+        to: u64,
+        len: u64,
+    ) -> io::Result<Copied> {
+        let _ = (src, from, to, len);
+        Ok(Copied::Refused)
+    }
+    /// True where [`Storage::copy_range_from`] shares extents instead of copying bytes,
+    /// so a copy costs metadata only.
+    fn shares_extents(&self) -> bool {
+        false
     }
 }
 
@@ -127,6 +156,44 @@ impl Storage for FileStorage {
     }
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    /// `copy_file_range`, resumed until done. A refusal before any byte moved means the
+    /// kernel will not copy between these files; after some did, only that an unaligned
+    /// rest could not be done this way.
+    fn copy_range_from(
+        &self,
+        src: &dyn ReadStorage,
+        mut from: u64,
+        mut to: u64,
+        len: u64,
+    ) -> io::Result<Copied> {
+        use rustix::io::Errno;
+        let Some(sfd) = src.fd().filter(|_| src.moves_data_by_fd()) else {
+            return Ok(Copied::Refused);
+        };
+        let (start, end) = (to, to + len);
+        while to < end {
+            let want = (end - to) as usize;
+            match rustix::fs::copy_file_range(sfd, Some(&mut from), &self.file, Some(&mut to), want)
+            {
+                Ok(0) => return Ok(Copied::Partly),
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(Errno::XDEV | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
+                    return Ok(if to == start {
+                        Copied::Refused
+                    } else {
+                        Copied::Partly
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Copied::Done)
+    }
+    fn shares_extents(&self) -> bool {
+        const XFS: u64 = 0x5846_5342;
+        const BTRFS: u64 = 0x9123_683e;
+        rustix::fs::fstatfs(&self.file).is_ok_and(|s| matches!(s.f_type as u64, XFS | BTRFS))
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::{fallocate, FallocateFlags};

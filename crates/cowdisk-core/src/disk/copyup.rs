@@ -3,24 +3,15 @@
 //! reflink and on btrfs that shares the block's extents, so a copy-up costs metadata and
 //! the written part is the only new space. Else, through one buffered read and write.
 
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering::SeqCst;
 
 use super::scratch::BLOCK_SCRATCH;
 use super::{lock, Disk};
 use crate::error::IoError;
+use crate::storage::Copied;
 
 /// The unit the kernel can share extents in: 4 KiB file-system blocks.
 const FS_BLOCK: usize = 4096;
-
-/// What the kernel did with a copy request.
-enum Copied {
-    Done,
-    /// The kernel will not copy between these files: never ask again for this disk.
-    Refused,
-    /// It stopped part way (an unaligned piece it could not share): fall back this time.
-    Partly,
-}
 
 impl Disk {
     /// Copies block `b` from lower layer `i` into the top, with `chunk` applied at
@@ -62,12 +53,6 @@ impl Disk {
         chunk: &[u8],
     ) -> Result<bool, IoError> {
         let layer = &self.lower.layers[i];
-        let (Some(src), Some(dst)) = (layer.storage.fd(), self.top.storage.fd()) else {
-            return Ok(false);
-        };
-        if !(layer.storage.moves_data_by_fd() && self.top.storage.moves_data_by_fd()) {
-            return Ok(false);
-        }
         // Bad lower data must not become "real" top data: checked before it is copied.
         let bs = u64::from(self.geometry.block_size);
         self.verify_run(i as u32 + 1, b * bs, 1)?;
@@ -84,10 +69,20 @@ impl Disk {
         let _c = lock(&self.copy_lock);
         for (start, end) in [(0, head), (tail, blen)] {
             let n = (end - start) as u64;
-            match self.kernel_copy_range(src, from + start as u64, dst, to + start as u64, n)? {
+            let at = to + start as u64;
+            let copied = self
+                .top
+                .storage
+                .copy_range_from(&*layer.storage, from + start as u64, at, n)
+                .map_err(|e| Self::io_err(&self.top.path, "copy-up", at, e))?;
+            match copied {
                 Copied::Done => {}
                 Copied::Refused => {
-                    self.kernel_copy.store(false, SeqCst);
+                    // Between two files the file system will not: never ask again. A
+                    // layer that is no file (remote) refuses without a system call.
+                    if layer.storage.fd().is_some() {
+                        self.kernel_copy.store(false, SeqCst);
+                    }
                     return Ok(false);
                 }
                 Copied::Partly => return Ok(false),
@@ -108,37 +103,6 @@ impl Disk {
                 .map_err(|e| Self::io_err(&self.top.path, "copy-up write", o, e))
         })?;
         Ok(true)
-    }
-
-    /// `copy_file_range` of `n` bytes, resumed until done. A refusal before any byte
-    /// moved means the kernel will not copy between these files; after some did, only
-    /// that an unaligned rest could not be done this way.
-    fn kernel_copy_range(
-        &self,
-        src: BorrowedFd<'_>,
-        mut from: u64,
-        dst: BorrowedFd<'_>,
-        mut to: u64,
-        n: u64,
-    ) -> Result<Copied, IoError> {
-        use rustix::io::Errno;
-        let (start, end) = (to, to + n);
-        while to < end {
-            let want = (end - to) as usize;
-            match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), want) {
-                Ok(0) => return Ok(Copied::Partly),
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(Errno::XDEV | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
-                    return Ok(if to == start {
-                        Copied::Refused
-                    } else {
-                        Copied::Partly
-                    });
-                }
-                Err(e) => return Err(Self::io_err(&self.top.path, "copy-up", to, e.into())),
-            }
-        }
-        Ok(Copied::Done)
     }
 
     /// Copy-up through a block buffer: read, verify, apply `chunk`, write once.

@@ -74,15 +74,6 @@ pub struct Disk {
     copy_ups: std::sync::atomic::AtomicU64,
 }
 
-/// True where `copy_file_range` shares extents instead of copying (XFS, btrfs).
-fn reflink_likely(st: &dyn Storage) -> bool {
-    const XFS: u64 = 0x5846_5342;
-    const BTRFS: u64 = 0x9123_683e;
-    st.fd()
-        .and_then(|fd| rustix::fs::fstatfs(fd).ok())
-        .is_some_and(|s| matches!(s.f_type as u64, XFS | BTRFS))
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not wedge every later request.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -94,7 +85,7 @@ impl Disk {
         let geometry = header.geometry;
         let sealed_top = (header.state == LayerState::Sealed)
             .then(|| LowerLayer::new(top.storage.clone(), top.path.clone(), header, (0, 0)));
-        let reflink = reflink_likely(&*top.storage);
+        let reflink = top.storage.shares_extents();
         if access == Access::ReadWrite {
             // Pages written before this open may have one slot only; reserve the other
             // now, while it is likely free, so later flushes need no space. Best effort:
