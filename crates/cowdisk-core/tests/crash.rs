@@ -445,7 +445,10 @@ fn every_sync_point_with_kernel_copy_ups() {
         world.kernel_copies()
     );
     let c = enumerate_crashes("kernel copy 16K", &start, &ops, 10, salt);
-    println!("{} kernel copies, {c} crash images checked", world.kernel_copies());
+    println!(
+        "{} kernel copies, {c} crash images checked",
+        world.kernel_copies()
+    );
 }
 
 /// Random workloads (seeded by the run seed) at random crash points.
