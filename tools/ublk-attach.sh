@@ -2,7 +2,8 @@
 # Attaches a cowdisk image as a ublk block device: `cowdisk serve --ublk` answers the kernel's
 # ublk driver directly over io_uring (no NBD socket in between).
 #   tools/ublk-attach.sh IMAGE       loads ublk_drv if needed, prints /dev/ublkbN
-# UBLK_QUEUES=N sets the hardware queues (default: one per CPU, at most 8).
+# UBLK_QUEUES=N sets the hardware queues (default: one per CPU, at most 8); UBLK_THREADS=N
+# the threads running each queue's requests (default 4; 1 runs them one at a time).
 # tools/ublk-detach.sh DEVICE undoes it (or `kill -TERM` the server: it flushes and removes
 # the device).
 set -euo pipefail
@@ -28,6 +29,7 @@ trap 'cleanup_fail' ERR
 
 args=()
 [ -n "${UBLK_QUEUES:-}" ] && args+=(--queues "$UBLK_QUEUES")
+[ -n "${UBLK_THREADS:-}" ] && args+=(--threads "$UBLK_THREADS")
 setsid "$BIN" serve --ublk "${args[@]}" "$IMAGE" >"$WORK/device" 2>"$WORK/serve.log" </dev/null &
 SRV=$!
 # The server prints the device once it exists; one that exits at once (image in use, no

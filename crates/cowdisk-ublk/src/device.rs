@@ -1,7 +1,7 @@
 //! The device's life: add it to the driver, run one thread per queue, start it, wait
 //! for a stop request (or for the queues to end on their own), remove it, flush.
 
-use std::panic::AssertUnwindSafe;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
@@ -11,8 +11,9 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
+use crate::pool::{self, Job, Pool};
 use crate::request::Request;
-use crate::{Device, Failure, Options, ServeError, SharedTarget, Target};
+use crate::{Device, Options, ServeError, SharedTarget, Target};
 
 const CONTROL: &str = "/dev/ublk-control";
 
@@ -51,6 +52,9 @@ fn check(opts: &Options) -> Result<(), ServeError> {
     }
     if !(1..=1024).contains(&opts.depth) {
         return Err(ServeError::Options("depth must be 1-1024"));
+    }
+    if !(1..=64).contains(&opts.threads) {
+        return Err(ServeError::Options("threads must be 1-64"));
     }
     if opts.max_io_bytes < 4096
         || !opts.max_io_bytes.is_multiple_of(4096)
@@ -136,10 +140,11 @@ pub fn serve(
         .map_err(driver("add"))?;
     // Queue threads still serving; when it drops to zero the device went away under us.
     let running = Arc::new(AtomicUsize::new(usize::from(opts.queues)));
+    let threads = usize::from(opts.threads);
     let queue = {
         let (target, running) = (target.clone(), running.clone());
         move |qid: u16, dev: &UblkDev| {
-            serve_queue(qid, dev, &*target);
+            serve_queue(qid, dev, &*target, threads);
             running.fetch_sub(1, SeqCst);
         }
     };
@@ -195,11 +200,10 @@ pub fn remove_dead(id: u32) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// One queue: fetches requests into this queue's buffers and answers each in turn, until
-/// the device stops. FUTURE: answer a queue's requests in parallel (libublk's async queue
-/// with the engine calls on worker threads, woken through an eventfd), for deep queues on
-/// few CPUs.
-fn serve_queue(qid: u16, dev: &UblkDev, target: &dyn Target) {
+/// One queue: fetches requests into this queue's buffers and answers them, until the
+/// device stops. With one thread the queue thread runs each request itself, in order;
+/// with more, a [`Pool`] of `threads` workers runs them in parallel.
+fn serve_queue(qid: u16, dev: &UblkDev, target: &dyn Target, threads: usize) {
     let mut bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
@@ -211,25 +215,120 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &dyn Target) {
         }
     };
     // The buffers' memory does not move with the Vec; the driver keeps their addresses.
-    queue.wait_and_handle_io(move |q: &UblkQueue, tag: u16, _: &UblkIOCtx| {
-        let iod = *q.get_iod(tag);
-        let Some(buf) = bufs.get_mut(usize::from(tag)) else {
+    let slices = bufs.iter_mut().map(|b| Some(b.as_mut_slice())).collect();
+    std::thread::scope(|scope| {
+        let pool = if threads > 1 {
+            match Pool::start(scope, threads, target) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!(
+                        "cowdisk: ublk queue {qid}: no worker threads ({e}): one request at a time"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut q = Queue {
+            qid,
+            target,
+            slices,
+            pool,
+        };
+        q.arm(&queue);
+        queue.wait_and_handle_io(move |uq: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
+            q.handle(uq, tag, ctx);
+        });
+    });
+}
+
+/// What a queue thread keeps between requests.
+struct Queue<'b, 't> {
+    qid: u16,
+    target: &'t dyn Target,
+    /// Each tag's buffer, `None` while a worker has it.
+    slices: Vec<Option<&'b mut [u8]>>,
+    pool: Option<Pool<'b>>,
+}
+
+/// The user data of the poll on the workers' pipe: a target I/O, so libublk hands its
+/// completion to the handler rather than counting it as a ublk command.
+fn poll_user_data() -> u64 {
+    UblkIOCtx::build_user_data(0, 0, 0, true)
+}
+
+impl<'b> Queue<'b, '_> {
+    /// Polls the workers' pipe (once: a poll is re-armed after each wake-up).
+    fn arm(&self, uq: &UblkQueue) {
+        let Some(pool) = &self.pool else { return };
+        let fd = io_uring::types::Fd(pool.wake_fd().as_raw_fd());
+        let sqe = io_uring::opcode::PollAdd::new(fd, libc::POLLIN as u32)
+            .build()
+            .user_data(poll_user_data());
+        if let Err(e) = uq.ublk_submit_sqe_sync(sqe) {
+            eprintln!(
+                "cowdisk: ublk queue {}: cannot poll for completions: {e}",
+                self.qid
+            );
+        }
+    }
+
+    fn handle(&mut self, uq: &UblkQueue, tag: u16, ctx: &UblkIOCtx) {
+        if ctx.is_tgt_io() {
+            self.finish_done(uq);
+            return;
+        }
+        let iod = *uq.get_iod(tag);
+        let req = Request::decode(iod.op_flags, iod.start_sector, iod.nr_sectors);
+        let Some(buf) = self.slices.get_mut(usize::from(tag)).and_then(Option::take) else {
             return;
         };
-        let req = Request::decode(iod.op_flags, iod.start_sector, iod.nr_sectors);
-        // A panicking target must not take the queue thread down: the device would hang
-        // with this request and every later one unanswered.
-        let res =
-            std::panic::catch_unwind(AssertUnwindSafe(|| req.run(target, buf.as_mut_slice())))
-                .unwrap_or_else(|_| Failure::Io.errno());
-        if let Err(e) = q.complete_io_cmd_unified(
-            tag,
-            BufDesc::Slice(buf.as_slice()),
-            Ok(UblkIORes::Result(res)),
-        ) {
-            eprintln!("cowdisk: ublk queue {qid}: cannot complete a request: {e}");
+        // A request that waits for no other (the only one of its wake-up, none with the
+        // workers) runs here: a hand-off would only add two thread switches to its
+        // latency. Flushes and the like may take long and always go to a worker.
+        let idle = self.pool.as_ref().is_none_or(|p| p.in_flight == 0);
+        let alone = idle && ctx.is_first_cqe() && ctx.is_last_cqe() && req.is_data();
+        let buf = match &mut self.pool {
+            Some(pool) if !alone => match pool.submit(Job { tag, req, buf }) {
+                Ok(()) => return,
+                // The workers are gone (they never should be): answer it here.
+                Err(job) => job.buf,
+            },
+            _ => buf,
+        };
+        let res = pool::run(req, self.target, buf);
+        self.finish(uq, tag, buf, res);
+    }
+
+    /// The workers finished something: answers every finished request, polls again.
+    fn finish_done(&mut self, uq: &UblkQueue) {
+        let Some(pool) = &mut self.pool else { return };
+        let done = pool.take_done();
+        let idle = pool.in_flight == 0;
+        for d in done {
+            self.finish(uq, d.tag, d.buf, d.res);
         }
-    });
+        // A stopping queue gets no new requests: once idle, nothing is left to wake for.
+        if !(uq.is_stopping() && idle) {
+            self.arm(uq);
+        }
+    }
+
+    /// Completes a request and takes its buffer back for the tag's next one.
+    fn finish(&mut self, uq: &UblkQueue, tag: u16, buf: &'b mut [u8], res: i32) {
+        if let Err(e) =
+            uq.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
+        {
+            eprintln!(
+                "cowdisk: ublk queue {}: cannot complete a request: {e}",
+                self.qid
+            );
+        }
+        if let Some(slot) = self.slices.get_mut(usize::from(tag)) {
+            *slot = Some(buf);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +345,10 @@ mod tests {
             },
             Options {
                 depth: 0,
+                ..Options::default()
+            },
+            Options {
+                threads: 0,
                 ..Options::default()
             },
             Options {

@@ -10,9 +10,9 @@
 //!
 //! The kernel side is driven by the `libublk` crate (ublk-org/libublk-rs): device
 //! creation and removal through `/dev/ublk-control`, one thread per hardware queue, each
-//! with its own io_uring on `/dev/ublkcN`. A queue thread answers its requests one after
-//! the other through [`Target`]'s synchronous calls (the engine is synchronous), so the
-//! requests of one queue run in order and the queues run in parallel.
+//! with its own io_uring on `/dev/ublkcN`. The engine is synchronous, so each queue has
+//! worker threads that run its requests in parallel through [`Target`]'s calls; a
+//! request that arrives alone runs on the queue thread, without a hand-off.
 //!
 //! This is the one crate of the workspace that may use `unsafe` (the kernel interface);
 //! today it needs none of its own: libublk owns the shared buffers and rings, and this
@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 mod device;
+mod pool;
 mod request;
 
 pub use device::{remove_dead, serve, Stop};
@@ -84,6 +85,9 @@ pub struct Options {
     pub queues: u16,
     /// Requests each queue may have outstanding (1-1024).
     pub depth: u16,
+    /// Threads running each queue's requests (1-64); with 1, the queue thread runs them
+    /// one after the other.
+    pub threads: u16,
     /// Largest request in bytes (a multiple of 4096; each queue holds `depth` buffers of
     /// this size).
     pub max_io_bytes: u32,
@@ -93,13 +97,15 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// One queue per CPU (at most 8), 64 requests each, 512 KiB requests: kernel nbd
+    /// One queue per CPU (at most 8), 64 requests and 4 threads each (as `cowdisk serve`
+    /// has per NBD connection), 512 KiB requests: kernel nbd
     /// caps requests at 64 KiB, and larger ones are what ublk gains most on.
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Options {
             queues: u16::try_from(cpus.min(8)).unwrap_or(1),
             depth: 64,
+            threads: 4,
             max_io_bytes: 512 << 10,
             discard_granularity: 4096,
         }

@@ -75,6 +75,14 @@ impl Request {
         }
     }
 
+    /// A plain read or write: quick unless the storage waits (no FUA, no flush).
+    pub fn is_data(self) -> bool {
+        matches!(
+            self,
+            Request::Read { .. } | Request::Write { fua: false, .. }
+        )
+    }
+
     /// Runs the request with `buf` as its data buffer; returns what the request
     /// completes with: the bytes moved for reads and writes, 0 for the others, or a
     /// negative errno.

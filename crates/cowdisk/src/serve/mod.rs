@@ -68,8 +68,9 @@ pub struct ServeArgs {
     /// Export name (only with a single image).
     #[arg(long, value_name = "NAME")]
     pub export_name: Option<String>,
-    /// Threads per connection that read and run requests (1-64). Requests of one connection
-    /// run in parallel up to this many; more help only when the storage itself waits.
+    /// Threads per connection (with --ublk: per queue) that run requests (1-64). Requests
+    /// of one connection run in parallel up to this many; more help only when the storage
+    /// itself waits.
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
