@@ -276,7 +276,9 @@ impl<'b> Queue<'b, '_> {
 
     fn handle(&mut self, uq: &UblkQueue, tag: u16, ctx: &UblkIOCtx) {
         if ctx.is_tgt_io() {
-            self.finish_done(uq);
+            // The poll's result is the ready events, or a negative errno (then nothing
+            // is read: the pipe may be empty, and a read would block the queue).
+            self.finish_done(uq, ctx.result() > 0);
             return;
         }
         let iod = *uq.get_iod(tag);
@@ -302,9 +304,13 @@ impl<'b> Queue<'b, '_> {
     }
 
     /// The workers finished something: answers every finished request, polls again.
-    fn finish_done(&mut self, uq: &UblkQueue) {
+    fn finish_done(&mut self, uq: &UblkQueue, readable: bool) {
         let Some(pool) = &mut self.pool else { return };
-        let done = pool.take_done();
+        let done = if readable {
+            pool.take_done()
+        } else {
+            Vec::new()
+        };
         let idle = pool.in_flight == 0;
         for d in done {
             self.finish(uq, d.tag, d.buf, d.res);
