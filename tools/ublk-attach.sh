@@ -3,7 +3,7 @@
 # ublk driver directly over io_uring (no NBD socket in between).
 #   tools/ublk-attach.sh IMAGE       loads ublk_drv if needed, prints /dev/ublkbN
 # UBLK_QUEUES=N sets the hardware queues (default: one per CPU, at most 8); UBLK_THREADS=N
-# the threads running each queue's requests (default 4; 1 runs them one at a time).
+# worker threads per queue (default 1: the queue's thread runs its requests in turn).
 # tools/ublk-detach.sh DEVICE undoes it (or `kill -TERM` the server: it flushes and removes
 # the device).
 set -euo pipefail

@@ -10,9 +10,10 @@
 //!
 //! The kernel side is driven by the `libublk` crate (ublk-org/libublk-rs): device
 //! creation and removal through `/dev/ublk-control`, one thread per hardware queue, each
-//! with its own io_uring on `/dev/ublkcN`. The engine is synchronous, so each queue has
-//! worker threads that run its requests in parallel through [`Target`]'s calls; a
-//! request that arrives alone runs on the queue thread, without a hand-off.
+//! with its own io_uring on `/dev/ublkcN`. The engine is synchronous: by default a queue's
+//! thread runs its requests in turn through [`Target`]'s calls; with
+//! [`Options::threads`] above 1, worker threads run them in parallel, and a request that
+//! arrives alone still runs on the queue thread, without a hand-off.
 //!
 //! This is the one crate of the workspace that may use `unsafe` (the kernel interface);
 //! today it needs none of its own: libublk owns the shared buffers and rings, and this
@@ -97,15 +98,16 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// One queue per CPU (at most 8), 64 requests and 4 threads each (as `cowdisk serve`
-    /// has per NBD connection), 512 KiB requests: kernel nbd
+    /// One queue per CPU (at most 8), 64 requests each answered in turn by the queue's
+    /// own thread (worker threads were slower in the emulated guest benchmark, where
+    /// every hand-off is expensive), 512 KiB requests: kernel nbd
     /// caps requests at 64 KiB, and larger ones are what ublk gains most on.
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Options {
             queues: u16::try_from(cpus.min(8)).unwrap_or(1),
             depth: 64,
-            threads: 4,
+            threads: 1,
             max_io_bytes: 512 << 10,
             discard_granularity: 4096,
         }

@@ -14,7 +14,9 @@ if [ -e /sys/module/ublk_drv ]; then modprobe -r ublk_drv; fi
 [ ! -e /sys/module/ublk_drv ] || fail "could not unload ublk_drv before the test"
 
 step "attach"
-DEV=$(bash $A vm1.cow)
+# Worker threads per queue (serve --threads): the parallel path under fio verify and ext4;
+# the second attach below and ublk-server-killed use the default (none).
+DEV=$(UBLK_THREADS=4 bash $A vm1.cow)
 echo "attached $DEV"
 [ -b "$DEV" ] || fail "$DEV is not a block device"
 [ -e /sys/module/ublk_drv ] || fail "ublk-attach.sh did not load ublk_drv"

@@ -68,12 +68,13 @@ pub struct ServeArgs {
     /// Export name (only with a single image).
     #[arg(long, value_name = "NAME")]
     pub export_name: Option<String>,
-    /// Threads per connection (with --ublk: per queue) that run requests (1-64). Requests
-    /// of one connection run in parallel up to this many; more help only when the storage
-    /// itself waits.
-    #[arg(long, value_name = "N", default_value_t = 4,
+    /// Threads per connection that run requests (1-64; default 4). Requests of one
+    /// connection run in parallel up to this many; more help only when the storage itself
+    /// waits. With --ublk: worker threads per queue (default 1: the queue's own thread
+    /// answers its requests in turn; in the emulated guest benchmark more were slower).
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub threads: u16,
+    pub threads: Option<u16>,
     /// Connections served at once (1-65536). When all are taken, the connection idle the
     /// longest is closed to admit a new client (never one with a request in flight: nothing
     /// answered is lost); if every one is busy, the new client is turned away.
@@ -144,7 +145,7 @@ pub enum CacheMode {
 /// The server's limits from the command line.
 fn limits(args: &ServeArgs) -> cowdisk_nbd::Limits {
     let mut limits = cowdisk_nbd::Limits::default();
-    limits.workers_per_connection = usize::from(args.threads);
+    limits.workers_per_connection = usize::from(args.threads.unwrap_or(4));
     limits.max_connections = args.max_connections as usize;
     limits.payload_timeout = Duration::from_secs(args.payload_timeout);
     limits.idle_timeout = args.idle_timeout.map(Duration::from_secs);

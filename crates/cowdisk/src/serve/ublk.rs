@@ -108,7 +108,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     };
     opts.queues = args.queues.unwrap_or(opts.queues);
     opts.depth = args.queue_depth.unwrap_or(opts.depth);
-    opts.threads = args.threads;
+    opts.threads = args.threads.unwrap_or(opts.threads);
     let device = Arc::new(Device(DiskBackend::live(live)));
     let res = cowdisk_ublk::serve(device, &opts, &stop, |dev| {
         // The ready line: scripts read the device path from it.
