@@ -7,7 +7,7 @@ PKGS+=(kmod cpio zstd dmsetup)
 # Building crates/cowdisk-ublk: libublk's -sys crate runs bindgen over the kernel's ublk
 # header (libclang, and the kernel's uapi headers it includes).
 PKGS+=(libclang-dev linux-libc-dev)
-QEMU_IMG_BEFORE=$(qemu-img --version 2>/dev/null | head -n1 || true)
+QEMU_IMG_BEFORE=$(qemu-img --version 2>/dev/null | sed -n 1p || true)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -55,7 +55,7 @@ if [[ " $* " == *" --bench "* ]] && ! dpkg-query -W -f='${Status}' qemu-block-ex
   fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "qemu-block-extra=$QV"
 fi
-QEMU_IMG_AFTER=$(qemu-img --version | head -n1)
+QEMU_IMG_AFTER=$(qemu-img --version | sed -n 1p)
 if [ -n "$QEMU_IMG_BEFORE" ] && [ "$QEMU_IMG_AFTER" != "$QEMU_IMG_BEFORE" ]; then
   echo "install-deps.sh: qemu-utils changed from '$QEMU_IMG_BEFORE' to '$QEMU_IMG_AFTER'" >&2
   exit 1

@@ -99,7 +99,7 @@ cp "$BIN" "$RUN/over/usr/local/bin/cowdisk"
 cat "$BASE" "$RUN/over.cpio.zst" > "$RUN/initrd"
 
 # 5. Boot. KVM first (unless a previous run found it broken on this host), else TCG.
-ACCEL_NOTE=$VM_CACHE/accel-$( { uname -r; qemu --version | head -n1; } | sha256sum | cut -c1-12)
+ACCEL_NOTE=$VM_CACHE/accel-$( { uname -r; qemu --version | sed -n 1p; } | sha256sum | cut -c1-12)
 kvm_usable() { [ -r /dev/kvm ] && [ -w /dev/kvm ] && [ "$(cat "$ACCEL_NOTE" 2>/dev/null)" != tcg ]; }
 case $VM_ACCEL in
   auto) if kvm_usable; then ACCELS=(kvm tcg); else ACCELS=(tcg); fi ;;
@@ -164,7 +164,7 @@ done
 
 # 6. Results.
 LOG=$RUN/console.log
-boot_s=$(tr -d '\r' < "$LOG" | sed -n 's/.*VMTEST: BOOTED \([0-9.]*\)s.*/\1/p' | head -n1)
+boot_s=$(tr -d '\r' < "$LOG" | sed -n 's/.*VMTEST: BOOTED \([0-9.]*\)s.*/\1/p' | sed -n 1p)
 echo
 echo "== guest results ($USED, guest booted in ${boot_s:-?}s, VM run $(( $(date +%s) - B0 ))s, total $(( $(date +%s) - T0 ))s)"
 fail=0
@@ -180,5 +180,5 @@ for t in "${TESTS[@]}"; do
   fi
 done
 grep -q 'VMTEST: DONE' <(tr -d '\r' < "$LOG") || { echo "the guest did not finish its test list"; fail=1; }
-echo "(host qemu-img: $(qemu-img --version | head -n1); guest emulator: $(qemu --version | head -n1))"
+echo "(host qemu-img: $(qemu-img --version | sed -n 1p); guest emulator: $(qemu --version | sed -n 1p))"
 exit "$fail"

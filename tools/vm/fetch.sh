@@ -20,7 +20,7 @@ die() { echo "vm/fetch.sh: $*" >&2; exit 1; }
 kernel_pkg() {
   if [ -n "${VM_KERNEL_PKG:-}" ]; then echo "$VM_KERNEL_PKG"; return; fi
   apt-cache depends linux-image-6.12-amd64 2>/dev/null \
-    | sed -n 's/^ *Depends: \(linux-image-6\.12\.[0-9]*+deb[0-9]*-amd64\)$/\1/p' | head -n1
+    | sed -n 's/^ *Depends: \(linux-image-6\.12\.[0-9]*+deb[0-9]*-amd64\)$/\1/p' | sed -n 1p
 }
 
 KPKG=$(kernel_pkg)
@@ -42,7 +42,7 @@ deb_file() {
   v=$(apt-cache policy "$1" | sed -n 's/^ *Candidate: //p')
   [ -n "$v" ] && [ "$v" != "(none)" ] || die "package $1 is not in the apt sources"
   # apt escapes ':' in the version as %3a
-  ls "$DEBS/$1_${v//:/%3a}_"*.deb 2>/dev/null | head -n1
+  ls "$DEBS/$1_${v//:/%3a}_"*.deb 2>/dev/null | sed -n 1p
 }
 
 need=()
