@@ -235,6 +235,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &dyn Target, threads: usize) {
             target,
             slices,
             pool,
+            done: Vec::new(),
         };
         q.arm(&queue);
         queue.wait_and_handle_io(move |uq: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
@@ -250,6 +251,8 @@ struct Queue<'b, 't> {
     /// Each tag's buffer, `None` while a worker has it.
     slices: Vec<Option<&'b mut [u8]>>,
     pool: Option<Pool<'b>>,
+    /// Finished requests being answered, kept so a wake-up allocates nothing.
+    done: Vec<pool::Done<'b>>,
 }
 
 /// The user data of the poll on the workers' pipe: a target I/O, so libublk hands its
@@ -306,15 +309,15 @@ impl<'b> Queue<'b, '_> {
     /// The workers finished something: answers every finished request, polls again.
     fn finish_done(&mut self, uq: &UblkQueue, readable: bool) {
         let Some(pool) = &mut self.pool else { return };
-        let done = if readable {
-            pool.take_done()
-        } else {
-            Vec::new()
-        };
+        let mut done = std::mem::take(&mut self.done);
+        if readable {
+            pool.take_done(&mut done);
+        }
         let idle = pool.in_flight == 0;
-        for d in done {
+        for d in done.drain(..) {
             self.finish(uq, d.tag, d.buf, d.res);
         }
+        self.done = done;
         // A stopping queue gets no new requests: once idle, nothing is left to wake for.
         if !(uq.is_stopping() && idle) {
             self.arm(uq);
