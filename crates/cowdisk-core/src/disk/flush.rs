@@ -14,12 +14,21 @@ impl Disk {
         if self.access == Access::ReadOnly {
             return Ok(());
         }
+        // Every request completed before this call is counted here.
+        let wanted = self.changes.load(SeqCst);
         let _f = lock(&self.flush_lock);
         if self.poisoned.load(SeqCst) {
             return Err(IoError::Poisoned {
                 path: self.top.path.clone(),
             });
         }
+        if self.synced.load(SeqCst) >= wanted {
+            // Nothing written since, or a flush that ran while this one waited covered it.
+            return Ok(());
+        }
+        // Read before the dirty pages are taken and the data synced: every request it
+        // counts has its data written and its map entries set.
+        let covers = self.changes.load(SeqCst);
         let pending = self.top.map.take_dirty();
         let st = &*self.top.storage;
         let path = &self.top.path;
@@ -40,7 +49,10 @@ impl Disk {
                     })
             });
         match res {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.synced.store(covers, SeqCst);
+                Ok(())
+            }
             Err((failed_sync, e)) => {
                 // Only a failed sync loses writes the kernel may have dropped: that is
                 // what poisons. A write that found no space can simply be tried again.

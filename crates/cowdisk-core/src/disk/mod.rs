@@ -10,7 +10,9 @@
 //! Data is written in place at the block's fixed offset; the map entry that exposes it
 //! is published in memory only after the data write returned. `flush` takes the dirty
 //! map pages, syncs the data, writes the pages into their inactive A/B slots and
-//! syncs again: a map entry is never durable before its data (FORMAT.md §Crash).
+//! syncs again: a map entry is never durable before its data (FORMAT.md §Crash). A
+//! flush syncs nothing when no write, zero or discard completed since the last one that
+//! succeeded (a concurrent flush may have covered it while it waited).
 
 mod copyup;
 mod flush;
@@ -72,6 +74,12 @@ pub struct Disk {
     reflink_likely: bool,
     /// Blocks copied up from a lower layer since the disk was opened (for statistics).
     copy_ups: std::sync::atomic::AtomicU64,
+    /// Flush generations: `changes` counts completed write, zero and discard requests;
+    /// `synced` is the count the last successful flush covered. A flush with nothing new
+    /// to cover, or one a concurrent flush already covered, syncs nothing (a guest's
+    /// journal sends many flushes, often back to back).
+    changes: std::sync::atomic::AtomicU64,
+    synced: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,6 +123,10 @@ impl Disk {
             kernel_copy: AtomicBool::new(true),
             reflink_likely: reflink,
             copy_ups: std::sync::atomic::AtomicU64::new(0),
+            // The first flush always syncs: a process before this one may have left
+            // writes it acknowledged but never flushed.
+            changes: std::sync::atomic::AtomicU64::new(1),
+            synced: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The write path: in-place writes to top blocks, copy-up of partially written blocks
 //! held below, whiteouts and zeroing.
 
+use std::sync::atomic::Ordering::SeqCst;
+
 use super::{lock, Disk, WriteFlags, ZeroFlags, STRIPES};
 use crate::error::IoError;
 use crate::format::BlockState;
@@ -11,6 +13,17 @@ impl Disk {
     pub fn write(&self, offset: u64, data: &[u8], flags: WriteFlags) -> Result<(), IoError> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
+        let res = self.write_blocks(offset, data);
+        // Counted even when it failed part way: what it did write is the next flush's.
+        self.changes.fetch_add(1, SeqCst);
+        res?;
+        if flags.fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
         let bs = u64::from(self.geometry.block_size);
         let mut pos = 0usize;
         while pos < data.len() {
@@ -20,9 +33,6 @@ impl Disk {
             let n = (self.geometry.block_len(b) - within).min(data.len() - pos);
             self.write_block(b, within, &data[pos..pos + n])?;
             pos += n;
-        }
-        if flags.fua {
-            self.flush()?;
         }
         Ok(())
     }
@@ -121,19 +131,9 @@ impl Disk {
         {
             return Err(IoError::NotFast);
         }
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / bs;
-            let within = (pos % bs) as usize;
-            let blen = self.geometry.block_len(b);
-            let n = ((blen - within) as u64).min(end - pos) as usize;
-            if n == blen && !flags.no_hole {
-                self.whiteout_block(b)?;
-            } else {
-                self.zero_part(b, within, n)?;
-            }
-            pos += n as u64;
-        }
+        let res = self.zero_blocks(offset, end, flags.no_hole);
+        self.changes.fetch_add(1, SeqCst);
+        res?;
         if flags.fua {
             self.flush()?;
         }
@@ -151,6 +151,24 @@ impl Disk {
                 fast: false,
             },
         )
+    }
+
+    fn zero_blocks(&self, offset: u64, end: u64, no_hole: bool) -> Result<(), IoError> {
+        let bs = u64::from(self.geometry.block_size);
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / bs;
+            let within = (pos % bs) as usize;
+            let blen = self.geometry.block_len(b);
+            let n = ((blen - within) as u64).min(end - pos) as usize;
+            if n == blen && !no_hole {
+                self.whiteout_block(b)?;
+            } else {
+                self.zero_part(b, within, n)?;
+            }
+            pos += n as u64;
+        }
+        Ok(())
     }
 
     fn whiteout_block(&self, b: u64) -> Result<(), IoError> {
