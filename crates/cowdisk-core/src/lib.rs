@@ -48,7 +48,7 @@ pub use chain::{
 };
 pub use create::{create_child, create_child_with, create_image, ReferenceStyle};
 pub use disk::{
-    Access, Disk, Extent, ExtentState, LayerInfo, Lower, LowerLayer, ReadPiece, WriteFlags,
+    Access, CopyUp, Disk, Extent, ExtentState, LayerInfo, Lower, LowerLayer, ReadPiece, WriteFlags,
     ZeroFlags,
 };
 pub use error::{FormatError, IoError, IoErrorKind, OpenError};

@@ -118,11 +118,14 @@ impl Start {
 fn open(world: &Arc<SimWorld>) -> Result<Disk, cowdisk_core::OpenError> {
     let top: Arc<SimStorage> = world.file(1);
     let base: Arc<SimStorage> = world.file(0);
-    Disk::open_storages(
+    let d = Disk::open_storages(
         (top as Arc<dyn Storage>, "top".into()),
         vec![(base as Arc<dyn Storage>, "base".into())],
         Access::ReadWrite,
-    )
+    )?;
+    // A world with kernel copies shares extents: copy-ups go the kernel's way.
+    d.set_copy_up(cowdisk_core::CopyUp::Share);
+    Ok(d)
 }
 
 #[derive(Clone)]

@@ -202,7 +202,12 @@ fn copy_up_paths_verify_before_copying() {
     for kernel in [true, false] {
         let (d, top) = damaged_parent(if kernel { "cu-k" } else { "cu-b" }, 100);
         let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
-        disk.set_kernel_copy(kernel);
+        // Share: in the kernel wherever it can (a copy where the file system cannot share).
+        disk.set_copy_up(if kernel {
+            CopyUp::Share
+        } else {
+            CopyUp::Buffer
+        });
         // Verified by this read, block 1 then copies up in the kernel where allowed.
         let mut b = vec![0u8; 4096];
         disk.read(4096, &mut b).unwrap();

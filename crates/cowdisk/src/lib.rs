@@ -107,13 +107,26 @@ pub fn set_direct_io(on: bool) {
     let _ = DIRECT_IO.set(on);
 }
 
+/// How copy-up moves blocks (`serve --copy-up`), for the rest of the process.
+static COPY_UP: OnceLock<cowdisk_core::CopyUp> = OnceLock::new();
+
+/// Sets how copy-up moves blocks (once per process).
+pub fn set_copy_up(mode: cowdisk_core::CopyUp) {
+    let _ = COPY_UP.set(mode);
+}
+
 /// The options every command opens chains with: the process's layer source.
 pub fn open_options() -> OpenOptions {
-    // COWDISK_COPY_UP=buffer: copy-up through a buffer, never copy_file_range (to
+    // COWDISK_COPY_UP=buffer: copy-up always through a buffer, never copy_file_range (to
     // compare the two in benchmarks).
     let buffered = std::env::var_os("COWDISK_COPY_UP").is_some_and(|v| v == "buffer");
+    let copy_up = match COPY_UP.get() {
+        _ if buffered => cowdisk_core::CopyUp::Buffer,
+        Some(&m) => m,
+        None => cowdisk_core::CopyUp::default(),
+    };
     let direct = DIRECT_IO.get().copied().unwrap_or(false);
-    let mut o = OpenOptions::new().kernel_copy(!buffered).direct_io(direct);
+    let mut o = OpenOptions::new().copy_up(copy_up).direct_io(direct);
     if let Some(&m) = MAX_METADATA.get() {
         o = o.metadata_limit(m);
     }

@@ -1,7 +1,9 @@
 //! Copy-up on the file systems VMs run on (issue 13): loop files with ext4, XFS (reflink)
 //! and btrfs, and tmpfs. On each, partial writes over a sealed base read back as a flat
 //! model says, before and after a reopen; the base keeps its bytes; `check` is clean.
-//! XFS and btrfs share the copied extents (`copy_file_range`), the others copy.
+//! Both copy-up modes run on each: `copy` (the top's own copy) and `share` (XFS and btrfs
+//! share the copied extents through `copy_file_range`, the others copy). With `share` on
+//! XFS and btrfs, first 4 KiB writes cost the top about 4 KiB each.
 
 mod cli_common;
 
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cli_common::*;
-use cowdisk_core::WriteFlags;
+use cowdisk_core::{CopyUp, Disk, OpenOptions, WriteFlags};
 
 fn sh(cmd: &str, args: &[&str]) {
     let o = Command::new(cmd)
@@ -55,7 +57,11 @@ fn sha(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
-fn exercise(dir: &Path, fs: &str) {
+fn open_mode(p: &Path, mode: CopyUp) -> Disk {
+    Disk::open(p, &OpenOptions::new().copy_up(mode)).unwrap()
+}
+
+fn exercise(dir: &Path, fs: &str, mode: CopyUp) {
     let s = |n: &str| dir.join(n).to_str().unwrap().to_string();
     let size = 16u64 << 20;
     ok(&[
@@ -85,7 +91,7 @@ fn exercise(dir: &Path, fs: &str) {
     }
     ok(&["create", &s("top.cow"), "--backing", &s("base.cow")]);
     let base_bytes = sha(&dir.join("base.cow"));
-    let top = open_rw(&dir.join("top.cow"));
+    let top = open_mode(&dir.join("top.cow"), mode);
     for i in 0..300 {
         let off = rnd() % (size - 100_000);
         let len = 1 + (rnd() % 100_000) as usize;
@@ -96,7 +102,7 @@ fn exercise(dir: &Path, fs: &str) {
             top.read(off, &mut b).unwrap();
             assert!(
                 b == model[off as usize..off as usize + len],
-                "{fs}: read {i}"
+                "{fs} {mode:?}: read {i}"
             );
         }
         top.write(off, &vec![byte; len], WriteFlags::default())
@@ -106,7 +112,10 @@ fn exercise(dir: &Path, fs: &str) {
     let check = |d: &cowdisk_core::Disk, when: &str| {
         let mut b = vec![0u8; size as usize];
         d.read(0, &mut b).unwrap();
-        assert!(b == model, "{fs}: content differs from the model {when}");
+        assert!(
+            b == model,
+            "{fs} {mode:?}: content differs from the model {when}"
+        );
     };
     check(&top, "before the flush");
     top.flush().unwrap();
@@ -123,7 +132,70 @@ fn exercise(dir: &Path, fs: &str) {
         std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     }
     let c = run(&["check", &s("top.cow")]);
-    assert_eq!(code(&c), 0, "{fs}: check: {}", stdout(&c));
+    assert_eq!(code(&c), 0, "{fs} {mode:?}: check: {}", stdout(&c));
+    for f in ["base.cow", "top.cow"] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+}
+
+/// What one 4 KiB first write into each of 64 blocks held by the base costs the top.
+fn first_write_space(dir: &Path, fs: &str, mode: CopyUp) {
+    let s = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    ok(&["create", &s("b.cow"), "--size", "4M", "--block-size", "64K"]);
+    {
+        let base = open_rw(&dir.join("b.cow"));
+        base.write(0, &vec![0x5a; 4 << 20], WriteFlags::default())
+            .unwrap();
+        base.flush().unwrap();
+    }
+    ok(&["create", &s("t.cow"), "--backing", &s("b.cow")]);
+    let base_bytes = sha(&dir.join("b.cow"));
+    // Space the file system gives up (st_blocks counts shared extents in full).
+    let alloc = || {
+        sh("sync", &["-f", dir.to_str().unwrap()]);
+        let v = rustix::fs::statvfs(dir).unwrap();
+        v.f_blocks.saturating_sub(v.f_bfree) * v.f_frsize
+    };
+    let top = open_mode(&dir.join("t.cow"), mode);
+    let before = alloc();
+    for b in 0..64u64 {
+        top.write(b * 65536 + 8192, &[b as u8; 4096], WriteFlags::default())
+            .unwrap();
+    }
+    top.flush().unwrap();
+    let mut got = vec![0u8; 4 << 20];
+    top.read(0, &mut got).unwrap();
+    drop(top);
+    for (b, block) in got.chunks(65536).enumerate() {
+        let want = |i: usize| {
+            if (8192..12288).contains(&i) {
+                b as u8
+            } else {
+                0x5a
+            }
+        };
+        assert!(
+            block.iter().enumerate().all(|(i, &x)| x == want(i)),
+            "{fs} {mode:?}: block {b}"
+        );
+    }
+    let grew = alloc() - before;
+    let shared = mode == CopyUp::Share && (fs == "xfs" || fs == "btrfs");
+    println!("{fs} {mode:?}: 64 first writes grew the top by {grew} bytes");
+    if shared {
+        // 1.25 x the written 4 KiB, plus the map page's two slots and the file system's
+        // own metadata (btrfs: 16 KiB tree nodes); a copy would be 4 MiB.
+        assert!(grew <= 64 * 5120 + 65536, "{fs}: {grew} bytes");
+    } else {
+        assert!(grew >= 64 * 65536, "{fs} {mode:?}: {grew} bytes");
+    }
+    assert!(
+        sha(&dir.join("b.cow")) == base_bytes,
+        "{fs}: the base changed"
+    );
+    for f in ["b.cow", "t.cow"] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
 }
 
 #[test]
@@ -137,6 +209,9 @@ fn copy_up_on_ext4_xfs_btrfs_and_tmpfs() {
     let t = Tmp::new("copyup-fs");
     for fs in ["ext4", "xfs", "btrfs", "tmpfs"] {
         let m = mount(&t, fs);
-        exercise(&m.0, fs);
+        for mode in [CopyUp::Copy, CopyUp::Share] {
+            exercise(&m.0, fs, mode);
+            first_write_space(&m.0, fs, mode);
+        }
     }
 }

@@ -16,7 +16,7 @@ pub use relink::rebase;
 pub use source::{folder_of, open_layer_file, LayerId, LayerSource, LocalFiles, OpenedLayer};
 pub use walk::{check_link, link_problems, ChainWalk, LinkError, WalkStop, WalkedLayer, MAX_DEPTH};
 
-use crate::disk::{verified_index_bytes, Access, Disk, Lower, LowerLayer, Top, TopHeader};
+use crate::disk::{verified_index_bytes, Access, CopyUp, Disk, Lower, LowerLayer, Top, TopHeader};
 use crate::error::OpenError;
 use crate::format::{Header, LayerState, FLAG_NEEDS_CHECK};
 use crate::layer::{load_map, read_header, verify_seal_digest};
@@ -59,7 +59,7 @@ pub struct OpenOptions {
     force_share: bool,
     source: Option<Arc<dyn LayerSource>>,
     metadata_limit: u64,
-    kernel_copy: bool,
+    copy_up: CopyUp,
     top_locked: bool,
     direct_io: bool,
 }
@@ -77,7 +77,7 @@ impl Default for OpenOptions {
             force_share: false,
             source: None,
             metadata_limit: DEFAULT_METADATA_LIMIT,
-            kernel_copy: true,
+            copy_up: CopyUp::default(),
             top_locked: false,
             direct_io: false,
         }
@@ -113,10 +113,9 @@ impl OpenOptions {
         self.metadata_limit = bytes;
         self
     }
-    /// Whether copy-up may copy in the kernel (`copy_file_range`; default) or always goes
-    /// through a buffer: see [`Disk::set_kernel_copy`].
-    pub fn kernel_copy(mut self, on: bool) -> OpenOptions {
-        self.kernel_copy = on;
+    /// How copy-up moves blocks (default [`CopyUp::Copy`]): see [`Disk::set_copy_up`].
+    pub fn copy_up(mut self, mode: CopyUp) -> OpenOptions {
+        self.copy_up = mode;
         self
     }
     /// Where parents come from (default: [`LocalFiles`], unconfined).
@@ -217,7 +216,7 @@ impl Disk {
             Some(_) => open_lowers(path, &header, top_id, opts, &mut budget)?,
         };
         let disk = Disk::assemble(top, lower, opts.access);
-        disk.set_kernel_copy(opts.kernel_copy);
+        disk.set_copy_up(opts.copy_up);
         Ok(disk)
     }
 

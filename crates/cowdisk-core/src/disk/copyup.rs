@@ -1,12 +1,13 @@
 //! Copy-up: the first partial write to a block held below brings the whole block into the
-//! top. Where both layers are files the kernel copies (`copy_file_range`); on XFS with
-//! reflink and on btrfs that shares the block's extents, so a copy-up costs metadata and
-//! the written part is the only new space. Else, through one buffered read and write.
+//! top. Where both layers are files the kernel can copy (`copy_file_range`); on XFS with
+//! reflink and on btrfs that shares the block's extents ([`CopyUp::Share`]), so a copy-up
+//! costs metadata and the written part is the only new space. Else, through one buffered
+//! read and write.
 
 use std::sync::atomic::Ordering::SeqCst;
 
 use super::scratch::BLOCK_SCRATCH;
-use super::{lock, Disk};
+use super::{lock, CopyUp, Disk};
 use crate::error::IoError;
 use crate::storage::Copied;
 
@@ -28,7 +29,12 @@ impl Disk {
         within: usize,
         chunk: &[u8],
     ) -> Result<(), IoError> {
-        let worth = self.reflink_likely || self.lower.layers[i].is_verified(b);
+        let worth = match self.copy_up_mode() {
+            CopyUp::Buffer => false,
+            // There the kernel's copy is a share.
+            mode if self.reflink_likely => mode == CopyUp::Share,
+            _ => self.lower.layers[i].is_verified(b),
+        };
         if !(worth
             && self.kernel_copy.load(SeqCst)
             && self.copy_up_in_kernel(b, i, within, chunk)?)

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 pub(crate) use lower::verified_index_bytes;
 pub use lower::{Lower, LowerLayer};
-pub use types::{Access, Extent, ExtentState, LayerInfo, ReadPiece, WriteFlags, ZeroFlags};
+pub use types::{Access, CopyUp, Extent, ExtentState, LayerInfo, ReadPiece, WriteFlags, ZeroFlags};
 
 pub(crate) use header::TopHeader;
 
@@ -68,8 +68,10 @@ pub struct Disk {
     /// waiting here instead leaves the CPU to threads reading and verifying the next blocks
     /// (a quarter less server CPU per first write on tmpfs).
     copy_lock: Mutex<()>,
-    /// Copy-up goes through `copy_file_range` while the kernel accepts it.
+    /// Copy-up may go through `copy_file_range` (cleared once the kernel refuses it).
     kernel_copy: AtomicBool,
+    /// [`CopyUp`], as its `u8`.
+    copy_mode: std::sync::atomic::AtomicU8,
     /// The top is on a file system whose `copy_file_range` shares extents (XFS, btrfs).
     reflink_likely: bool,
     /// Blocks copied up from a lower layer since the disk was opened (for statistics).
@@ -121,6 +123,7 @@ impl Disk {
             sealed: AtomicBool::new(false),
             copy_lock: Mutex::new(()),
             kernel_copy: AtomicBool::new(true),
+            copy_mode: std::sync::atomic::AtomicU8::new(CopyUp::default().to_u8()),
             reflink_likely: reflink,
             copy_ups: std::sync::atomic::AtomicU64::new(0),
             // The first flush always syncs: a process before this one may have left
@@ -172,10 +175,13 @@ impl Disk {
     pub fn top_state(&self, b: u64) -> BlockState {
         self.top.map.get(b)
     }
-    /// Chooses how copy-up moves a block: in the kernel where it can (the default), or
-    /// always through a buffer (for comparing the two).
-    pub fn set_kernel_copy(&self, on: bool) {
-        self.kernel_copy.store(on, SeqCst);
+    /// Chooses how copy-up moves a block (see [`CopyUp`]).
+    pub fn set_copy_up(&self, mode: CopyUp) {
+        self.copy_mode.store(mode.to_u8(), SeqCst);
+    }
+    /// How copy-up moves a block.
+    pub fn copy_up_mode(&self) -> CopyUp {
+        CopyUp::from_u8(self.copy_mode.load(SeqCst))
     }
     /// Blocks copied up from a lower layer since the disk was opened.
     pub fn copy_ups(&self) -> u64 {

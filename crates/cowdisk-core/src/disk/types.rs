@@ -22,6 +22,39 @@ pub enum ReadPiece<'a> {
     },
 }
 
+/// How a copy-up brings a block held below into the top ([`crate::OpenOptions::copy_up`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CopyUp {
+    /// The top gets a copy of its own (default). The kernel copies blocks already verified
+    /// where its copy is a copy (ext4, tmpfs); on XFS and btrfs, where it would share the
+    /// extents, a buffer does: measured faster there (BENCHMARKS.md, copy-up modes).
+    #[default]
+    Copy,
+    /// Share the block's extents with the layer below where the file system can (XFS with
+    /// reflink, btrfs): a first 4 KiB write then allocates about 4 KiB instead of a block,
+    /// for extent metadata on every copy-up and flush. Elsewhere as `Copy`.
+    Share,
+    /// Always one buffered read, verification and write (for comparisons).
+    Buffer,
+}
+
+impl CopyUp {
+    pub(crate) fn to_u8(self) -> u8 {
+        match self {
+            CopyUp::Copy => 0,
+            CopyUp::Share => 1,
+            CopyUp::Buffer => 2,
+        }
+    }
+    pub(crate) fn from_u8(v: u8) -> CopyUp {
+        match v {
+            1 => CopyUp::Share,
+            2 => CopyUp::Buffer,
+            _ => CopyUp::Copy,
+        }
+    }
+}
+
 /// Flags for a write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteFlags {
