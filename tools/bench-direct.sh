@@ -9,13 +9,15 @@
 #
 # Usage: tools/bench-direct.sh [--help]
 # Environment: BENCH_DIR (a folder on the file system to measure, not tmpfs before Linux
-# 6.6) [/var/tmp/cowdisk-bench-direct], BENCH_REPS [3], COWDISK [target/release/cowdisk].
+# 6.6) [/var/tmp/cowdisk-bench-direct], BENCH_REPS [3], COWDISK [target/release/cowdisk],
+# BENCH_SERVE_ARGS, more arguments for cowdisk serve (e.g. "--threads 16").
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; }
 D=${BENCH_DIR:-/var/tmp/cowdisk-bench-direct}
 REPS=${BENCH_REPS:-3}
 BIN=${COWDISK:-$ROOT/target/release/cowdisk}
+read -r -a SERVE_ARGS <<<"${BENCH_SERVE_ARGS:-}"
 for t in fio jq qemu-img qemu-nbd python3; do command -v $t >/dev/null || { echo "$t missing" >&2; exit 1; }; done
 [[ -x $BIN ]] || { echo "$BIN missing: cargo build --release" >&2; exit 1; }
 mkdir -p "$D"; cd "$D"
@@ -36,7 +38,7 @@ for rep in $(seq "$REPS"); do
   rm -f top.cow top.qcow2 c.sock q.sock
   "$BIN" create top.cow --backing base.cow >/dev/null
   qemu-img create -q -f qcow2 -F qcow2 -b "$D/base.qcow2" top.qcow2
-  "$BIN" serve top.cow --socket "$D/c.sock" --cache=none >/dev/null 2>&1 & PIDS+=($!)
+  "$BIN" serve top.cow --socket "$D/c.sock" --cache=none "${SERVE_ARGS[@]}" >/dev/null 2>&1 & PIDS+=($!)
   qemu-nbd -t -e 8 -f qcow2 --cache=none --aio=io_uring --socket "$D/q.sock" "$D/top.qcow2" & PIDS+=($!)
   for _ in $(seq 100); do [[ -S c.sock && -S q.sock ]] && break; sleep 0.1; done
   for u in "$C" "$Q"; do

@@ -223,7 +223,8 @@ pub(crate) struct BufPool {
     max_buffers: usize,
 }
 
-const POOL_MAX_CAPACITY: usize = (1 << 20) + READ_HEADROOM;
+/// A 1 MiB READ with its header and the slack that aligns its data (transmission.rs).
+const POOL_MAX_CAPACITY: usize = (1 << 20) + READ_HEADROOM + 4096;
 
 impl BufPool {
     /// A pool keeping at most `max_buffers` free buffers.

@@ -357,17 +357,31 @@ fn read<'a, W: Write + AsFd>(
         // Zero-copy: no buffer, one copy fewer.
         Ok(true) => conn.out.read_pieces(req, offset, len, pieces),
         Ok(false) => {
-            let buf_len = READ_HEADROOM + len as usize;
+            // Room to start the data on a 4 KiB boundary: a backend reading with direct
+            // I/O then reads straight into it instead of through a bounce buffer.
+            let buf_len = READ_HEADROOM + len as usize + DATA_ALIGN;
             let mut held = conn.read_buffer_bytes(buf_len);
             let mut buf = held.buffer(&conn.io.pool, buf_len);
-            match b.read(offset, &mut buf[READ_HEADROOM..]) {
-                Ok(()) => conn.out.read_data(req, offset, &mut buf),
+            let skip = aligned_skip(&buf);
+            let area = &mut buf[skip..skip + READ_HEADROOM + len as usize];
+            match b.read(offset, &mut area[READ_HEADROOM..]) {
+                Ok(()) => conn.out.read_data(req, offset, area),
                 Err(e) => conn.out.backend_error(req, &e),
             }
             conn.io.pool.put(buf);
         }
         Err(e) => conn.out.backend_error(req, &e),
     }
+}
+
+/// Alignment of the data in a READ buffer (direct I/O's, for 512-byte and 4 KiB sectors).
+const DATA_ALIGN: usize = 4096;
+
+/// Where in `buf` a reply must start so that its data, after [`READ_HEADROOM`] bytes of
+/// header, begins on a [`DATA_ALIGN`] boundary.
+fn aligned_skip(buf: &[u8]) -> usize {
+    let data = buf.as_ptr() as usize + READ_HEADROOM;
+    (DATA_ALIGN - data % DATA_ALIGN) % DATA_ALIGN
 }
 
 fn pieces_len(pieces: &[ReadPiece<'_>]) -> Option<u64> {
@@ -491,5 +505,20 @@ mod tests {
         let got = clamp_extents(&[ext(0), ext(100), ext(1000)], 500);
         assert_eq!(got, vec![ext(100), ext(400)]);
         assert!(clamp_extents(&[ext(0)], 10).is_empty());
+    }
+
+    #[test]
+    fn read_data_starts_aligned_within_the_slack() {
+        for len in [512, 4096, 65536] {
+            let n = READ_HEADROOM + len + DATA_ALIGN;
+            let buf = vec![0u8; n + 64];
+            // Every start address a pooled buffer might have, in steps of one byte.
+            for shift in 0..64 {
+                let b = &buf[shift..shift + n];
+                let skip = aligned_skip(b);
+                assert!(skip + READ_HEADROOM + len <= b.len());
+                assert_eq!((b.as_ptr() as usize + skip + READ_HEADROOM) % DATA_ALIGN, 0);
+            }
+        }
     }
 }

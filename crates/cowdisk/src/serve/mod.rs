@@ -68,9 +68,9 @@ pub struct ServeArgs {
     /// Export name (only with a single image).
     #[arg(long, value_name = "NAME")]
     pub export_name: Option<String>,
-    /// Threads per connection that run requests (1-64; default 4). Requests of one
-    /// connection run in parallel up to this many; more help only when the storage itself
-    /// waits. With --ublk: worker threads per queue (default 1: the queue's own thread
+    /// Threads per connection that run requests (1-64; default 4, 16 with --cache=none).
+    /// Requests of one connection run in parallel up to this many; more help only when the
+    /// storage itself waits, as direct I/O and frequent flushes on a disk do. With --ublk: worker threads per queue (default 1: the queue's own thread
     /// answers its requests in turn; in the emulated guest benchmark more were slower).
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -161,7 +161,13 @@ pub enum CacheMode {
 /// The server's limits from the command line.
 fn limits(args: &ServeArgs) -> cowdisk_nbd::Limits {
     let mut limits = cowdisk_nbd::Limits::default();
-    limits.workers_per_connection = usize::from(args.threads.unwrap_or(4));
+    // Direct I/O waits for the device on every request, so a connection needs as many
+    // threads as the queue depth it should keep in flight (measured: BENCHMARKS.md).
+    let threads = match args.cache {
+        CacheMode::Writeback => 4,
+        CacheMode::NoCache => 16,
+    };
+    limits.workers_per_connection = usize::from(args.threads.unwrap_or(threads));
     limits.max_connections = args.max_connections as usize;
     limits.payload_timeout = Duration::from_secs(args.payload_timeout);
     limits.idle_timeout = args.idle_timeout.map(Duration::from_secs);
