@@ -4,6 +4,8 @@
 # Contenders (fio ioengine=nbd over a unix socket, except psync-raw):
 #   cowdisk-dN    cowdisk serve on a chain of depth N (base + N-1 layers)
 #   qcow2-dN      qemu-nbd -f qcow2 on a qcow2 backing chain of the same depth and bytes
+#   cowdisk-share-top  (writes, on XFS and btrfs) serve --copy-up share: copy-ups share
+#                 the base's extents
 #   qcow2x-top    (writes) a qcow2 top with extended_l2=on: 2 KiB subclusters, a first
 #                 4 KiB write copies nothing
 #   nbdkit-cow    nbdkit --filter=cow file base.raw (one overlay)
@@ -141,6 +143,7 @@ serve_contender() {  # serve_contender NAME MODE(ro|rw) [IMAGE]: starts the serv
   case $name in
     cowdisk-*)
       local cro=(); [[ $mode == ro ]] && cro=(--read-only)
+      [[ $name == cowdisk-share-* ]] && cro+=(--copy-up share)
       start_server "$COWDISK" serve "$img" --socket "$SOCK" "${cro[@]}" ;;
     qcow2*) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f qcow2 "$img" ;;
     qemu-nbd-raw) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f raw "$img" ;;
@@ -283,6 +286,8 @@ setup_contenders() {
   for d in "${DEPTHS[@]}"; do READERS+=("qcow2-d$d"); done
   READERS+=(nbdkit-cow nbdkit-file qemu-nbd-raw psync-raw)
   ((COW)) && WRITERS+=(cowdisk-top)
+  # Where copy-up can share extents with the base, that mode too.
+  if ((COW)) && [[ $(stat -f -c %T "$BENCH_DIR") == @(xfs|btrfs) ]]; then WRITERS+=(cowdisk-share-top); fi
   WRITERS+=(qcow2-top qcow2x-top nbdkit-cow nbdkit-file qemu-nbd-raw psync-raw)
   ((COW)) && CLONE_SERVERS+=(cowdisk)
   CLONE_SERVERS+=(qsd)
@@ -311,7 +316,7 @@ fresh_top() {  # fresh_top CONTENDER
   local top=$DATA/cow/top
   rm -f "$top".*
   case $1 in
-    cowdisk-top) img=$top.cow; "$COWDISK" create "$img" --backing "$DATA/cow/L0.cow" >/dev/null ;;
+    cowdisk-top | cowdisk-share-top) img=$top.cow; "$COWDISK" create "$img" --backing "$DATA/cow/L0.cow" >/dev/null ;;
     qcow2-top) img=$top.qcow2
       qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$DATA/qcow/L0.qcow2" -F qcow2 "$img" ;;
     qcow2x-top) img=$top.qcow2
@@ -334,11 +339,12 @@ write_round() {  # write_round REP
     # rounds ran 2-5x slower for every contender (probably first-touch cost of memory in the VM).
     for ((k = 0; k <= FW_PASSES; k++)); do
       fresh_top "$c"
+      USED0=$(fs_used)
       [[ $c == psync-raw ]] || serve_contender "$c" rw "$img"
       # shellcheck disable=SC2046,SC2086
       run_fio firstwrite "$c" "$rep.$k" write $(target_args "$c" "$img") ${WL_ARGS[firstwrite]}
       ((k > 0)) || sed -i '$d' "$RES"
-      if ((rep == 1 && k == 0)) && [[ $c == cowdisk-top || $c == qcow2*-top ]]; then
+      if ((rep == 1 && k == 0)) && [[ $c == cowdisk*-top || $c == qcow2*-top ]]; then
         # the top's map is only complete on disk once the server has exited
         stop_server; check_first_writes "$c"; serve_contender "$c" rw "$img"
       fi
@@ -367,16 +373,21 @@ write_round() {  # write_round REP
     --invalidate=0 "--filename=$floor" "--size=${SIZE_MB}m" --rw=randwrite --bs=64k
   rm -f "$floor"
 }
+# Bytes in use on the bench file system, after syncing it (st_blocks would count extents
+# a top shares with its base in full).
+fs_used() {
+  local b f s; sync -f "$DATA"; read -r b f s < <(stat -f -c '%b %f %S' "$DATA"); echo $(((b - f) * s))
+}
 # After the first-write pass the top must hold every block (each write was a copy-up).
 check_first_writes() {
   local n="?"
-  # What the top costs the file system after one 4 KiB write into each 64 KiB block.
-  local alloc; alloc=$(( $(stat -c '%b * %B' "$img") ))
+  # What the top cost the file system: one 4 KiB write into each 64 KiB block.
+  local alloc; alloc=$(( $(fs_used) - USED0 ))
   printf '%s\t%s\t%s\t%s\n' "$1" "$alloc" "$NBLOCKS" "$(stat -f -c %T "$DATA")" >>"$ALLOC"
   case $1 in
     qcow2-top | qcow2x-top) n=$(qemu-img map --output=json -f qcow2 "$DATA/cow/top.qcow2" |
       jq '[.[] | select(.data and .depth == 0) | .length] | add') ;;
-    cowdisk-top) n=$("$COWDISK" info --json "$DATA/cow/top.cow" 2>/dev/null |
+    cowdisk-top | cowdisk-share-top) n=$("$COWDISK" info --json "$DATA/cow/top.cow" 2>/dev/null |
       jq '.layers[0].data_blocks * 65536' 2>/dev/null) || n="?" ;;
   esac
   # With subclusters qcow2 holds only the 4 KiB written in each cluster.
