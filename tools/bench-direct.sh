@@ -13,6 +13,8 @@
 # BENCH_SERVE_ARGS, more arguments for cowdisk serve (e.g. "--threads 16").
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=tools/common.sh
+. "$ROOT/tools/common.sh"
 [[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; }
 D=${BENCH_DIR:-/var/tmp/cowdisk-bench-direct}
 REPS=${BENCH_REPS:-3}
@@ -21,11 +23,7 @@ read -r -a SERVE_ARGS <<<"${BENCH_SERVE_ARGS:-}"
 for t in fio jq qemu-img qemu-nbd python3; do command -v $t >/dev/null || { echo "$t missing" >&2; exit 1; }; done
 [[ -x $BIN ]] || { echo "$BIN missing: cargo build --release" >&2; exit 1; }
 mkdir -p "$D"; cd "$D"
-if [[ ! -e base.raw ]]; then
-  head -c $((256 << 20)) /dev/urandom >base.raw
-  "$BIN" import -q base.raw base.cow >/dev/null
-  qemu-img convert -f raw -O qcow2 -o cluster_size=65536 base.raw base.qcow2
-fi
+bench_base "$BIN" 256
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 iops() {  # iops URI FIO-ARGS...

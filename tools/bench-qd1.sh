@@ -16,6 +16,8 @@
 # COWDISK [target/release/cowdisk], BENCH_CPU, the CPU to pin to [0].
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=tools/common.sh
+. "$ROOT/tools/common.sh"
 [[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; }
 D=${BENCH_DIR:-/var/tmp/cowdisk-bench-qd1}
 REPS=${BENCH_REPS:-5}
@@ -27,15 +29,11 @@ for t in fio jq qemu-img qemu-nbd taskset python3; do
 done
 [[ -x $BIN ]] || { echo "bench-qd1: $BIN missing: cargo build --release" >&2; exit 1; }
 mkdir -p "$D"; cd "$D"
-if [[ ! -e base.raw ]]; then
-  head -c $((512 << 20)) /dev/urandom >base.raw
-  "$BIN" import -q base.raw base.cow >/dev/null
-  qemu-img convert -f raw -O qcow2 -o cluster_size=65536 base.raw base.qcow2
-fi
+bench_base "$BIN" 512
 rm -f top.cow top.qcow2
 "$BIN" create top.cow --backing base.cow >/dev/null
 qemu-img create -q -f qcow2 -o cluster_size=65536 -F qcow2 -b "$D/base.qcow2" top.qcow2
-cat base.raw >/dev/null
+cat base.cow base.qcow2 >/dev/null  # what the servers read: page cache warm
 PID=
 trap '[[ -n $PID ]] && kill "$PID" 2>/dev/null; true' EXIT
 SOCK=$D/s.sock

@@ -31,3 +31,12 @@ wait_exit() {
 }
 
 STATE_DIR=${COWDISK_STATE_DIR:-/run/cowdisk}
+
+# A base of MB MiB of random data in the current folder, once: base.raw, base.cow (imported
+# with the cowdisk binary BIN) and base.qcow2 (64 KiB clusters), the same bytes in each.
+bench_base() {  # bench_base BIN MB
+  [ -e base.raw ] && return 0
+  head -c $(($2 << 20)) /dev/urandom >base.raw
+  "$1" import -q base.raw base.cow >/dev/null
+  qemu-img convert -f raw -O qcow2 -o cluster_size=65536 base.raw base.qcow2
+}

@@ -13,6 +13,10 @@ use crate::{BackendError, ReadPiece};
 /// so header and data go out in one write.
 pub(crate) const READ_HEADROOM: usize = wire::CHUNK_HEADER_LEN + 8;
 
+/// Alignment of the data in a READ buffer (direct I/O's, for 512-byte and 4 KiB sectors):
+/// a buffer has this much slack so that its data can start on a boundary.
+pub(crate) const DATA_ALIGN: usize = 4096;
+
 /// One metadata context's part of a BLOCK_STATUS reply: its id and `(length, flags)` extents.
 pub(crate) type ContextExtents = (u32, Vec<(u32, u32)>);
 
@@ -223,8 +227,8 @@ pub(crate) struct BufPool {
     max_buffers: usize,
 }
 
-/// A 1 MiB READ with its header and the slack that aligns its data (transmission.rs).
-const POOL_MAX_CAPACITY: usize = (1 << 20) + READ_HEADROOM + 4096;
+/// A 1 MiB READ with its header and the slack that aligns its data.
+const POOL_MAX_CAPACITY: usize = (1 << 20) + READ_HEADROOM + DATA_ALIGN;
 
 impl BufPool {
     /// A pool keeping at most `max_buffers` free buffers.

@@ -20,7 +20,7 @@ use crate::budget::{Budget, Cost, Held, SharedBytes};
 use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID, DIRTY_BITMAP_ID};
 use crate::handshake::Session;
 use crate::payload::{self, Received};
-use crate::reply::{BufPool, ContextExtents, Replier, READ_HEADROOM};
+use crate::reply::{BufPool, ContextExtents, Replier, DATA_ALIGN, READ_HEADROOM};
 use crate::stream::Deadline;
 use crate::table::{Activity, Busy};
 use crate::validate::{validate, ConnPolicy, Op, Verdict};
@@ -373,9 +373,6 @@ fn read<'a, W: Write + AsFd>(
         Err(e) => conn.out.backend_error(req, &e),
     }
 }
-
-/// Alignment of the data in a READ buffer (direct I/O's, for 512-byte and 4 KiB sectors).
-const DATA_ALIGN: usize = 4096;
 
 /// Where in `buf` a reply must start so that its data, after [`READ_HEADROOM`] bytes of
 /// header, begins on a [`DATA_ALIGN`] boundary.

@@ -70,8 +70,9 @@ pub struct ServeArgs {
     pub export_name: Option<String>,
     /// Threads per connection that run requests (1-64; default 4, 16 with --cache=none).
     /// Requests of one connection run in parallel up to this many; more help only when the
-    /// storage itself waits, as direct I/O and frequent flushes on a disk do. With --ublk: worker threads per queue (default 1: the queue's own thread
-    /// answers its requests in turn; in the emulated guest benchmark more were slower).
+    /// storage itself waits, as direct I/O and frequent flushes on a disk do. With --ublk:
+    /// worker threads per queue (default 1: the queue's own thread answers its requests in
+    /// turn; in the emulated guest benchmark more were slower).
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
