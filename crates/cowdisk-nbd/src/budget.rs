@@ -14,7 +14,8 @@ use crate::reply::BufPool;
 /// Counts requests and bytes in flight on one connection; `acquire` blocks while the budget
 /// is used up.
 pub(crate) struct Budget {
-    used: Mutex<(usize, usize)>,
+    /// Requests, bytes, and threads waiting in `acquire`.
+    used: Mutex<(usize, usize, usize)>,
     freed: Condvar,
     max_count: usize,
     max_bytes: usize,
@@ -23,7 +24,7 @@ pub(crate) struct Budget {
 impl Budget {
     pub fn new(max_count: usize, max_bytes: usize) -> Budget {
         Budget {
-            used: Mutex::new((0, 0)),
+            used: Mutex::new((0, 0, 0)),
             freed: Condvar::new(),
             max_count: max_count.max(1),
             max_bytes,
@@ -35,7 +36,9 @@ impl Budget {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
         // A single request larger than the byte budget may run alone.
         while u.0 >= self.max_count || (u.0 > 0 && u.1 + bytes > self.max_bytes) {
+            u.2 += 1;
             u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
+            u.2 -= 1;
         }
         u.0 += 1;
         u.1 += bytes;
@@ -49,7 +52,11 @@ impl Budget {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
         u.0 = u.0.saturating_sub(1);
         u.1 = u.1.saturating_sub(bytes);
-        self.freed.notify_all();
+        // A notify is a system call even with no one waiting: once per request added up
+        // to a fifth of a small read's system calls.
+        if u.2 > 0 {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -68,6 +75,8 @@ impl Drop for Cost<'_> {
 /// Bytes in flight across all connections, for one kind of buffer.
 pub(crate) struct SharedBytes {
     used: Mutex<usize>,
+    /// Threads waiting in `acquire` (changed under `used`'s lock).
+    waiting: AtomicUsize,
     freed: Condvar,
     max: usize,
 }
@@ -77,6 +86,7 @@ impl SharedBytes {
     pub fn new(max: usize) -> SharedBytes {
         SharedBytes {
             used: Mutex::new(0),
+            waiting: AtomicUsize::new(0),
             freed: Condvar::new(),
             max,
         }
@@ -104,7 +114,9 @@ impl SharedBytes {
             if !over_all && !over_share {
                 break;
             }
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         *u += bytes;
         share.fetch_add(bytes, Ordering::SeqCst);
@@ -141,8 +153,13 @@ impl SharedBytes {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
         *u = u.saturating_sub(bytes);
         share.fetch_sub(bytes.min(share.load(Ordering::SeqCst)), Ordering::SeqCst);
+        // Read under the lock, which a waiter holds from counting itself until it sleeps:
+        // no wake-up is lost, and none is sent (a system call) when no one waits.
+        let waiting = self.waiting.load(Ordering::SeqCst) > 0;
         drop(u);
-        self.freed.notify_all();
+        if waiting {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -208,5 +225,30 @@ mod tests {
         assert_eq!(b.used(), 500);
         drop(big);
         assert_eq!(b.used(), 0);
+    }
+
+    /// Waiters are woken by the release they wait for (notifications are sent only when
+    /// someone waits, so a lost one would hang): many threads, a budget of one.
+    #[test]
+    fn every_waiter_is_woken_by_releases() {
+        use std::sync::atomic::AtomicUsize as Count;
+        let conn = Budget::new(1, usize::MAX);
+        let shared = SharedBytes::new(10);
+        let done = Count::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let share = AtomicUsize::new(0);
+                    for _ in 0..200 {
+                        drop(conn.acquire(1));
+                        let _h = shared.acquire(10, &share);
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert_eq!(done.load(Ordering::SeqCst), 1600);
+        assert_eq!(shared.used(), 0);
+        assert_eq!(shared.waiting.load(Ordering::SeqCst), 0);
     }
 }
