@@ -112,7 +112,9 @@ boot() { # boot ACCEL: runs the guest to the end; returns 3 if KVM could not boo
   local accel=$1 a=() i
   if [ "$accel" = kvm ]; then a=(-accel kvm -cpu host); else a=(-accel "tcg,thread=multi" -cpu max); fi
   : > "$RUN/console.log"
-  qemu "${a[@]}" "${QEMU_FW[@]}" -M q35 -smp "$VM_SMP" -m "$VM_MEM" \
+  # The binary itself, not the `qemu` function: `$!` of a backgrounded function is a
+  # subshell, and killing it left a stuck KVM guest running after the run.
+  LD_LIBRARY_PATH=$QEMU_LIBS "$QEMU_BIN" "${a[@]}" "${QEMU_FW[@]}" -M q35 -smp "$VM_SMP" -m "$VM_MEM" \
     -nographic -nic none -no-reboot -serial file:"$RUN/console.log" -monitor none \
     -kernel "$KERNEL" -initrd "$RUN/initrd" \
     -append "console=ttyS0 quiet panic=-1 vmtest.tests=$TESTLIST vmtest.timeout=$VM_TEST_TIMEOUT" \
