@@ -48,6 +48,26 @@ pub trait ReadStorage: Send + Sync {
     fn verifies_reads(&self) -> bool {
         false
     }
+    /// A local file holding some of this storage's bytes (a cache), for reads that move
+    /// bytes by descriptor: appends where the `len` bytes at `offset` are in it, as (file
+    /// offset, length) runs, and returns that file and a token; `None`, appending nothing,
+    /// when they are not all there now or a copy would cost less. What is read from the
+    /// file is good only if [`ReadStorage::staged_valid`] accepts the token afterwards (a
+    /// cache may drop bytes meanwhile); else read them again with `read_at`.
+    fn staged(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Option<(BorrowedFd<'_>, u64)> {
+        let _ = (offset, len, out);
+        None
+    }
+    /// See [`ReadStorage::staged`].
+    fn staged_valid(&self, token: u64) -> bool {
+        let _ = token;
+        false
+    }
 }
 
 /// What [`Storage::copy_range_from`] did.

@@ -242,7 +242,10 @@ fn assemble(pieces: &[ReadPiece<'_>]) -> Vec<u8> {
     for p in pieces {
         match *p {
             ReadPiece::Zeros(n) => out.resize(out.len() + n as usize, 0),
-            ReadPiece::File { fd, offset, len } => {
+            ReadPiece::File { fd, offset, len }
+            | ReadPiece::Staged {
+                fd, offset, len, ..
+            } => {
                 let mut b = vec![0u8; len as usize];
                 let n = rustix::io::pread(fd, &mut b, offset).unwrap();
                 assert_eq!(n, b.len(), "piece past the end of its file");

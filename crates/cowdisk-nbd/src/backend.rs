@@ -103,6 +103,22 @@ pub enum ReadPiece<'a> {
         /// Length in bytes.
         len: u64,
     },
+    /// `len` bytes of a file at `offset` that are good only if
+    /// [`Backend::staged_valid`] accepts `tag` and `token` after they were read (a cache
+    /// that may drop them meanwhile). The server reads them into a pipe, asks, and sends
+    /// them on, or, if not, sends what [`Backend::read`] returns for them instead.
+    Staged {
+        /// The file.
+        fd: BorrowedFd<'a>,
+        /// Offset in the file.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Opaque to the server (the backend's own key).
+        tag: u64,
+        /// Opaque to the server.
+        token: u64,
+    },
 }
 
 /// A block device exported over NBD.
@@ -138,6 +154,12 @@ pub trait Backend: Send + Sync {
     ) -> Result<bool, BackendError> {
         let _ = (offset, len, out);
         Ok(false)
+    }
+    /// Whether the bytes of [`ReadPiece::Staged`] pieces with `tag` and `token` were
+    /// good when read from their file (asked after reading them). Default: never.
+    fn staged_valid(&self, tag: u64, token: u64) -> bool {
+        let _ = (tag, token);
+        false
     }
     /// Writes `data` at `offset`; with `fua` it is durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;

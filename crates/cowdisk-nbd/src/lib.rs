@@ -48,6 +48,7 @@ pub mod mem;
 mod payload;
 mod reply;
 mod server;
+mod staged;
 mod stream;
 mod table;
 mod transmission;

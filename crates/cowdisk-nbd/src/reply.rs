@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::wire::{self, chunk, cmd, Request};
-use crate::{BackendError, ReadPiece};
+use crate::{Backend, BackendError, ReadPiece};
 
 /// Space reserved in front of read data for the largest reply header (chunk header + offset),
 /// so header and data go out in one write.
@@ -164,12 +164,19 @@ impl<W: Write + AsFd> Replier<'_, W> {
     /// holding the writer throughout. A failure after the header can no longer be answered
     /// with an error, so the connection is dropped: the client never takes part of a reply
     /// for data.
-    pub fn read_pieces(&self, req: &Request, offset: u64, len: u32, pieces: &[ReadPiece<'_>]) {
+    pub fn read_pieces(
+        &self,
+        req: &Request,
+        offset: u64,
+        len: u32,
+        pieces: &[ReadPiece<'_>],
+        b: &dyn Backend,
+    ) {
         let mut head = [0u8; READ_HEADROOM];
         let start = self.read_header(req, offset, len, &mut head);
         self.write_reply(|w| {
             w.write_all(&head[start..])?;
-            send_pieces(w, pieces)
+            send_pieces(w, pieces, offset, b)
         });
     }
 }
@@ -177,9 +184,38 @@ impl<W: Write + AsFd> Replier<'_, W> {
 /// Zeros for `ReadPiece::Zeros`, from a static so they cost no allocation.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-fn send_pieces<W: Write + AsFd>(w: &mut W, pieces: &[ReadPiece<'_>]) -> io::Result<()> {
+/// Sends the pieces of the read at `at` (the disk offset the first one stands for).
+fn send_pieces<W: Write + AsFd>(
+    w: &mut W,
+    pieces: &[ReadPiece<'_>],
+    mut at: u64,
+    b: &dyn Backend,
+) -> io::Result<()> {
     for p in pieces {
+        let here = at;
+        at += match *p {
+            ReadPiece::Zeros(n)
+            | ReadPiece::File { len: n, .. }
+            | ReadPiece::Staged { len: n, .. } => n,
+        };
         match *p {
+            ReadPiece::Staged {
+                fd,
+                offset,
+                len,
+                tag,
+                token,
+            } => {
+                let s = crate::staged::Staged {
+                    fd,
+                    offset,
+                    len,
+                    tag,
+                    token,
+                    at: here,
+                };
+                crate::staged::send(w, &s, b)?;
+            }
             ReadPiece::Zeros(mut n) => {
                 while n > 0 {
                     let k = n.min(ZEROS.len() as u64) as usize;

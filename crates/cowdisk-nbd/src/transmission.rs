@@ -355,7 +355,7 @@ fn read<'a, W: Write + AsFd>(
             "backend planned a read of the wrong length",
         ),
         // Zero-copy: no buffer, one copy fewer.
-        Ok(true) => conn.out.read_pieces(req, offset, len, pieces),
+        Ok(true) => conn.out.read_pieces(req, offset, len, pieces, b),
         Ok(false) => {
             // Room to start the data on a 4 KiB boundary: a backend reading with direct
             // I/O then reads straight into it instead of through a bounce buffer.
@@ -383,7 +383,9 @@ fn aligned_skip(buf: &[u8]) -> usize {
 
 fn pieces_len(pieces: &[ReadPiece<'_>]) -> Option<u64> {
     pieces.iter().try_fold(0u64, |n, p| match *p {
-        ReadPiece::Zeros(l) | ReadPiece::File { len: l, .. } => n.checked_add(l),
+        ReadPiece::Zeros(l) | ReadPiece::File { len: l, .. } | ReadPiece::Staged { len: l, .. } => {
+            n.checked_add(l)
+        }
     })
 }
 

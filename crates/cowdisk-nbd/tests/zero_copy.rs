@@ -1,6 +1,8 @@
 //! Zero-copy reads: a backend that answers `read_pieces` with file ranges and zeros is sent with
 //! `sendfile`, byte for byte what `read` would return, in simple and structured replies; a
 //! piece the file cannot fill drops the connection instead of sending short or padded data.
+//! Staged pieces (bytes a cache may drop) go out only if the backend still vouches for
+//! them after they were read; otherwise `read` supplies those bytes.
 #![allow(clippy::big_endian_bytes)]
 
 mod client;
@@ -23,6 +25,9 @@ const SIZE: u64 = 256 * PIECE;
 struct FileBackend {
     file: File,
     lie: Lie,
+    /// Plans `ReadPiece::Staged`; every other piece names wrong bytes and is refused by
+    /// `staged_valid` (an eviction happened after the plan).
+    staged: bool,
 }
 
 /// How a broken backend may plan a read.
@@ -38,6 +43,10 @@ enum Lie {
 
 impl FileBackend {
     fn new(lie: Lie) -> Arc<FileBackend> {
+        Self::with(lie, false)
+    }
+
+    fn with(lie: Lie, staged: bool) -> Arc<FileBackend> {
         // Tests run in parallel: one name each (the file is unlinked once open).
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -52,7 +61,11 @@ impl FileBackend {
         let data: Vec<u8> = (0..SIZE).map(|i| (i * 31 % 251) as u8 + 1).collect();
         f.write_all(&data).unwrap();
         std::fs::remove_file(&path).unwrap();
-        Arc::new(FileBackend { file: f, lie })
+        Arc::new(FileBackend {
+            file: f,
+            lie,
+            staged,
+        })
     }
 
     /// (is zeros, file offset) of the piece holding virtual offset `o`.
@@ -114,8 +127,17 @@ impl Backend for FileBackend {
         while o < offset + len {
             let n = (PIECE - o % PIECE).min(offset + len - o);
             let (zero, f) = self.place(o);
+            let stale = (o / PIECE) % 2 == 1;
             out.push(if zero {
                 ReadPiece::Zeros(n)
+            } else if self.staged {
+                ReadPiece::Staged {
+                    fd: self.file.as_fd(),
+                    offset: if stale { (f + PIECE) % SIZE } else { f },
+                    len: n,
+                    tag: u64::from(stale),
+                    token: 7,
+                }
             } else {
                 ReadPiece::File {
                     fd: self.file.as_fd(),
@@ -129,6 +151,9 @@ impl Backend for FileBackend {
             out.pop();
         }
         Ok(true)
+    }
+    fn staged_valid(&self, tag: u64, token: u64) -> bool {
+        tag == 0 && token == 7
     }
     fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), BackendError> {
         Err(BackendError::new(BackendErrorKind::ReadOnly, "read-only"))
@@ -159,7 +184,10 @@ impl Backend for FileBackend {
 }
 
 fn reads_match(structured: bool) {
-    let b = FileBackend::new(Lie::No);
+    reads_match_with(FileBackend::new(Lie::No), structured);
+}
+
+fn reads_match_with(b: Arc<FileBackend>, structured: bool) {
     let srv = TestServer::start(vec![("disk", b.clone())], Limits::default());
     let mut c = Client::connect(srv.addr);
     c.handshake("disk", structured, &[]);
@@ -204,6 +232,12 @@ fn sendfile_reads_match_simple_replies() {
 #[test]
 fn sendfile_reads_match_structured_replies() {
     reads_match(true);
+}
+
+#[test]
+fn staged_pieces_are_sent_only_while_the_backend_vouches_for_them() {
+    reads_match_with(FileBackend::with(Lie::No, true), false);
+    reads_match_with(FileBackend::with(Lie::No, true), true);
 }
 
 #[test]

@@ -297,19 +297,28 @@ impl CacheFile {
         self.dir.generation()
     }
 
+    /// The cache file, for reads that move its bytes by descriptor (they must check the
+    /// generation after reading, as [`CacheFile::read_trusted`]'s callers do).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     /// Stores a verified block; failures (a full file system) only mean no caching.
-    pub fn write(&self, buf: &[u8], off: u64) {
+    /// True if it was stored.
+    pub fn write(&self, buf: &[u8], off: u64) -> bool {
         match self.file.write_all_at(buf, off) {
             Ok(()) => {
                 self.dir.failing.store(false, Ordering::Relaxed);
-                self.dir.note_written(buf.len() as u64)
+                self.dir.note_written(buf.len() as u64);
+                true
             }
             Err(e) => {
                 self.dir.failing.store(true, Ordering::Relaxed);
                 self.dir.warn(&format!(
                     "cache {}: {e}; fetching without caching",
                     self.dir.root.display()
-                ))
+                ));
+                false
             }
         }
     }

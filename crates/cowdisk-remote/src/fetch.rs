@@ -49,6 +49,10 @@ pub struct Unit {
     offsets: Vec<(usize, usize)>,
     bytes: Vec<u8>,
     bad: Vec<bool>,
+    /// The blocks (ranks) written to the cache with no eviction from before the first
+    /// write until after the last, and that eviction generation: the cache file holds
+    /// exactly their verified bytes then, as if they had been read back and checked.
+    pub cached: Option<(u64, Vec<usize>)>,
 }
 
 impl Unit {
@@ -298,6 +302,8 @@ impl Fetcher {
     ) -> Unit {
         let mut offsets = Vec::with_capacity(ranks.len());
         let mut bad = Vec::with_capacity(ranks.len());
+        let before = self.cache.as_ref().and_then(|c| c.generation());
+        let mut written = Vec::new();
         for r in ranks.clone() {
             let (off, len) = meta.data_range(r);
             let s = (off - start) as usize;
@@ -305,7 +311,9 @@ impl Fetcher {
             let ok = crc32fast::hash(block) == meta.crcs[r];
             if ok {
                 if let Some(c) = &self.cache {
-                    c.write(block, cache_offset(meta, r));
+                    if c.write(block, cache_offset(meta, r)) {
+                        written.push(r);
+                    }
                 }
             } else if !self.reported.swap(true, Ordering::Relaxed) {
                 log(&format!(
@@ -316,11 +324,14 @@ impl Fetcher {
             offsets.push((s, len));
             bad.push(!ok);
         }
+        let after = self.cache.as_ref().and_then(|c| c.generation());
+        let cached = before.filter(|_| after == before && !written.is_empty());
         Unit {
             first_rank: ranks.start,
             offsets,
             bytes,
             bad,
+            cached: cached.map(|g| (g, written)),
         }
     }
 }

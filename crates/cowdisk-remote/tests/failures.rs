@@ -364,3 +364,79 @@ fn warm_readers_notice_another_process_evicting() {
     d.read(at, &mut b).unwrap();
     assert!(b[..] == want[..]);
 }
+
+/// What a staged piece asks to be checked with: layer depth and token.
+type Check = (u32, u64);
+
+/// The bytes a read plan names, read from the files (as `splice` would).
+fn staged_bytes(d: &Disk, at: u64, len: u64) -> Option<(Vec<u8>, Vec<Check>)> {
+    let mut out = Vec::new();
+    let mut checks = Vec::new();
+    let complete = d
+        .read_pieces(at, len, |p| match p {
+            cowdisk_core::ReadPiece::Staged {
+                fd,
+                offset,
+                len,
+                depth,
+                token,
+            } => {
+                let mut b = vec![0u8; len as usize];
+                let n = rustix::io::pread(fd, &mut b, offset).unwrap();
+                assert_eq!(n, b.len());
+                out.extend_from_slice(&b);
+                checks.push((depth, token));
+            }
+            other => panic!("not a staged piece: {other:?}"),
+        })
+        .unwrap();
+    complete.then_some((out, checks))
+}
+
+/// Reads planned from the host cache (sent by descriptor) are good when the layer says so
+/// afterwards, and are refused once another process evicted them; blocks are usable that
+/// way as soon as they were fetched, and small reads are copied instead.
+#[test]
+fn staged_reads_from_the_cache_are_checked_after_reading() {
+    let tmp = Tmp::new("staged");
+    let Some(server) = start(&tmp) else { return };
+    let (url, expect) = pushed(&tmp, &server, "staged");
+    let cache = tmp.0.join("cache");
+    let src = source(&server, Some(&cache), Duration::from_secs(30));
+    let top = new_top(&src, &tmp.0, "t.cow", &url);
+    let d = Disk::open(&top, &OpenOptions::new().source(src.clone())).unwrap();
+    let at = 200 * MIB; // held by the remote base only
+    let want = &expect[at as usize..][..MIB as usize];
+    assert!(staged_bytes(&d, at, MIB).is_none(), "nothing cached yet");
+    let mut b = vec![0u8; MIB as usize];
+    d.read(at, &mut b).unwrap();
+    // Fetched and cached: staged at once, no read-back needed.
+    let (bytes, checks) = staged_bytes(&d, at, MIB).expect("staged after the fetch");
+    assert!(bytes[..] == want[..]);
+    assert!(checks
+        .iter()
+        .all(|&(depth, token)| d.staged_valid(depth, token)));
+    assert!(
+        staged_bytes(&d, at, 4096).is_none(),
+        "small reads are copied"
+    );
+    // Another process empties the cache after the plan: the check now fails, and what
+    // the file gives is not the data.
+    let (_, checks) = staged_bytes(&d, at, MIB).unwrap();
+    cowdisk_remote::cache::CacheDir::new(&cache, 0)
+        .unwrap()
+        .enforce();
+    // The plan still names the cache file (nothing told this process yet): zeros now.
+    let punched = staged_bytes(&d, at, MIB).map(|x| x.0);
+    assert!(punched.is_none_or(|p| p[..] != want[..]));
+    assert!(!checks
+        .iter()
+        .any(|&(depth, token)| d.staged_valid(depth, token)));
+    // Reads fall back to the checked path, and the data comes back.
+    assert!(
+        staged_bytes(&d, at, MIB).is_none(),
+        "forgotten once refused"
+    );
+    d.read(at, &mut b).unwrap();
+    assert!(b[..] == want[..]);
+}

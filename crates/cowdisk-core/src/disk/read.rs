@@ -49,16 +49,29 @@ impl Disk {
                 MappingKind::Data { depth } => {
                     self.verify_run(depth, m.offset, m.len)?;
                     let (st, _, data_offset) = self.storage_at(depth);
-                    match st.fd().filter(|_| st.moves_data_by_fd()) {
-                        Some(fd) => ReadPiece::File {
+                    let at = data_offset + m.offset;
+                    if let Some(fd) = st.fd().filter(|_| st.moves_data_by_fd()) {
+                        ReadPiece::File {
                             fd,
-                            offset: data_offset + m.offset,
+                            offset: at,
                             len: m.len,
-                        },
-                        None => {
+                        }
+                    } else {
+                        let mut runs = Vec::new();
+                        let Some((fd, token)) = st.staged(at, m.len, &mut runs) else {
                             complete = false;
                             return Ok(());
+                        };
+                        for (offset, len) in runs {
+                            f(ReadPiece::Staged {
+                                fd,
+                                offset,
+                                len,
+                                depth,
+                                token,
+                            });
                         }
+                        return Ok(());
                     }
                 }
                 _ => ReadPiece::Zeros(m.len),
@@ -67,6 +80,17 @@ impl Disk {
             Ok::<(), IoError>(())
         })?;
         Ok(complete)
+    }
+
+    /// Whether the bytes of [`ReadPiece::Staged`] pieces of layer `depth` with `token`
+    /// were good when read: ask after reading them, before using them.
+    pub fn staged_valid(&self, depth: u32, token: u64) -> bool {
+        depth >= 1
+            && self
+                .lower
+                .layers
+                .get(depth as usize - 1)
+                .is_some_and(|l| l.storage.staged_valid(token))
     }
 
     /// Checks every not-yet-verified block in a run of the sealed layer at `depth` (0: the

@@ -20,6 +20,22 @@ pub enum ReadPiece<'a> {
         /// Length in bytes.
         len: u64,
     },
+    /// `len` bytes of a local file at `offset` that may stop holding them (a remote
+    /// layer's host cache): good only if [`crate::Disk::staged_valid`] accepts `depth`
+    /// and `token` after they were read from the file (into a pipe, say); otherwise read
+    /// them with [`crate::Disk::read`].
+    Staged {
+        /// The file.
+        fd: BorrowedFd<'a>,
+        /// Offset in the file.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The layer (1: the first below the top).
+        depth: u32,
+        /// What the layer checks.
+        token: u64,
+    },
 }
 
 /// How a copy-up brings a block held below into the top ([`crate::OpenOptions::copy_up`]).

@@ -106,12 +106,26 @@ impl Backend for DiskBackend {
         out: &mut Vec<ReadPiece<'a>>,
     ) -> Result<bool, BackendError> {
         let start = Instant::now();
-        let res = self.disk().read_pieces(offset, len, |p| {
+        let (generation, disk) = self.live.current_indexed();
+        let res = disk.read_pieces(offset, len, |p| {
             out.push(match p {
                 cowdisk_core::ReadPiece::Zeros(n) => ReadPiece::Zeros(n),
                 cowdisk_core::ReadPiece::File { fd, offset, len } => {
                     ReadPiece::File { fd, offset, len }
                 }
+                cowdisk_core::ReadPiece::Staged {
+                    fd,
+                    offset,
+                    len,
+                    depth,
+                    token,
+                } => ReadPiece::Staged {
+                    fd,
+                    offset,
+                    len,
+                    tag: (generation as u64) << 32 | u64::from(depth),
+                    token,
+                },
             })
         });
         let complete = match res {
@@ -128,6 +142,14 @@ impl Backend for DiskBackend {
             out.clear();
         }
         Ok(complete)
+    }
+    /// The tag names the disk the pieces came from (a live snapshot may have replaced
+    /// it since, with other layer depths) and the layer in it.
+    fn staged_valid(&self, tag: u64, token: u64) -> bool {
+        let (generation, depth) = ((tag >> 32) as usize, tag as u32);
+        self.live
+            .disk_at(generation)
+            .is_some_and(|d| d.staged_valid(depth, token))
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         self.gated(Op::Write, data.len() as u64, |d| {

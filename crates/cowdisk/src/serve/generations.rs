@@ -60,8 +60,21 @@ impl Generations {
 
     /// The disk requests go to now.
     pub fn current(&self) -> &Disk {
+        self.current_indexed().1
+    }
+
+    /// The current disk with its index (for [`Generations::at`] later).
+    pub fn current_indexed(&self) -> (usize, &Disk) {
         let n = self.count.load(SeqCst);
-        self.get(n - 1).unwrap_or(&self.first)
+        match self.get(n - 1) {
+            Some(d) => (n - 1, d),
+            None => (0, &self.first),
+        }
+    }
+
+    /// The disk with index `i`, if there is one.
+    pub fn at(&self, i: usize) -> Option<&Disk> {
+        self.get(i).filter(|_| i < self.count.load(SeqCst))
     }
 
     /// Every disk, oldest first.

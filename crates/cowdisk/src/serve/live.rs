@@ -74,6 +74,16 @@ impl LiveDisk {
         self.disks.current()
     }
 
+    /// The current disk and its index among the chains served since the start.
+    pub fn current_indexed(&self) -> (usize, &Disk) {
+        self.disks.current_indexed()
+    }
+
+    /// The disk with index `i` (see [`LiveDisk::current_indexed`]).
+    pub fn disk_at(&self, i: usize) -> Option<&Disk> {
+        self.disks.at(i)
+    }
+
     /// Counts WRITEs whose pieces are arriving (see `Backend::pieces_begin`).
     pub fn streamed_writes(&self, begin: bool) {
         if begin {
