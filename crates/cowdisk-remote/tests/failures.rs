@@ -326,19 +326,30 @@ fn an_object_that_is_not_the_expected_layer_is_refused_at_open() {
     assert!(e.contains("w/renamed") && e.contains("expects"), "{e}");
 }
 
+/// A top over the pushed chain with a host cache: the disk, the chain's content, the
+/// cache folder and the source (for its GET counts).
+fn cached_disk(
+    tmp: &Tmp,
+    server: &test_support::s3server::S3Server,
+    name: &str,
+) -> (Disk, Vec<u8>, std::path::PathBuf, Arc<RemoteSource>) {
+    let (url, expect) = pushed(tmp, server, name);
+    let cache = tmp.0.join("cache");
+    let src = source(server, Some(&cache), Duration::from_secs(30));
+    let top = new_top(&src, &tmp.0, "t.cow", &url);
+    let d = Disk::open(&top, &OpenOptions::new().source(src.clone())).unwrap();
+    (d, expect, cache, src)
+}
+
 #[test]
 fn warm_readers_notice_another_process_evicting() {
     let tmp = Tmp::new("evict");
     let Some(server) = start(&tmp) else { return };
-    let (url, expect) = pushed(&tmp, &server, "evict");
-    let cache = tmp.0.join("cache");
-    let src = source(&server, Some(&cache), Duration::from_secs(30));
-    let top = new_top(&src, &tmp.0, "t.cow", &url);
-    let d = Disk::open(&top, &OpenOptions::new().source(src.clone())).unwrap();
+    let (d, expect, cache, src) = cached_disk(&tmp, &server, "evict");
     let at = 200 * MIB; // held by the remote base only
     let want = &expect[at as usize..][..MIB as usize];
     let mut b = vec![0u8; MIB as usize];
-    // Fetched, then checked once from the cache; after that the cache file is trusted.
+    // Fetched and cached; after that the cache file is trusted.
     for _ in 0..3 {
         d.read(at, &mut b).unwrap();
         assert!(b[..] == want[..]);
@@ -400,11 +411,7 @@ fn staged_bytes(d: &Disk, at: u64, len: u64) -> Option<(Vec<u8>, Vec<Check>)> {
 fn staged_reads_from_the_cache_are_checked_after_reading() {
     let tmp = Tmp::new("staged");
     let Some(server) = start(&tmp) else { return };
-    let (url, expect) = pushed(&tmp, &server, "staged");
-    let cache = tmp.0.join("cache");
-    let src = source(&server, Some(&cache), Duration::from_secs(30));
-    let top = new_top(&src, &tmp.0, "t.cow", &url);
-    let d = Disk::open(&top, &OpenOptions::new().source(src.clone())).unwrap();
+    let (d, expect, cache, _) = cached_disk(&tmp, &server, "staged");
     let at = 200 * MIB; // held by the remote base only
     let want = &expect[at as usize..][..MIB as usize];
     assert!(staged_bytes(&d, at, MIB).is_none(), "nothing cached yet");
