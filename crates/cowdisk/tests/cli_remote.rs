@@ -1,7 +1,8 @@
 //! Chains with remote base layers through the tool, against a real S3 server
 //! (SeaweedFS on 127.0.0.1): push, create --backing s3://, info/check/map/flatten/
 //! snapshot/squash/export/pull, serving two tops (one process; two processes sharing a
-//! cache), serve killed mid-fetch, trace record and prefetch.
+//! cache), serve killed mid-fetch, trace record and prefetch, warm reads while another
+//! process evicts the cache.
 
 mod cli_common;
 mod remote_common;
@@ -267,5 +268,62 @@ fn serve_record_trace_then_prefetch_on_a_cold_cache() {
     env.fails(
         &["info", &t.s("r1.cow"), "--prefetch", &t.s("l1.cow")],
         "not a cowdisk trace",
+    );
+}
+
+/// The eviction generation of a cache folder (`v2.evictions`: bumped by every eviction of
+/// any process).
+fn evictions(cache: &std::path::Path) -> u64 {
+    let b = std::fs::read(cache.join("v2.evictions")).unwrap_or_default();
+    b.get(..8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+}
+
+/// Warm reads go out of the host cache by descriptor (spliced, then checked against the
+/// eviction generation): they stay exact while another process keeps emptying the cache
+/// folder under them (this test's own, with a bound of zero).
+#[test]
+fn warm_reads_stay_exact_while_another_process_evicts() {
+    if !have_tool("qemu-img") {
+        return;
+    }
+    let t = Tmp::new("remote-evict");
+    let Some(server) = S3Server::start(&t.0) else {
+        return;
+    };
+    let cache = t.p("cache");
+    let env = Env::new(&server, &cache);
+    chain(&t);
+    let (url, _) = push(&env, &t, "ev");
+    env.ok(&["create", &t.s("e1.cow"), "--backing", &url]);
+    let local = t.p("local.raw");
+    let s1 = t.p("s1");
+    let a = env.serve(&[&t.p("e1.cow")], &s1, &[]);
+    assert!(compare(&local, &uri(&s1, "e1.cow")), "cold");
+    assert!(compare(&local, &uri(&s1, "e1.cow")), "warm");
+    let before = evictions(&cache);
+    let stop_evicting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let evictor = std::thread::spawn({
+        let (cache, stop) = (cache.clone(), stop_evicting.clone());
+        move || {
+            let dir = cowdisk_remote::cache::CacheDir::new(&cache, 0).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                dir.enforce();
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        }
+    });
+    for i in 0..6 {
+        assert!(
+            compare(&local, &uri(&s1, "e1.cow")),
+            "read {i} while evicting"
+        );
+    }
+    stop_evicting.store(true, std::sync::atomic::Ordering::Relaxed);
+    evictor.join().unwrap();
+    stop(a);
+    assert!(
+        evictions(&cache) > before + 2,
+        "evicted more than once meanwhile"
     );
 }
