@@ -85,12 +85,7 @@ impl Disk {
     /// Whether the bytes of [`ReadPiece::Staged`] pieces of layer `depth` with `token`
     /// were good when read: ask after reading them, before using them.
     pub fn staged_valid(&self, depth: u32, token: u64) -> bool {
-        depth >= 1
-            && self
-                .lower
-                .layers
-                .get(depth as usize - 1)
-                .is_some_and(|l| l.storage.staged_valid(token))
+        depth as usize <= self.lower.layers.len() && self.storage_at(depth).0.staged_valid(token)
     }
 
     /// Checks every not-yet-verified block in a run of the sealed layer at `depth` (0: the
