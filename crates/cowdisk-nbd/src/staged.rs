@@ -85,9 +85,13 @@ fn send_through<W: Write + AsFd>(
     Ok(())
 }
 
+/// Bytes the copying way moves at once: a small buffer, as this memory is not counted in
+/// any budget (every connection thread may be here at once after an eviction).
+const COPY_BYTES: u64 = 64 * 1024;
+
 /// Sends `n` bytes of the piece from `from` on as the backend's `read` gives them.
 fn copy<W: Write>(w: &mut W, p: &Staged<'_>, b: &dyn Backend, from: u64, n: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; n.min(PIPE_BYTES as u64) as usize];
+    let mut buf = vec![0u8; n.min(COPY_BYTES) as usize];
     let mut done = 0u64;
     while done < n {
         let k = (n - done).min(buf.len() as u64) as usize;
