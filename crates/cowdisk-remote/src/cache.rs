@@ -21,6 +21,10 @@
 //! value before and after, and read later while the count still has that value, cannot
 //! have been punched in between; otherwise the read is redone with the CRC. Other writes
 //! to a cache file only ever store the same verified bytes, so they cannot change a block.
+//! A block this process wrote, with the count the same even value before and after the
+//! write, counts as verified too. Bytes sent by descriptor are checked the same way after
+//! they were read into a pipe and before they leave it: a punch takes the pages out of
+//! the file without changing them, and a refill writes new ones.
 //!
 //! Trust: the cache folder is created 0700. CRC-32 detects damage, not forgery, so the
 //! folder must not be writable by anyone the host does not trust with its disks.
