@@ -251,7 +251,7 @@ fn a_push_killed_mid_upload_leaves_no_partial_object() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
-        stop(child);
+        stop(Running(child));
         // Whatever the moment of the kill: no object (the next push uploads it), or a
         // whole one (the next push finds it); a partial object would fail its length
         // check here, or its CRCs on export.

@@ -54,7 +54,7 @@ impl Env {
         );
         e
     }
-    pub fn serve(&self, images: &[&Path], socket: &Path, extra: &[&str]) -> Child {
+    pub fn serve(&self, images: &[&Path], socket: &Path, extra: &[&str]) -> Running {
         let mut c = Command::new(BIN);
         c.arg("serve")
             .args(images)
@@ -72,21 +72,32 @@ impl Env {
             .unwrap();
         for _ in 0..300 {
             if socket.exists() {
-                return child;
+                return Running(child);
             }
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("serve exited: {st}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        stop(child);
+        stop(Running(child));
         panic!("serve did not start");
     }
 }
 
-pub fn stop(mut c: Child) {
-    let _ = c.kill();
-    let _ = c.wait();
+/// A child process (`serve`, `push`), killed when dropped: also when a test fails before
+/// it stops it, so a failed assertion leaves no server behind.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Kills it (SIGKILL, as `kill -9`) and waits for it.
+pub fn stop(c: Running) {
+    drop(c);
 }
 
 pub fn uri(sock: &Path, export: &str) -> String {
