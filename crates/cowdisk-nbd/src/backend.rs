@@ -121,6 +121,17 @@ pub enum ReadPiece<'a> {
     },
 }
 
+impl ReadPiece<'_> {
+    /// The bytes of the read this piece stands for.
+    pub(crate) fn bytes(&self) -> u64 {
+        match *self {
+            ReadPiece::Zeros(n)
+            | ReadPiece::File { len: n, .. }
+            | ReadPiece::Staged { len: n, .. } => n,
+        }
+    }
+}
+
 /// A block device exported over NBD.
 ///
 /// One object serves every connection to its export, concurrently, so `flush` must make every

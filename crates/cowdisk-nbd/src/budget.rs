@@ -74,9 +74,8 @@ impl Drop for Cost<'_> {
 
 /// Bytes in flight across all connections, for one kind of buffer.
 pub(crate) struct SharedBytes {
-    used: Mutex<usize>,
-    /// Threads waiting in `acquire` (changed under `used`'s lock).
-    waiting: AtomicUsize,
+    /// Bytes held, and threads waiting in `acquire`.
+    used: Mutex<(usize, usize)>,
     freed: Condvar,
     max: usize,
 }
@@ -85,8 +84,7 @@ impl SharedBytes {
     /// A budget of `max` bytes.
     pub fn new(max: usize) -> SharedBytes {
         SharedBytes {
-            used: Mutex::new(0),
-            waiting: AtomicUsize::new(0),
+            used: Mutex::new((0, 0)),
             freed: Condvar::new(),
             max,
         }
@@ -95,7 +93,7 @@ impl SharedBytes {
     /// Bytes held now, by all connections.
     #[cfg(test)]
     fn used(&self) -> usize {
-        *self.used.lock().unwrap_or_else(|e| e.into_inner())
+        self.used.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
     fn fits(&self, used: usize, held: usize, bytes: usize) -> bool {
@@ -109,16 +107,16 @@ impl SharedBytes {
         loop {
             // `share` only changes under our lock, so this wait never blocks its releases.
             let h = share.load(Ordering::SeqCst);
-            let over_all = *u > 0 && *u + bytes > self.max;
+            let over_all = u.0 > 0 && u.0 + bytes > self.max;
             let over_share = h > 0 && h + bytes > self.max / 2;
             if !over_all && !over_share {
                 break;
             }
-            self.waiting.fetch_add(1, Ordering::SeqCst);
+            u.1 += 1;
             u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            u.1 -= 1;
         }
-        *u += bytes;
+        u.0 += bytes;
         share.fetch_add(bytes, Ordering::SeqCst);
         Held {
             budget: self,
@@ -138,10 +136,10 @@ impl SharedBytes {
 
     fn try_take(&self, bytes: usize, share: &AtomicUsize) -> bool {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.fits(*u, share.load(Ordering::SeqCst), bytes) {
+        if !self.fits(u.0, share.load(Ordering::SeqCst), bytes) {
             return false;
         }
-        *u += bytes;
+        u.0 += bytes;
         share.fetch_add(bytes, Ordering::SeqCst);
         true
     }
@@ -151,11 +149,11 @@ impl SharedBytes {
             return;
         }
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *u = u.saturating_sub(bytes);
+        u.0 = u.0.saturating_sub(bytes);
         share.fetch_sub(bytes.min(share.load(Ordering::SeqCst)), Ordering::SeqCst);
-        // Read under the lock, which a waiter holds from counting itself until it sleeps:
-        // no wake-up is lost, and none is sent (a system call) when no one waits.
-        let waiting = self.waiting.load(Ordering::SeqCst) > 0;
+        // Counted under the lock, which a waiter holds until it sleeps: no wake-up is
+        // lost, and none is sent (a system call) when no one waits.
+        let waiting = u.1 > 0;
         drop(u);
         if waiting {
             self.freed.notify_all();
@@ -249,6 +247,6 @@ mod tests {
         });
         assert_eq!(done.load(Ordering::SeqCst), 1600);
         assert_eq!(shared.used(), 0);
-        assert_eq!(shared.waiting.load(Ordering::SeqCst), 0);
+        assert_eq!(shared.used.lock().unwrap().1, 0, "no waiter left counted");
     }
 }

@@ -193,11 +193,7 @@ fn send_pieces<W: Write + AsFd>(
 ) -> io::Result<()> {
     for p in pieces {
         let here = at;
-        at += match *p {
-            ReadPiece::Zeros(n)
-            | ReadPiece::File { len: n, .. }
-            | ReadPiece::Staged { len: n, .. } => n,
-        };
+        at += p.bytes();
         match *p {
             ReadPiece::Staged {
                 fd,

@@ -6,7 +6,7 @@
 //! an eviction replaced, and most of them never pass through user space.
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
@@ -159,11 +159,14 @@ fn drain_to(pipe: &Pipe, out: BorrowedFd<'_>, n: usize) -> io::Result<()> {
 /// Empties `n` bytes out of the pipe, unsent.
 fn discard(pipe: &Pipe, mut n: usize) -> io::Result<()> {
     let mut scratch = [0u8; 16 * 1024];
-    let mut r = std::fs::File::from(pipe.read.try_clone()?);
     while n > 0 {
         let k = scratch.len().min(n);
-        r.read_exact(&mut scratch[..k])?;
-        n -= k;
+        match rustix::io::read(&pipe.read, &mut scratch[..k]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(m) => n -= m,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -177,6 +180,7 @@ mod tests {
     use super::*;
     use crate::{BackendErrorKind, Extent, ZeroFlags};
     use std::fs::File;
+    use std::io::Read;
     use std::os::unix::fs::FileExt;
     use std::os::unix::net::UnixStream;
 

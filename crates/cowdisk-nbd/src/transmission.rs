@@ -382,11 +382,9 @@ fn aligned_skip(buf: &[u8]) -> usize {
 }
 
 fn pieces_len(pieces: &[ReadPiece<'_>]) -> Option<u64> {
-    pieces.iter().try_fold(0u64, |n, p| match *p {
-        ReadPiece::Zeros(l) | ReadPiece::File { len: l, .. } | ReadPiece::Staged { len: l, .. } => {
-            n.checked_add(l)
-        }
-    })
+    pieces
+        .iter()
+        .try_fold(0u64, |n, p| n.checked_add(p.bytes()))
 }
 
 /// Extents per selected context, as `(context id, [(length, flags)])`: one backend query

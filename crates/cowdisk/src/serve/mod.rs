@@ -162,13 +162,13 @@ pub enum CacheMode {
 /// The server's limits from the command line.
 fn limits(args: &ServeArgs) -> cowdisk_nbd::Limits {
     let mut limits = cowdisk_nbd::Limits::default();
-    // Direct I/O waits for the device on every request, so a connection needs as many
-    // threads as the queue depth it should keep in flight (measured: BENCHMARKS.md).
+    // Direct I/O waits for the device on every request, so a connection needs threads to
+    // keep requests in flight; but fewer than a client's usual 16, so that the requests
+    // left waiting are read from the buffer by a thread as it finishes instead of every
+    // thread sleeping in turn on the socket (measured, BENCHMARKS.md: 1.14-1.30x qemu-nbd
+    // at 12, 0.84-1.04x at 16).
     let threads = match args.cache {
         CacheMode::Writeback => 4,
-        // Fewer than a client's usual 16 in flight: the requests left waiting are read
-        // from the buffer by a thread as it finishes, instead of every thread sleeping in
-        // turn on the socket (measured: 1.14-1.30x qemu-nbd at 12, 0.84-1.04x at 16).
         CacheMode::NoCache => 12,
     };
     limits.workers_per_connection = usize::from(args.threads.unwrap_or(threads));
