@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # bench-firstwrite.sh: first writes only, on each file system, with passes long enough to
 # leave the page cache's easy phase. One 4 KiB write into each 64 KiB block of a fresh top
-# (every one a copy-up), fio over NBD at QD 16, for: cowdisk (--copy-up copy), cowdisk
+# (every one a first write into a block the base holds), fio over NBD at QD 16, for:
+# cowdisk (default: partial blocks), cowdisk --copy-up copy (whole-block copy-up), cowdisk
 # --copy-up share (XFS and btrfs), qemu-nbd on qcow2 (64 KiB clusters) and on qcow2 with
-# extended_l2=on (subclusters). ext4, XFS (reflink=1) and btrfs are made in a loop file on
+# extended_l2=on (subclusters). Also prints the space each top took after its pass.
+# ext4, XFS (reflink=1) and btrfs are made in a loop file on
 # the machine's disk, tmpfs is mounted fresh; the file system is synced before each pass and
 # the contenders alternate. Prints IOPS per pass and the medians' ratios.
 #
@@ -57,9 +59,9 @@ serve() {  # serve CONTENDER: a fresh top and its server on $M/s.sock
   rm -f "$M"/t.cow "$M"/t.qcow2 "$M"/s.sock
   sync -f "$M"
   case $1 in
-    cowdisk|share)
+    cowdisk|copy|share)
       "$BIN" create "$M/t.cow" --backing "$M/base.cow" >/dev/null
-      local mode=copy; [[ $1 == share ]] && mode=share
+      local mode=partial; [[ $1 != cowdisk ]] && mode=$1
       "$BIN" serve "$M/t.cow" --socket "$M/s.sock" --copy-up "$mode" >/dev/null 2>&1 & S=$! ;;
     qcow2|qcow2x)
       local o=cluster_size=65536; [[ $1 == qcow2x ]] && o+=,extended_l2=on
@@ -83,8 +85,9 @@ for fs in $FSES; do
   "$BIN" import -q "$M/base.raw" "$M/base.cow" >/dev/null
   qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$M/base.raw" "$M/base.qcow2"
   rm -f "$M/base.raw"
-  cs=(cowdisk qcow2 qcow2x); [[ $fs == xfs || $fs == btrfs ]] && cs+=(share)
+  cs=(cowdisk copy qcow2 qcow2x); [[ $fs == xfs || $fs == btrfs ]] && cs+=(share)
   declare -A got=()
+  space=""
   for rep in $(seq "$REPS"); do
     line="$fs rep $rep:"
     for c in "${cs[@]}"; do
@@ -92,12 +95,16 @@ for fs in $FSES; do
       v=$(pass)
       kill "$S"; wait "$S" 2>/dev/null || true; S=""
       got[$c]+=" $v"; line+=" $c=$v"
+      # The top's allocated space after its pass (st_blocks; shared extents count in full).
+      top=$M/t.cow; [[ $c == qcow2* ]] && top=$M/t.qcow2
+      ((rep == 1)) && space+=" $c=$(( $(stat -c '%b * %B' "$top") >> 20 ))MiB"
     done
     echo "$line"
   done
+  echo "$fs top space after one pass:$space"
   med() { python3 -c "import statistics,sys; print(statistics.median(map(float, sys.argv[1:])))" $1; }
   c=$(med "${got[cowdisk]}")
-  for p in qcow2 qcow2x; do
+  for p in qcow2 qcow2x copy; do
     echo "$fs: cowdisk ÷ $p = $(python3 -c "print(round($c / $(med "${got[$p]}"), 2))") (medians)"
   done
   [[ -n ${got[share]:-} ]] && echo "$fs: cowdisk share ÷ qcow2x = $(python3 -c "print(round($(med "${got[share]}") / $(med "${got[qcow2x]}"), 2))")"

@@ -10,7 +10,7 @@ use crate::chain::{folder_of, open_layer_file};
 use crate::disk::Access;
 use crate::error::OpenError;
 use crate::format::{validate_reference, Header, ParentRef, Uuid};
-use crate::layer::{create_on, read_header, seal, NewLayer};
+use crate::layer::{create_on, load_map, read_header, seal, NewLayer};
 use crate::storage::FileStorage;
 
 /// Syncs a folder so a rename or new name in it is durable.
@@ -157,6 +157,17 @@ pub fn create_child_with(
     parent: &Path,
     style: ReferenceStyle,
 ) -> Result<Header, OpenError> {
+    create_child_opts(path, parent, style, &crate::OpenOptions::new())
+}
+
+/// As [`create_child_with`]; a writable `parent` holding partial blocks is opened with
+/// `opts` (its chain's layer source) to fill them before it is sealed.
+pub fn create_child_opts(
+    path: &Path,
+    parent: &Path,
+    style: ReferenceStyle,
+    opts: &crate::OpenOptions,
+) -> Result<Header, OpenError> {
     if path.symlink_metadata().is_ok() {
         return Err(OpenError::Invalid {
             path: path.to_path_buf(),
@@ -171,7 +182,14 @@ pub fn create_child_with(
         if h.state == crate::format::LayerState::Sealed {
             (h.uuid, h.seal_digest, h.geometry)
         } else {
+            let (map, _) = load_map(&st, parent, &h.geometry)?;
             drop(st);
+            if map.first_partial().is_some() {
+                // A sealed layer holds whole blocks: fill partial ones from below first.
+                let d = crate::Disk::open(parent, opts)?;
+                d.fill_partial_blocks()?;
+                d.flush()?;
+            }
             let (file, _) = open_layer_file(parent, Access::ReadWrite, true)?;
             let st = FileStorage::new(file);
             let (u, d) = seal(&st, parent)?;

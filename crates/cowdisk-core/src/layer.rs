@@ -168,6 +168,16 @@ pub fn prepare_seal(
     map: &AllocMap,
 ) -> Result<u32, OpenError> {
     let g = &header.geometry;
+    if let Some(block) = map.first_partial() {
+        // Its CRC entry holds a bitmap, and below a child it would read in part.
+        return Err(fmt_err(
+            path,
+            FormatError::MapEntry {
+                block,
+                reason: "partial block: open the chain and fill it before sealing",
+            },
+        ));
+    }
     let mut block = vec![0u8; g.block_size as usize];
     let digest = digest_over_crcs(header, map, |first, n, crcs| {
         crcs.fill(0);
@@ -375,7 +385,10 @@ impl NewLayer {
     /// pass [`crate::format::validate_reference`] (it is what a reader will check, and
     /// an overlong one would not fit the header slot).
     pub fn header(&self, path: &Path) -> Result<Header, OpenError> {
-        let g = Geometry::new(self.virtual_size, self.block_size).map_err(|e| fmt_err(path, e))?;
+        // Every new layer can hold partial blocks while it is a top.
+        let g = Geometry::new(self.virtual_size, self.block_size)
+            .map_err(|e| fmt_err(path, e))?
+            .with_sub_blocks();
         if let Some(p) = &self.parent {
             crate::format::validate_reference(&p.path).map_err(|why| OpenError::Invalid {
                 path: path.to_path_buf(),

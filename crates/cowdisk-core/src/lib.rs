@@ -16,13 +16,15 @@
 //!
 //! A read resolves each block top-down: the top's data or whiteout, else the owner in
 //! the resolved lower chain, else zeros. The first partial write to a block held below
-//! copies the whole block up; whole-block writes and writes to unheld blocks skip the
-//! copy. Deletes are whiteouts in the top. Lower layers are only ever read.
+//! writes only the sub-blocks it touches (a *partial* block, filled from below when the
+//! top is sealed), or with [`CopyUp::Copy`] copies the whole block up; whole-block writes
+//! and writes to unheld blocks copy nothing. Deletes are whiteouts in the top. Lower
+//! layers are only ever read.
 //!
 //! Modules: `format` (the on-disk encoding, specified byte by byte in FORMAT.md), `layer`
 //! (one layer file: headers, maps, sealing, block verification), `create` (new layer
 //! files, crash-safely), and private ones: `chain` (opening, the walk, the layer-source
-//! seam, rebase), `disk` (the data paths), `map`, `resolve`, `storage`. The crash
+//! seam, rebase), `disk` (the data paths), `map`, `sub` (partial blocks), `resolve`, `storage`. The crash
 //! simulator `sim` is behind the `sim` feature, for tests and fuzzing.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -40,13 +42,16 @@ mod resolve;
 pub mod sim;
 mod storage;
 mod storage_direct;
+mod sub;
 
 pub use chain::{
     check_link, folder_of, link_problems, open_layer_file, rebase, ChainWalk, LayerId, LayerSource,
     LinkError, LocalFiles, LowerCache, OpenOptions, OpenedLayer, WalkStop, WalkedLayer,
     DEFAULT_METADATA_LIMIT, MAX_DEPTH,
 };
-pub use create::{create_child, create_child_with, create_image, ReferenceStyle};
+pub use create::{
+    create_child, create_child_opts, create_child_with, create_image, ReferenceStyle,
+};
 pub use disk::{
     Access, CopyUp, Disk, Extent, ExtentState, LayerInfo, Lower, LowerLayer, ReadPiece, WriteFlags,
     ZeroFlags,

@@ -17,6 +17,19 @@ use crate::format::{
 use crate::storage::{ReadStorage, Storage};
 
 const ENTRIES_PER_WORD: u64 = 32;
+/// The low bit of every 2-bit entry in a word.
+const LOW_BITS: u64 = 0x5555_5555_5555_5555;
+
+/// A 2-bit map entry's state (every value is one).
+#[inline]
+fn decode_state(v: u64) -> BlockState {
+    match v {
+        1 => BlockState::Data,
+        2 => BlockState::Zero,
+        3 => BlockState::Partial,
+        _ => BlockState::Absent,
+    }
+}
 const WORDS_PER_PAGE: u64 = ENTRIES_PER_PAGE / ENTRIES_PER_WORD;
 
 /// A damaged-but-tolerated map slot, reported by `check`.
@@ -85,6 +98,13 @@ fn try_vec<T>(n: u64, f: impl FnMut() -> T) -> Result<Vec<T>, FormatError> {
 /// Pages encoded for writing, taken before the data sync of a flush.
 pub struct PendingPages {
     pages: Vec<(u64, Vec<u8>)>,
+}
+
+impl PendingPages {
+    /// True if no page is pending.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
 }
 
 impl AllocMap {
@@ -209,12 +229,6 @@ impl AllocMap {
         for j in 0..ENTRIES_PER_WORD {
             let v = (word >> (2 * j)) & 3;
             let block = widx * ENTRIES_PER_WORD + j;
-            if v == 3 {
-                return Err(FormatError::MapEntry {
-                    block,
-                    reason: "reserved state 3",
-                });
-            }
             if v != 0 && block >= self.blocks {
                 return Err(FormatError::MapEntry {
                     block,
@@ -234,11 +248,7 @@ impl AllocMap {
     #[inline]
     pub fn get(&self, b: u64) -> BlockState {
         let w = self.word((b / ENTRIES_PER_WORD) as usize);
-        match (w >> (2 * (b % ENTRIES_PER_WORD))) & 3 {
-            1 => BlockState::Data,
-            2 => BlockState::Zero,
-            _ => BlockState::Absent,
-        }
+        decode_state((w >> (2 * (b % ENTRIES_PER_WORD))) & 3)
     }
 
     /// Page `p`'s words, if it holds anything (for scans that visit its blocks in turn).
@@ -257,11 +267,7 @@ impl AllocMap {
             return BlockState::Absent;
         };
         let w = ws[((b % ENTRIES_PER_PAGE) / ENTRIES_PER_WORD) as usize].load(SeqCst);
-        match (w >> (2 * (b % ENTRIES_PER_WORD))) & 3 {
-            1 => BlockState::Data,
-            2 => BlockState::Zero,
-            _ => BlockState::Absent,
-        }
+        decode_state((w >> (2 * (b % ENTRIES_PER_WORD))) & 3)
     }
 
     /// The raw word holding blocks `32*i .. 32*i+32` (0 where the page is not held).
@@ -338,10 +344,8 @@ impl AllocMap {
         }
         let words =
             (first / ENTRIES_PER_WORD) as usize..(first + n).div_ceil(ENTRIES_PER_WORD) as usize;
-        // The low bit of each 2-bit entry is set only for data.
-        words
-            .into_iter()
-            .any(|w| self.word(w) & 0x5555_5555_5555_5555 != 0)
+        // The low bit of each 2-bit entry is set only for data (and partial blocks).
+        words.into_iter().any(|w| self.word(w) & LOW_BITS != 0)
     }
 
     /// Feeds the states of blocks `[first, first + n)` (none of them data) to a digest,
@@ -414,15 +418,28 @@ impl AllocMap {
             .filter(move |&b| b < self.blocks)
     }
 
-    /// Counts (data, zero) blocks.
+    /// Counts (data, zero) blocks; a partial block counts as data (it holds some).
     pub fn counts(&self) -> (u64, u64) {
         let (mut data, mut zero) = (0, 0);
         self.for_each_word(|_, w| {
-            // Low bit of each pair = data, high bit = zero.
-            data += u64::from((w & 0x5555_5555_5555_5555).count_ones());
-            zero += u64::from((w & 0xAAAA_AAAA_AAAA_AAAA).count_ones());
+            // Low bit of each pair = data (1) or partial (3); high bit alone = zero.
+            let (lo, hi) = (w & LOW_BITS, (w >> 1) & LOW_BITS);
+            data += u64::from(lo.count_ones());
+            zero += u64::from((hi & !lo).count_ones());
         });
         (data, zero)
+    }
+
+    /// The first partial block, if any (only a writable top may hold them).
+    pub fn first_partial(&self) -> Option<u64> {
+        let mut first = None;
+        self.for_each_word(|wi, w| {
+            let both = w & (w >> 1) & LOW_BITS;
+            if first.is_none() && both != 0 {
+                first = Some(wi as u64 * ENTRIES_PER_WORD + u64::from(both.trailing_zeros() / 2));
+            }
+        });
+        first
     }
 
     /// Takes the dirty set and encodes those pages from the current entries. Must run

@@ -136,13 +136,14 @@ pub struct Mapping {
     pub kind: MappingKind,
 }
 
-/// Kind of one block given its top state and lower owner.
+/// Kind of one block given its top state and lower owner. A partial block's sub-blocks
+/// the top lacks read as the owner below; its own ones the caller maps to the top.
 #[inline]
 pub fn block_kind(top: BlockState, lower: impl FnOnce() -> LowerOwner) -> MappingKind {
     match top {
         BlockState::Data => MappingKind::Data { depth: 0 },
         BlockState::Zero => MappingKind::Zero { depth: 0 },
-        BlockState::Absent => match lower() {
+        BlockState::Absent | BlockState::Partial => match lower() {
             LowerOwner::Nothing => MappingKind::Unallocated,
             LowerOwner::Data(i) => MappingKind::Data {
                 depth: i as u32 + 1,

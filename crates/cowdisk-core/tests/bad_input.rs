@@ -144,7 +144,10 @@ fn magic_version_features() {
     edit_header(&mut b, 0, |h| put_u16(h, hdr::MAJOR, 2));
     assert_eq!(
         format_err(open_bytes(b, Access::ReadWrite)),
-        FormatError::UnsupportedVersion { major: 2, minor: 0 }
+        FormatError::UnsupportedVersion {
+            major: 2,
+            minor: cowdisk_core::format::VERSION_MINOR
+        }
     );
     let mut b = img.clone();
     edit_header(&mut b, 0, |h| put_u16(h, hdr::MAJOR, 0));
@@ -312,7 +315,7 @@ fn huge_declared_size_small_file() {
     ));
 }
 
-/// Map pages: reserved entry value 3, entries beyond the last block, one slot damaged
+/// Map pages: entry value 3 (partial) where it is not allowed, entries beyond the last block, one slot damaged
 /// (the other is used), both slots damaged.
 #[test]
 fn map_page_damage() {
@@ -320,8 +323,26 @@ fn map_page_damage() {
     let img = image(20 * u64::from(BS), false);
     let active = active_page_slot(&img, 0);
 
+    // Entry 3 (partial) is a writable top's alone, and its bitmap names only sub-blocks
+    // inside the block.
+    let sealed = image(20 * u64::from(BS), true);
+    let mut b = sealed.clone();
+    let s_active = active_page_slot(&sealed, 0);
+    set_map_entry(&mut b, 0, s_active, 7, 3);
+    assert!(matches!(
+        format_err(open_bytes(b, Access::ReadOnly)),
+        FormatError::MapEntry { block: 7, .. }
+    ));
     let mut b = img.clone();
     set_map_entry(&mut b, 0, active, 7, 3);
+    open_bytes(b.clone(), Access::ReadWrite).expect("a partial block holding no sub-block");
+    let g = cowdisk_core::Geometry::new(20 * u64::from(BS), BS)
+        .unwrap()
+        .with_sub_blocks();
+    let mut bitmaps = vec![0u8; 4064];
+    bitmaps[28..32].copy_from_slice(&(!g.sub_full(7)).to_le_bytes());
+    let at = g.sub_page_offset(0, 0) as usize;
+    cowdisk_core::format::encode_sub_page(&mut b[at..at + 4096], 0, 1, &bitmaps);
     assert!(matches!(
         format_err(open_bytes(b, Access::ReadWrite)),
         FormatError::MapEntry { block: 7, .. }

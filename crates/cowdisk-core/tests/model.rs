@@ -166,7 +166,11 @@ impl Run {
         self.model[off as usize..(off + len) as usize].copy_from_slice(&data);
         let (b0, b1) = self.blocks_of(off, len);
         for b in b0..b1 {
-            if self.disk().top_state(b) != BlockState::Data {
+            // A block held below that a write covered in part may be partial.
+            if !matches!(
+                self.disk().top_state(b),
+                BlockState::Data | BlockState::Partial
+            ) {
                 self.fail(format!(
                     "block {b} written but top state is {:?}",
                     self.disk().top_state(b)
@@ -216,7 +220,7 @@ impl Run {
                 let ok = if no_hole {
                     st == BlockState::Data
                 } else {
-                    st != BlockState::Data
+                    !matches!(st, BlockState::Data | BlockState::Partial)
                 };
                 if !ok {
                     self.fail(format!(
@@ -333,9 +337,12 @@ impl Run {
                 for b in b0..b1 {
                     let top = self.disk().top_state(b);
                     let want = match (d, e.state) {
-                        (0, ExtentState::Data) => top == BlockState::Data,
+                        (0, ExtentState::Data) => {
+                            matches!(top, BlockState::Data | BlockState::Partial)
+                        }
                         (0, _) => top == BlockState::Zero,
-                        _ => top == BlockState::Absent,
+                        // A partial block's other sub-blocks read from below.
+                        _ => matches!(top, BlockState::Absent | BlockState::Partial),
                     };
                     if !want {
                         self.fail(format!(

@@ -325,3 +325,108 @@ fn damaged_block_of_a_sealed_top_is_eio_too() {
     assert!(b.iter().all(|&x| x == 1));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Partial blocks: a first 4 KiB write into a block the base holds writes that sub-block
+/// only; the rest reads from below, across a reopen; a write that completes the block
+/// makes it data; filling before a seal makes every partial block data with the same
+/// content, and the sealed layer then serves a child.
+#[test]
+fn partial_blocks_write_read_fill_and_seal() {
+    let d = tmpdir("partial");
+    let (base, top, child) = (d.join("base.cow"), d.join("top.cow"), d.join("child.cow"));
+    create_image(&base, 1 << 20, 65536).unwrap();
+    {
+        let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
+        disk.write(0, &[0xaa; 1 << 20], WriteFlags::default())
+            .unwrap();
+        disk.flush().unwrap();
+    }
+    create_child(&top, &base).unwrap();
+    let mut want = vec![0xaau8; 1 << 20];
+    {
+        let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
+        assert_eq!(disk.copy_up_mode(), CopyUp::Partial);
+        disk.write(65536 + 8192, &[1; 4096], WriteFlags::default())
+            .unwrap();
+        want[65536 + 8192..65536 + 12288].fill(1);
+        // Unaligned: sub-blocks 0 and 1 of block 3, completed from below.
+        disk.write(3 * 65536 + 100, &[2; 5000], WriteFlags::default())
+            .unwrap();
+        want[3 * 65536 + 100..3 * 65536 + 5100].fill(2);
+        assert_eq!(disk.top_state(1), BlockState::Partial);
+        assert_eq!(disk.top_state(3), BlockState::Partial);
+        assert_eq!(disk.copy_ups(), 0);
+        // Two sub-blocks of the top, the rest of the base: 8 KiB allocated, not 128 KiB.
+        let mut ext = Vec::new();
+        disk.block_status(65536, 65536, &mut ext).unwrap();
+        let depths: Vec<_> = ext.iter().map(|e| (e.length, e.depth)).collect();
+        assert_eq!(depths, [(8192, Some(1)), (4096, Some(0)), (53248, Some(1))]);
+        disk.flush().unwrap();
+    }
+    let read_all = |p: &std::path::Path| {
+        let disk = Disk::open(p, &OpenOptions::new().access(Access::ReadOnly)).unwrap();
+        let mut b = vec![0u8; 1 << 20];
+        disk.read(0, &mut b).unwrap();
+        b
+    };
+    assert!(read_all(&top) == want, "after a reopen");
+    {
+        let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
+        assert_eq!(disk.top_state(1), BlockState::Partial);
+        // Completing every sub-block makes the block data, with nothing copied.
+        disk.write(65536, &[3; 8192], WriteFlags::default())
+            .unwrap();
+        disk.write(65536 + 12288, &[3; 53248], WriteFlags::default())
+            .unwrap();
+        want[65536..65536 + 8192].fill(3);
+        want[65536 + 12288..2 * 65536].fill(3);
+        assert_eq!(disk.top_state(1), BlockState::Data);
+        assert_eq!(disk.fill_partial_blocks().unwrap(), 1);
+        assert_eq!(disk.top_state(3), BlockState::Data);
+        disk.flush().unwrap();
+    }
+    assert!(read_all(&top) == want, "after filling");
+    create_child(&child, &top).unwrap();
+    assert!(read_all(&child) == want, "through the sealed layer");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A partial write that must complete a sub-block from a damaged base block fails with
+/// the checksum error and publishes nothing; an aligned one needs no lower bytes.
+#[test]
+fn partial_write_over_a_damaged_block() {
+    let d = tmpdir("partial-crc");
+    let (base, top) = (d.join("base.cow"), d.join("top.cow"));
+    create_image(&base, 1 << 20, 65536).unwrap();
+    {
+        let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
+        disk.write(0, &[1; 131072], WriteFlags::default()).unwrap();
+        disk.flush().unwrap();
+    }
+    create_child(&top, &base).unwrap();
+    let off = Disk::open(&base, &OpenOptions::new().access(Access::ReadOnly))
+        .unwrap()
+        .geometry()
+        .block_offset(0);
+    let mut bytes = std::fs::read(&base).unwrap();
+    bytes[off as usize + 30000] ^= 0xff;
+    std::fs::write(&base, &bytes).unwrap();
+    let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
+    let e = disk.write(10, &[2], WriteFlags::default()).unwrap_err();
+    assert!(matches!(e, IoError::Checksum { block: 0, .. }), "{e}");
+    assert_eq!(disk.top_state(0), BlockState::Absent);
+    disk.write(4096, &[3; 4096], WriteFlags::default()).unwrap();
+    assert_eq!(disk.top_state(0), BlockState::Partial);
+    let mut b = vec![0u8; 4096];
+    disk.read(4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 3));
+    assert!(matches!(
+        disk.read(0, &mut b),
+        Err(IoError::Checksum { block: 0, .. })
+    ));
+    // Sealing needs the damaged block's bytes: refused, the top stays as it was.
+    assert!(disk.fill_partial_blocks().is_err());
+    assert_eq!(disk.top_state(0), BlockState::Partial);
+    drop(disk);
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -192,6 +192,13 @@ fn build_meta(l: &ChainLayer, parent: Option<&S3Url>, dest: &S3Url) -> Result<Bu
     let h = &l.header;
     let g = h.geometry;
     let (map, _) = load_map(&*l.storage, &l.path, &g)?;
+    if let Some(b) = map.first_partial() {
+        return Err(RemoteError::io(
+            &l.path,
+            "read allocation map",
+            std::io::Error::other(format!("block {b}: partial block in a sealed layer")),
+        ));
+    }
     verify_seal_digest(&*l.storage, &l.path, h, &map)?;
     let mut entries = vec![0u8; crate::object::entries_len(g.blocks) as usize];
     let mut data = Vec::new();
@@ -200,6 +207,8 @@ fn build_meta(l: &ChainLayer, parent: Option<&S3Url>, dest: &S3Url) -> Result<Bu
             BlockState::Absent => 0u8,
             BlockState::Data => 1,
             BlockState::Zero => 2,
+            // Refused above: a sealed layer holds none.
+            BlockState::Partial => 1,
         };
         entries[(b / 4) as usize] |= v << (2 * (b % 4));
         if v == 1 {
@@ -221,13 +230,20 @@ fn build_meta(l: &ChainLayer, parent: Option<&S3Url>, dest: &S3Url) -> Result<Bu
         d.1 = u32::from_le_bytes(crcbuf[i..i + 4].try_into().expect("4 bytes"));
     }
     let mut header = h.clone();
+    // An object has no partial-block bitmap area (a sealed layer holds no partial block).
+    header.geometry = header.geometry.without_sub_blocks();
     if let (Some(p), Some(parent)) = (header.parent.as_mut(), parent) {
         p.path = parent_reference(parent, dest);
     }
     let crcs: Vec<u32> = data.iter().map(|d| d.1).collect();
     let meta = LayerMeta::encode(&header.encode(), &entries, &crcs);
     let last_is_data = data.last().is_some_and(|d| d.0 == g.blocks - 1);
-    let oh = ObjectHeader::new(h, data.len() as u64, last_is_data, crc32fast::hash(&meta));
+    let oh = ObjectHeader::new(
+        &header,
+        data.len() as u64,
+        last_is_data,
+        crc32fast::hash(&meta),
+    );
     Ok((meta, oh, data))
 }
 

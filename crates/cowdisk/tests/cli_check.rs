@@ -147,7 +147,7 @@ fn leaked_blocks_and_trailing_bytes() {
     let t = Tmp::new("check-leak");
     small_chain(&t, 5, 6);
     let before = content(&t.p("vm.cow"));
-    let g = Geometry::new(SIZE, BS as u32).unwrap();
+    let g = Geometry::new(SIZE, BS as u32).unwrap().with_sub_blocks();
     // Data written for block 9 but never referenced (crash before the map update).
     poke(&t.p("vm.cow"), g.block_offset(9), &[0xee; 4096]);
     let f = std::fs::OpenOptions::new()
@@ -174,7 +174,7 @@ fn leaked_blocks_and_trailing_bytes() {
 fn squash_refuses_to_copy_corrupt_lower_data() {
     let t = Tmp::new("squash-crc");
     small_chain(&t, 5, 6);
-    let g = Geometry::new(SIZE, BS as u32).unwrap();
+    let g = Geometry::new(SIZE, BS as u32).unwrap().with_sub_blocks();
     poke(&t.p("base.cow"), g.block_offset(1) + 10, &[0x77]);
     let (vm, base) = (hash(&t.p("vm.cow")), hash(&t.p("base.cow")));
     fails(&["squash", &t.s("vm.cow")], "block 1 fails its checksum");
@@ -192,7 +192,7 @@ fn squash_refuses_to_copy_corrupt_lower_data() {
 fn corrupt_lower_data_is_reported_never_repaired() {
     let t = Tmp::new("check-crc");
     small_chain(&t, 5, 6);
-    let g = Geometry::new(SIZE, BS as u32).unwrap();
+    let g = Geometry::new(SIZE, BS as u32).unwrap().with_sub_blocks();
     poke(&t.p("base.cow"), g.block_offset(1) + 10, &[0x77]);
     let base = hash(&t.p("base.cow"));
     let (c, v) = check(&t.s("vm.cow"), false);
@@ -325,7 +325,7 @@ fn damage_for(t: &Tmp, name: &str) {
         damage_older_map_slot(&vm);
         let active = set_needs_check(&vm);
         poke(&vm, (1 - active) * 4096 + 100, b"garbage");
-        let g = Geometry::new(SIZE, BS as u32).unwrap();
+        let g = Geometry::new(SIZE, BS as u32).unwrap().with_sub_blocks();
         poke(&vm, g.block_offset(9), &[0xee; 4096]);
         poke(&vm, g.file_len() + 100, b"tail");
         stale_temp(t);
@@ -427,7 +427,7 @@ fn repair_killed_at_every_step_converges() {
 fn repair_is_suggested_only_for_leaks_it_can_reclaim() {
     let t = Tmp::new("check-hint");
     small_chain(&t, 5, 6);
-    let g = Geometry::new(SIZE, BS as u32).unwrap();
+    let g = Geometry::new(SIZE, BS as u32).unwrap().with_sub_blocks();
     // An unreferenced block in the sealed base: a leak no repair may touch.
     poke(&t.p("base.cow"), g.block_offset(9), &[0xee; 4096]);
     let o = run(&["check", &t.s("vm.cow")]);
@@ -463,7 +463,7 @@ fn damaged_newest_map_slot_is_an_error_and_repair_keeps_its_data() {
     let t = Tmp::new("check-newest-slot");
     small_chain(&t, 5, 6);
     let vm = t.p("vm.cow");
-    let g = Geometry::new(SIZE, BS as u32).unwrap();
+    let g = Geometry::new(SIZE, BS as u32).unwrap().with_sub_blocks();
     // Second flush: data in block 7, a whiteout over the base's block 0 (page 0, slot B, seq 2).
     apply_image(&vm, &[Op::Write(7 * BS, BS, 0x77), Op::Discard(0, BS)]);
     let slot_b = 8192 + 4096;

@@ -24,6 +24,7 @@ use crate::map::AllocMap;
 use crate::resolve::ResolvedMap;
 use crate::storage::{FileStorage, ReadStorage, Storage};
 use crate::storage_direct::DirectStorage;
+use crate::sub::SubMap;
 
 /// Shares resolved lower chains between disks opened in one process, keyed by the
 /// identity of the first sealed layer: clones of one base cost one copy of its map.
@@ -113,7 +114,7 @@ impl OpenOptions {
         self.metadata_limit = bytes;
         self
     }
-    /// How copy-up moves blocks (default [`CopyUp::Copy`]): see [`Disk::set_copy_up`].
+    /// How copy-up moves blocks (default [`CopyUp::Partial`]): see [`Disk::set_copy_up`].
     pub fn copy_up(mut self, mode: CopyUp) -> OpenOptions {
         self.copy_up = mode;
         self
@@ -172,13 +173,56 @@ fn load_top(
         }
     }
     let (map, _) = load_map(&*storage, path, &header.geometry)?;
+    let sub = load_sub(&*storage, path, &header, &map, access)?;
     let top = Top {
         storage,
         path: path.to_path_buf(),
         header: TopHeader::new(loaded),
         map,
+        sub,
     };
     Ok((top, header))
+}
+
+/// A sealed layer holds whole blocks only: partial ones are filled before sealing.
+fn refuse_partial(path: &Path, map: &AllocMap) -> Result<(), OpenError> {
+    match map.first_partial() {
+        Some(block) => Err(OpenError::Format {
+            path: path.to_path_buf(),
+            source: crate::error::FormatError::MapEntry {
+                block,
+                reason: "partial block in a sealed layer",
+            },
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The top's partial-block bitmaps. Opened to write, bitmaps a crash left for absent
+/// blocks are cleared on disk first (crate::sub).
+fn load_sub(
+    storage: &dyn Storage,
+    path: &Path,
+    header: &Header,
+    map: &AllocMap,
+    access: Access,
+) -> Result<SubMap, OpenError> {
+    if header.state == LayerState::Sealed {
+        refuse_partial(path, map)?;
+    }
+    let g = &header.geometry;
+    let writable = access == Access::ReadWrite;
+    let (sub, stale) = SubMap::load(storage, g, map, writable)
+        .map_err(|e| OpenError::io(path, "read partial-block bitmaps", e))?
+        .map_err(|source| OpenError::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if writable {
+        sub.clear_stale(storage, g, &stale)
+            .map_err(|e| OpenError::io(path, "clear stale partial-block bitmaps", e))?;
+    }
+    Ok(sub)
 }
 
 /// Loads a walked parent whose link is good: its map, then its seal digest checked
@@ -189,6 +233,7 @@ fn load_lower(
     header: Header,
 ) -> Result<(LowerLayer, AllocMap), OpenError> {
     let (map, _) = load_map(&*storage, path, &header.geometry)?;
+    refuse_partial(path, &map)?;
     verify_seal_digest(&*storage, path, &header, &map)?;
     let counts = map.counts();
     Ok((
@@ -210,7 +255,7 @@ impl Disk {
         };
         let (top, header) = load_top(storage, path, opts.access)?;
         let mut budget = Budget::new(opts.metadata_limit);
-        budget.add(path, top.map.memory_bytes())?;
+        budget.add(path, top.map.memory_bytes() + top.sub.memory_bytes())?;
         let lower = match &header.parent {
             None => Arc::new(Lower::empty()),
             Some(_) => open_lowers(path, &header, top_id, opts, &mut budget)?,

@@ -29,12 +29,28 @@ impl Disk {
         // Read before the dirty pages are taken and the data synced: every request it
         // counts has its data written and its map entries set.
         let covers = self.changes.load(SeqCst);
+        // Bitmaps before the map: an entry this flush retires left its partial state
+        // before, so the map pages taken next hold its new state.
+        let mut sub = self.top.sub.take_dirty(&self.geometry);
         let pending = self.top.map.take_dirty();
         let st = &*self.top.storage;
         let path = &self.top.path;
         let res = st
             .sync()
             .map_err(|e| (true, Self::io_err(path, "sync data", 0, e)))
+            .and_then(|()| {
+                // Bitmaps and map pages in either order: a torn flush shows each block's
+                // older or newer bitmap, both safe (crate::sub).
+                self.top
+                    .sub
+                    .write_back(st, &self.geometry, &mut sub)
+                    .map_err(|e| {
+                        (
+                            false,
+                            Self::io_err(path, "write partial-block bitmaps", 0, e),
+                        )
+                    })
+            })
             .and_then(|()| {
                 self.top
                     .map
@@ -47,9 +63,17 @@ impl Disk {
                         };
                         (failed_sync, Self::io_err(path, op, 0, e))
                     })
+            })
+            .and_then(|()| match pending.is_empty() && !sub.is_empty() {
+                // The map's write-back synced nothing: the bitmaps still need it.
+                true => st
+                    .sync()
+                    .map_err(|e| (true, Self::io_err(path, "sync partial-block bitmaps", 0, e))),
+                false => Ok(()),
             });
         match res {
             Ok(()) => {
+                self.top.sub.committed(&sub);
                 self.synced.store(covers, SeqCst);
                 Ok(())
             }
@@ -60,6 +84,7 @@ impl Disk {
                     self.poisoned.store(true, SeqCst);
                 }
                 self.top.map.redirty(&pending);
+                self.top.sub.redirty(&sub);
                 Err(e)
             }
         }

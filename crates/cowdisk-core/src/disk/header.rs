@@ -32,6 +32,7 @@ impl Disk {
     /// whether it takes writes; the caller must not write before [`Disk::commit_seal`].
     pub fn prepare_seal(&self) -> Result<u32, OpenError> {
         self.check_header_writable()?;
+        self.fill_partial_blocks()?;
         self.flush()?;
         let h = self.top.header.get();
         prepare_seal(&*self.top.storage, &self.top.path, &h, &self.top.map)

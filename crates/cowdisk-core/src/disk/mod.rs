@@ -18,6 +18,7 @@ mod copyup;
 mod flush;
 mod header;
 mod lower;
+mod partial;
 mod read;
 mod scratch;
 mod types;
@@ -48,6 +49,8 @@ pub(crate) struct Top {
     pub(crate) path: PathBuf,
     pub(crate) header: TopHeader,
     pub(crate) map: AllocMap,
+    /// Bitmaps of the partial blocks.
+    pub(crate) sub: crate::sub::SubMap,
 }
 
 /// An open chain.
@@ -82,6 +85,29 @@ pub struct Disk {
     /// journal sends many flushes, often back to back).
     changes: std::sync::atomic::AtomicU64,
     synced: std::sync::atomic::AtomicU64,
+}
+
+/// Merges adjacent mappings of one kind before handing them on.
+struct Runs {
+    run: Option<Mapping>,
+}
+
+impl Runs {
+    fn add<E>(
+        &mut self,
+        m: Mapping,
+        f: &mut impl FnMut(Mapping) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match &mut self.run {
+            Some(r) if r.kind == m.kind && r.offset + r.len == m.offset => r.len += m.len,
+            _ => {
+                if let Some(r) = self.run.replace(m) {
+                    f(r)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -270,7 +296,7 @@ impl Disk {
         let bs = u64::from(self.geometry.block_size);
         let end = offset + len;
         let mut b = offset / bs;
-        let mut run: Option<Mapping> = None;
+        let mut runs = Runs { run: None };
         // The top's map page is looked up once per page, not once per block.
         let (mut page_no, mut page) = (u64::MAX, None);
         while b * bs < end {
@@ -278,7 +304,19 @@ impl Disk {
             if p != page_no {
                 (page_no, page) = (p, self.top.map.page_words(p));
             }
-            let top = AllocMap::state_in(page, b);
+            let mut top = AllocMap::state_in(page, b);
+            if top == BlockState::Partial {
+                let bits = self.top.sub.bits(b);
+                // Its bitmap may have been forgotten since it stopped being partial.
+                top = self.top.map.get(b);
+                if top == BlockState::Partial {
+                    let below = block_kind(top, || self.lower.resolved.get(b));
+                    let mut add = |m| runs.add(m, &mut f);
+                    self.resolve_partial(b, bits, below, offset, end, &mut add)?;
+                    b += 1;
+                    continue;
+                }
+            }
             let kind = block_kind(top, || self.lower.resolved.get(b));
             // A region no layer holds is skipped as a whole, not block by block.
             let step = match kind {
@@ -287,23 +325,56 @@ impl Disk {
             };
             let start = (b * bs).max(offset);
             let stop = ((b + step) * bs).min(end);
-            match &mut run {
-                Some(r) if r.kind == kind => r.len += stop - start,
-                _ => {
-                    if let Some(r) = run.take() {
-                        f(r)?;
-                    }
-                    run = Some(Mapping {
-                        offset: start,
-                        len: stop - start,
-                        kind,
-                    });
-                }
-            }
+            runs.add(
+                Mapping {
+                    offset: start,
+                    len: stop - start,
+                    kind,
+                },
+                &mut f,
+            )?;
             b += step;
         }
-        if let Some(r) = run {
+        if let Some(r) = runs.run {
             f(r)?;
+        }
+        Ok(())
+    }
+
+    /// The runs of partial block `b` within `[offset, end)`: its sub-blocks from the top,
+    /// the others as `below` (what the layers under it read as).
+    fn resolve_partial<E>(
+        &self,
+        b: u64,
+        bits: u32,
+        below: MappingKind,
+        offset: u64,
+        end: u64,
+        f: &mut dyn FnMut(Mapping) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let sub = self.geometry.sub_size() as u64;
+        let base = b * u64::from(self.geometry.block_size);
+        let stop_all = (base + self.geometry.block_len(b) as u64).min(end);
+        let mut s = (offset.max(base) - base) / sub;
+        while base + s * sub < stop_all {
+            let mine = bits >> s & 1 == 1;
+            let mut t = s + 1;
+            while base + t * sub < stop_all && (bits >> t & 1 == 1) == mine {
+                t += 1;
+            }
+            let start = (base + s * sub).max(offset);
+            let stop = (base + t * sub).min(stop_all);
+            let kind = if mine {
+                MappingKind::Data { depth: 0 }
+            } else {
+                below
+            };
+            f(Mapping {
+                offset: start,
+                len: stop - start,
+                kind,
+            })?;
+            s = t;
         }
         Ok(())
     }

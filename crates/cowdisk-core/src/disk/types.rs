@@ -41,10 +41,15 @@ pub enum ReadPiece<'a> {
 /// How a copy-up brings a block held below into the top ([`crate::OpenOptions::copy_up`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CopyUp {
-    /// The top gets a copy of its own (default). The kernel copies blocks already verified
+    /// A first write smaller than the block writes only the sub-blocks it touches (4 KiB,
+    /// or a 32nd of a block over 128 KiB) and the block becomes *partial*: the rest keeps
+    /// reading from below until the top is sealed, which fills it (default). Costs the
+    /// file system what was written and reads nothing below, like qcow2's subclusters.
+    #[default]
+    Partial,
+    /// The top gets a copy of its own of the whole block. The kernel copies blocks already verified
     /// where its copy is a copy (ext4, tmpfs); on XFS and btrfs, where it would share the
     /// extents, a buffer does: measured faster there (BENCHMARKS.md, copy-up modes).
-    #[default]
     Copy,
     /// Share the block's extents with the layer below where the file system can (XFS with
     /// reflink, btrfs): a first 4 KiB write then allocates about 4 KiB instead of a block,
@@ -60,12 +65,14 @@ impl CopyUp {
             CopyUp::Copy => 0,
             CopyUp::Share => 1,
             CopyUp::Buffer => 2,
+            CopyUp::Partial => 3,
         }
     }
     pub(crate) fn from_u8(v: u8) -> CopyUp {
         match v {
             1 => CopyUp::Share,
             2 => CopyUp::Buffer,
+            3 => CopyUp::Partial,
             _ => CopyUp::Copy,
         }
     }

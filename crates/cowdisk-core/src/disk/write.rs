@@ -52,6 +52,15 @@ impl Disk {
         // The map page that will expose this block gets its space first, so the flush
         // that commits it never allocates (a full file system fails this write instead).
         self.ensure_map_space(b)?;
+        if state == BlockState::Partial
+            || (state == BlockState::Absent && self.goes_partial(b, within, chunk.len()))
+        {
+            self.top
+                .sub
+                .ensure_space(top, &self.geometry, b)
+                .map_err(|e| Self::io_err(path, "allocate partial-block bitmap", off, e))?;
+            return self.write_sub(b, within, chunk);
+        }
         let res = self.fill_new_block(b, state, within, chunk);
         if res.is_err() {
             // Give back what a failed write allocated: a full disk costs only the writes
@@ -175,13 +184,14 @@ impl Disk {
         let _g = lock(&self.stripes[(b % STRIPES as u64) as usize]);
         match self.top.map.get(b) {
             BlockState::Zero => Ok(()),
-            BlockState::Data => {
+            BlockState::Data | BlockState::Partial => {
                 let off = self.geometry.block_offset(b);
                 self.top
                     .storage
                     .punch_hole(off, u64::from(self.geometry.block_size))
                     .map_err(|e| Self::io_err(&self.top.path, "punch hole", off, e))?;
                 self.top.map.set(b, BlockState::Zero);
+                self.top.sub.leave(b, None);
                 Ok(())
             }
             BlockState::Absent => {
@@ -198,7 +208,7 @@ impl Disk {
     fn zero_part(&self, b: u64, within: usize, n: usize) -> Result<(), IoError> {
         let reads_zero = match self.top.map.get(b) {
             BlockState::Zero => true,
-            BlockState::Data => false,
+            BlockState::Data | BlockState::Partial => false,
             BlockState::Absent => !matches!(self.lower.resolved.get(b), LowerOwner::Data(_)),
         };
         if reads_zero && n < self.geometry.block_len(b) {

@@ -51,7 +51,11 @@ impl Header {
         Header {
             minor: VERSION_MINOR,
             generation: 1,
-            compat: 0,
+            compat: if geometry.sub_pages > 0 {
+                COMPAT_SUB_BLOCKS
+            } else {
+                0
+            },
             uuid,
             geometry,
             state: LayerState::Writable,
@@ -71,7 +75,12 @@ impl Header {
         LE::write_u32(&mut b[H_SLOT_SIZE..], HEADER_SLOT as u32);
         LE::write_u64(&mut b[H_GENERATION..], self.generation);
         LE::write_u64(&mut b[H_INCOMPAT..], 0);
-        LE::write_u64(&mut b[H_COMPAT..], self.compat);
+        // The bitmap area is part of the layout: its bit follows the geometry.
+        let compat = match g.sub_pages {
+            0 => self.compat & !COMPAT_SUB_BLOCKS,
+            _ => self.compat | COMPAT_SUB_BLOCKS,
+        };
+        LE::write_u64(&mut b[H_COMPAT..], compat);
         LE::write_u64(&mut b[H_AUTOCLEAR..], 0);
         b[H_UUID..H_UUID + 16].copy_from_slice(&self.uuid.0);
         LE::write_u64(&mut b[H_VIRTUAL_SIZE..], g.virtual_size);
@@ -134,7 +143,10 @@ impl Header {
         }
         let block_size = LE::read_u32(&b[H_BLOCK_SIZE..]);
         let virtual_size = LE::read_u64(&b[H_VIRTUAL_SIZE..]);
-        let geometry = Geometry::new(virtual_size, block_size)?;
+        let mut geometry = Geometry::new(virtual_size, block_size)?;
+        if LE::read_u64(&b[H_COMPAT..]) & COMPAT_SUB_BLOCKS != 0 {
+            geometry = geometry.with_sub_blocks();
+        }
         let state = match LE::read_u32(&b[H_STATE..]) {
             0 => LayerState::Writable,
             1 => LayerState::Sealed,

@@ -15,14 +15,16 @@ mod header;
 mod page;
 
 pub use header::{validate_reference, Header};
-pub use page::{decode_page, encode_page, DigestBuilder, PageSlot};
+pub use page::{
+    decode_page, decode_sub_page, encode_page, encode_sub_page, DigestBuilder, PageSlot,
+};
 
 /// File magic, first 8 bytes of each header slot.
 pub const MAGIC: [u8; 8] = *b"COWDISK\0";
 /// Major version: a different major is refused.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor version: higher minors are accepted (they only add compatible features).
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 
 /// Size of one header slot; there are two (A at 0, B at 4096).
 pub const HEADER_SLOT: u64 = 4096;
@@ -69,6 +71,14 @@ const H_CRC: usize = HEADER_SLOT as usize - 4;
 pub const SUPPORTED_INCOMPAT: u64 = 0;
 /// Compatible feature: the sealed layer carries per-block CRC32s of its data.
 pub const COMPAT_BLOCK_CRCS: u64 = 1;
+/// Compatible feature (1.1): the file ends in A/B pages of partial-block bitmaps, after
+/// the data area. Readers without it ignore the area; a top that holds partial blocks
+/// has map entries of value 3, which they refuse.
+pub const COMPAT_SUB_BLOCKS: u64 = 2;
+/// Partial-block bitmap page magic.
+pub const SUB_PAGE_MAGIC: [u8; 4] = *b"CDSB";
+/// Bitmaps (one `u32` per block) per bitmap page.
+pub const SUB_PER_PAGE: u64 = (PAGE_SIZE - PAGE_HEADER as u64) / 4;
 /// Names of known incompatible feature bits, for error messages (none yet). Compatible
 /// bits have their own namespace: bit 0 here is not `COMPAT_BLOCK_CRCS`.
 const INCOMPAT_FEATURE_NAMES: &[(u64, &str)] = &[];
@@ -149,6 +159,9 @@ pub struct Geometry {
     pub crc_offset: u64,
     /// Start of block 0's data.
     pub data_offset: u64,
+    /// Partial-block bitmap pages after the data area, each with an A and a B slot
+    /// (0 without [`COMPAT_SUB_BLOCKS`]).
+    pub sub_pages: u64,
 }
 
 impl Geometry {
@@ -191,11 +204,30 @@ impl Geometry {
             map_pages,
             crc_offset,
             data_offset,
+            sub_pages: 0,
         })
+    }
+    /// The same layout with the partial-block bitmap area ([`COMPAT_SUB_BLOCKS`]).
+    pub fn with_sub_blocks(mut self) -> Geometry {
+        self.sub_pages = self.blocks.div_ceil(SUB_PER_PAGE);
+        self
+    }
+    /// The same layout without it.
+    pub fn without_sub_blocks(mut self) -> Geometry {
+        self.sub_pages = 0;
+        self
+    }
+    /// The end of the data area.
+    pub fn data_end(&self) -> u64 {
+        self.data_offset + self.blocks * u64::from(self.block_size)
     }
     /// The length every layer file of this geometry has.
     pub fn file_len(&self) -> u64 {
-        self.data_offset + self.blocks * u64::from(self.block_size)
+        self.data_end() + self.sub_pages * 2 * PAGE_SIZE
+    }
+    /// File offset of bitmap page `p`, slot `s` (0 = A, 1 = B).
+    pub fn sub_page_offset(&self, p: u64, s: usize) -> u64 {
+        self.data_end() + (p * 2 + s as u64) * PAGE_SIZE
     }
     /// File offset of block `b`'s data.
     pub fn block_offset(&self, b: u64) -> u64 {
@@ -205,6 +237,20 @@ impl Geometry {
     pub fn block_len(&self, b: u64) -> usize {
         let bs = u64::from(self.block_size);
         (self.virtual_size - b * bs).min(bs) as usize
+    }
+    /// Bytes of one sub-block, the unit a partial block holds: 4 KiB, or a 32nd of a
+    /// block larger than 128 KiB (its bitmap is one `u32`).
+    pub fn sub_size(&self) -> usize {
+        (self.block_size as usize / 32).max(MIN_BLOCK_SIZE as usize)
+    }
+    /// The bitmap of a partial block `b` holding every one of its sub-blocks.
+    pub fn sub_full(&self, b: u64) -> u32 {
+        let n = self.block_len(b).div_ceil(self.sub_size());
+        if n >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << n) - 1
+        }
     }
     /// File offset of map page `p`, slot `s` (0 = A, 1 = B).
     pub fn page_offset(&self, p: u64, s: usize) -> u64 {
@@ -222,6 +268,9 @@ pub enum BlockState {
     Data = 1,
     /// Whiteout: reads as zeros and hides every lower layer.
     Zero = 2,
+    /// Writable tops only (format 1.1): this layer holds the sub-blocks its bitmap names
+    /// (stored in the block's CRC entry); the rest fall through to the layer below.
+    Partial = 3,
 }
 
 #[cfg(test)]

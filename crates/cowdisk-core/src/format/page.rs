@@ -20,11 +20,25 @@ pub enum PageSlot {
 
 /// Classifies a page slot; when valid, its entries are the bytes after [`PAGE_HEADER`].
 pub fn decode_page(b: &[u8], index: u64) -> PageSlot {
+    decode_slot(b, index, PAGE_MAGIC)
+}
+
+/// Classifies a partial-block bitmap page slot (the map page layout, magic `CDSB`).
+pub fn decode_sub_page(b: &[u8], index: u64) -> PageSlot {
+    decode_slot(b, index, SUB_PAGE_MAGIC)
+}
+
+/// Builds a partial-block bitmap page slot: header, then `bitmaps` (a `u32` per block).
+pub fn encode_sub_page(out: &mut [u8], index: u64, sequence: u64, bitmaps: &[u8]) {
+    encode_slot(out, index, sequence, bitmaps, SUB_PAGE_MAGIC)
+}
+
+fn decode_slot(b: &[u8], index: u64, magic: [u8; 4]) -> PageSlot {
     debug_assert_eq!(b.len(), PAGE_SIZE as usize);
     if b.iter().all(|&x| x == 0) {
         return PageSlot::Empty;
     }
-    if b[0..4] != PAGE_MAGIC {
+    if b[0..4] != magic {
         return PageSlot::Invalid("bad page magic");
     }
     if u64::from(LE::read_u32(&b[4..8])) != index {
@@ -43,8 +57,12 @@ pub fn decode_page(b: &[u8], index: u64) -> PageSlot {
 
 /// Builds a page slot: header, then `entries` (the packed 2-bit map bytes).
 pub fn encode_page(out: &mut [u8], index: u64, sequence: u64, entries: &[u8]) {
+    encode_slot(out, index, sequence, entries, PAGE_MAGIC)
+}
+
+fn encode_slot(out: &mut [u8], index: u64, sequence: u64, entries: &[u8], magic: [u8; 4]) {
     out.fill(0);
-    out[0..4].copy_from_slice(&PAGE_MAGIC);
+    out[0..4].copy_from_slice(&magic);
     LE::write_u32(&mut out[4..8], index as u32);
     LE::write_u64(&mut out[8..16], sequence);
     out[PAGE_HEADER..PAGE_HEADER + entries.len()].copy_from_slice(entries);

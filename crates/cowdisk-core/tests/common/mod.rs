@@ -113,6 +113,12 @@ impl SimChain {
     /// Seals the top (no disk may be open) and puts a new empty writable top over it.
     pub fn push_layer(&mut self) {
         let (st, path) = self.layers.last().unwrap().clone();
+        {
+            // Sealing needs whole blocks: partial ones are filled from below first.
+            let d = self.open(Access::ReadWrite);
+            d.fill_partial_blocks().unwrap();
+            d.flush().unwrap();
+        }
         let (uuid, digest) = layer::seal(&*st, &path).unwrap();
         let new = self.world.create();
         let npath = PathBuf::from(format!("l{}", self.layers.len()));

@@ -1,6 +1,6 @@
 //! `create`: a standalone image or a child over a parent.
 
-use cowdisk_core::{create_child, create_image, DEFAULT_BLOCK_SIZE};
+use cowdisk_core::{create_child_opts, create_image, ReferenceStyle, DEFAULT_BLOCK_SIZE};
 use serde_json::json;
 
 use crate::cli::CreateArgs;
@@ -15,7 +15,12 @@ pub fn run(a: &CreateArgs) -> Result<()> {
         }
         // create_child refuses an existing image or an unusable reference before it
         // writes anything.
-        (Some(parent), _) => create_child(&a.image, parent)?,
+        (Some(parent), _) => create_child_opts(
+            &a.image,
+            parent,
+            ReferenceStyle::Relative,
+            &crate::open_options(),
+        )?,
         (None, Some(size)) => {
             create_image(&a.image, size, a.block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?
         }

@@ -131,18 +131,20 @@ pub struct ServeArgs {
     /// system must support direct I/O.
     #[arg(long, value_enum, default_value = "writeback", value_name = "MODE")]
     pub cache: CacheMode,
-    /// How the first partial write to a block held below brings it into the top: copy
-    /// (default; the top gets its own copy) or share (on XFS with reflink and btrfs the
-    /// top shares the block's extents with the layer below, so a first 4 KiB write
-    /// allocates about 4 KiB instead of a whole block, but copy-ups and the flushes after
-    /// them cost more: BENCHMARKS.md). Elsewhere share copies.
-    #[arg(long, value_enum, default_value = "copy", value_name = "MODE")]
+    /// What the first write smaller than a block does to a block held below: partial
+    /// (default; the top holds only the 4 KiB sub-blocks written, the rest reads from below
+    /// until the top is sealed, as qcow2's subclusters), copy (the top gets its own copy of
+    /// the whole block) or share (as copy, but on XFS with reflink and btrfs the top shares
+    /// the block's extents with the layer below: BENCHMARKS.md).
+    #[arg(long, value_enum, default_value = "partial", value_name = "MODE")]
     pub copy_up: CopyUpMode,
 }
 
 /// `serve --copy-up`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CopyUpMode {
+    /// The top holds only the sub-blocks written until it is sealed.
+    Partial,
     /// The top gets its own copy of each block.
     Copy,
     /// Share extents with the layer below where the file system can.
@@ -197,6 +199,7 @@ fn export_name(path: &Path) -> String {
 pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     crate::set_direct_io(args.cache == CacheMode::NoCache);
     crate::set_copy_up(match args.copy_up {
+        CopyUpMode::Partial => cowdisk_core::CopyUp::Partial,
         CopyUpMode::Copy => cowdisk_core::CopyUp::Copy,
         CopyUpMode::Share => cowdisk_core::CopyUp::Share,
     });

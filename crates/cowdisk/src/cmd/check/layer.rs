@@ -227,7 +227,7 @@ fn unreferenced_blocks(st: &dyn ReadStorage, g: &Geometry, map: &AllocMap) -> Ve
     let Some(fd) = st.fd() else { return leaked };
     let bs = u64::from(g.block_size);
     let mut pos = g.data_offset;
-    let end = g.file_len();
+    let end = g.data_end();
     while pos < end {
         let data = match rustix::fs::seek(fd, SeekFrom::Data(pos)) {
             Ok(d) => d,
@@ -242,7 +242,7 @@ fn unreferenced_blocks(st: &dyn ReadStorage, g: &Geometry, map: &AllocMap) -> Ve
         let first = (data - g.data_offset) / bs;
         let last = (hole - g.data_offset).div_ceil(bs);
         for b in first..last.min(g.blocks) {
-            if map.get(b) != BlockState::Data {
+            if !matches!(map.get(b), BlockState::Data | BlockState::Partial) {
                 leaked.push(b);
             }
         }
@@ -302,6 +302,13 @@ fn check_sealed(
             );
         }
         Err(e) => return Err(e.into()),
+    }
+    if let Some(b) = map.first_partial() {
+        ctx.add(
+            Severity::Error,
+            "partial_block",
+            format!("block {b} is partial, which a sealed layer must not hold"),
+        );
     }
     let g = h.geometry;
     let (data_blocks, _) = map.counts();
