@@ -119,6 +119,20 @@ pub fn load_map(
     })
 }
 
+/// Reads and validates the partial-block bitmaps of `map`'s partial blocks (what opening
+/// the layer as a top does, without clearing anything); returns how many blocks are partial.
+pub fn check_partial_bitmaps(
+    storage: &dyn ReadStorage,
+    path: &Path,
+    g: &Geometry,
+    map: &AllocMap,
+) -> Result<u64, OpenError> {
+    let (sub, _) = crate::sub::SubMap::load(storage, g, map, false)
+        .map_err(|e| OpenError::io(path, "read partial-block bitmaps", e))?
+        .map_err(|f| fmt_err(path, f))?;
+    Ok(sub.live_blocks().len() as u64)
+}
+
 /// Writes a new empty layer onto empty storage: header slot A, sparse length, sync.
 pub fn create_on(storage: &dyn Storage, path: &Path, header: &Header) -> Result<(), OpenError> {
     let g = &header.geometry;

@@ -562,3 +562,33 @@ fn damaged_newest_map_slot_is_an_error_and_repair_keeps_its_data() {
     let (c, v) = check(&t.s("new.cow"), false);
     assert_eq!(c, 0, "{v}");
 }
+
+/// A top's partial-block bitmap page damaged in both slots: `check` names it, and the
+/// image refuses to open rather than guess which sub-blocks the top holds.
+#[test]
+fn damaged_partial_bitmap_page() {
+    let t = Tmp::new("check-partial");
+    ok(&[
+        "create",
+        &t.s("b.cow"),
+        "--size",
+        "1M",
+        "--block-size",
+        "64K",
+    ]);
+    apply_image(&t.p("b.cow"), &[Op::Write(0, 1 << 20, 7)]);
+    ok(&["create", &t.s("t.cow"), "--backing", &t.s("b.cow")]);
+    apply_image(&t.p("t.cow"), &[Op::Write(65536 + 4096, 4096, 9)]);
+    let (c, v) = check(&t.s("t.cow"), false);
+    assert_eq!(c, 0, "{v}");
+    let g = Geometry::new(SIZE, 65536).unwrap().with_sub_blocks();
+    for slot in 0..2 {
+        poke(&t.p("t.cow"), g.sub_page_offset(0, slot) + 40, &[0xff; 8]);
+    }
+    let (c, v) = check(&t.s("t.cow"), false);
+    assert_ne!(c, 0, "{v}");
+    assert!(kinds(&v).contains(&"partial_bitmap".to_string()), "{v}");
+    let o = run(&["info", &t.s("t.cow")]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("bitmap page"), "{}", stderr(&o));
+}

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use cowdisk_core::format::FLAG_NEEDS_CHECK;
-use cowdisk_core::layer::{load_map, read_header, read_verified_block, verify_seal_digest};
+use cowdisk_core::layer::{
+    check_partial_bitmaps, load_map, read_header, read_verified_block, verify_seal_digest,
+};
 use cowdisk_core::layer::{write_header, LoadedHeader};
 use cowdisk_core::{
     open_layer_file, Access, AllocMap, BlockState, ChainWalk, FileStorage, FormatError, Geometry,
@@ -213,6 +215,11 @@ fn check_layer(
         }
     }
     report_leaked(ctx, fixer, &g, &leaked)?;
+    if h.state == LayerState::Writable {
+        if let Err(e) = check_partial_bitmaps(st, &path, &g, &map) {
+            ctx.add(Severity::Error, "partial_bitmap", e.to_string());
+        }
+    }
     if h.state == LayerState::Sealed {
         check_sealed(ctx, st, &h, &map, opts.show)?;
     }
