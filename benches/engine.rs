@@ -7,7 +7,10 @@
 //!   depth 1, 8, 16, 64 whose upper layers each hold other scattered blocks: isolates
 //!   the cost of resolution from the spread of data over files.
 //! - `copy_up/block_size`: first partial write (512 B) into blocks held only by the
-//!   sealed base, 4 KiB, 64 KiB, 1 MiB blocks; a fresh top per batch.
+//!   sealed base, 4 KiB, 64 KiB, 1 MiB blocks, copying the whole block up (`CopyUp::Copy`);
+//!   a fresh top per batch.
+//! - `partial/block_size`: the same writes with the default partial blocks (only the
+//!   sub-block written, completed from below).
 //! - `rewrite_4k`: 4 KiB random writes into blocks the top already holds.
 //! - `discard/whiteout_lower`: whole-block discards of blocks held below (metadata only).
 //! - `block_status/fragmented`: block status of a whole 16-layer chain with data and
@@ -24,7 +27,8 @@ use rand::{Rng, SeedableRng};
 
 use cowdisk_core::layer::{self, NewLayer};
 use cowdisk_core::{
-    create_child, create_image, Access, Disk, FileStorage, OpenOptions, ParentRef, WriteFlags,
+    create_child, create_image, Access, CopyUp, Disk, FileStorage, OpenOptions, ParentRef,
+    WriteFlags,
 };
 
 struct TempDir(PathBuf);
@@ -270,18 +274,27 @@ fn fresh_top(dir: &TempDir, n: &mut u64, size: u64, bs: u32, parent: &ParentRef)
 }
 
 fn copy_up(c: &mut Criterion) {
-    let mut g = quick(c, "copy_up");
+    first_writes(c, "copy_up", CopyUp::Copy);
+    first_writes(c, "partial", CopyUp::Partial);
+}
+
+fn first_writes(c: &mut Criterion, name: &str, mode: CopyUp) {
+    let mut g = quick(c, name);
     for bs in [4096u32, 64 * 1024, 1 << 20] {
         // 4 MiB copied per batch whatever the block size.
         let size = 4u64 << 20;
         let blocks = size / u64::from(bs);
-        let dir = TempDir::new(&format!("copyup-{bs}"));
+        let dir = TempDir::new(&format!("{name}-{bs}"));
         let (_base, parent) = sealed_base(&dir, size, bs);
         let mut n = 0;
         g.throughput(Throughput::Bytes(size));
         g.bench_with_input(BenchmarkId::from_parameter(bs), &bs, |b, &bs| {
             b.iter_batched(
-                || fresh_top(&dir, &mut n, size, bs, &parent),
+                || {
+                    let d = fresh_top(&dir, &mut n, size, bs, &parent);
+                    d.set_copy_up(mode);
+                    d
+                },
                 |d| {
                     for blk in 0..blocks {
                         d.write(

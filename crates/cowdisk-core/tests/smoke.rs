@@ -430,3 +430,38 @@ fn partial_write_over_a_damaged_block() {
     drop(disk);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A top written by format 1.0 has no bitmap area: its first writes copy whole blocks up
+/// (partial mode or not), and the file keeps its length.
+#[test]
+fn a_format_1_0_top_copies_blocks_up() {
+    let d = tmpdir("v10");
+    let (base, tmp, top) = (d.join("base.cow"), d.join("tmp.cow"), d.join("top.cow"));
+    create_image(&base, 1 << 20, 65536).unwrap();
+    {
+        let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
+        disk.write(0, &[0xaa; 1 << 20], WriteFlags::default())
+            .unwrap();
+        disk.flush().unwrap();
+    }
+    let mut h = create_child(&tmp, &base).unwrap();
+    h.minor = 0;
+    h.geometry = h.geometry.without_sub_blocks();
+    let f = std::fs::File::create_new(&top).unwrap();
+    layer::create_on(&FileStorage::new(f), &top, &h).unwrap();
+    let len = std::fs::metadata(&top).unwrap().len();
+    {
+        let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
+        assert_eq!(disk.copy_up_mode(), CopyUp::Partial);
+        disk.write(100, &[1; 10], WriteFlags::default()).unwrap();
+        assert_eq!(disk.top_state(0), BlockState::Data);
+        assert_eq!(disk.copy_ups(), 1);
+        disk.flush().unwrap();
+    }
+    assert_eq!(std::fs::metadata(&top).unwrap().len(), len);
+    let disk = Disk::open(&top, &OpenOptions::new().access(Access::ReadOnly)).unwrap();
+    let mut b = vec![0u8; 4096];
+    disk.read(0, &mut b).unwrap();
+    assert!(b[..100].iter().chain(&b[110..]).all(|&x| x == 0xaa) && b[100..110] == [1; 10]);
+    std::fs::remove_dir_all(&d).unwrap();
+}

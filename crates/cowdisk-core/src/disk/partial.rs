@@ -16,10 +16,12 @@ fn span(s: usize, t: usize) -> u32 {
 }
 
 impl Disk {
-    /// True if writing `len` bytes at `within` into block `b`, absent from the top and
-    /// held below, should make it partial rather than copy it up.
+    /// True if writing `len` bytes at `within` into block `b`, absent from the top, should
+    /// make it partial rather than copy it up.
     pub(super) fn goes_partial(&self, b: u64, within: usize, len: usize) -> bool {
         self.copy_up_mode() == CopyUp::Partial
+            // A 1.0 layer has no bitmap area: it copies blocks up.
+            && self.geometry.sub_pages > 0
             && self.geometry.sub_size() < self.geometry.block_len(b)
             && !(within == 0 && len == self.geometry.block_len(b))
             && matches!(self.lower.resolved.get(b), LowerOwner::Data(_))
