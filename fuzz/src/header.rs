@@ -47,8 +47,13 @@ fn check(h: &Header) {
     let last = g.block_offset(g.blocks - 1);
     assert_eq!(
         last.checked_add(bs),
+        Some(g.data_end()),
+        "blocks end at the data area's end"
+    );
+    assert_eq!(
+        g.data_end().checked_add(g.sub_pages * 8192),
         Some(g.file_len()),
-        "blocks end at the file's end"
+        "the bitmap pages end at the file's end"
     );
     assert!(g.block_len(g.blocks - 1) > 0);
     if let Some(p) = &h.parent {

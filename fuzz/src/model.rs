@@ -96,11 +96,14 @@ enum Level {
 
 impl Model {
     fn new(s: &Start) -> Model {
+        // The unit a crash keeps whole: the block, or inside a partial block (the
+        // engine's default) the sub-block, as in crash.rs and reliability rule R2.
+        let unit = (s.bs / 32).clamp(4096, s.bs);
         Model {
-            bs: s.bs,
+            bs: unit,
             cur: s.content.clone(),
             durable: s.content.clone(),
-            since: vec![Vec::new(); s.content.len().div_ceil(s.bs as usize)],
+            since: vec![Vec::new(); s.content.len().div_ceil(unit as usize)],
         }
     }
     fn block(&self, v: &[u8], b: u64) -> std::ops::Range<usize> {
@@ -366,7 +369,7 @@ fn verify(s: &Start, after: &Arc<SimWorld>, model: &Model, level: Level) -> Resu
     }
     let disk = open(after, s).map_err(|e| format!("chain does not open: {e}"))?;
     let mut all = vec![0u8; s.size as usize];
-    for b in 0..s.size.div_ceil(s.bs) {
+    for b in 0..s.size.div_ceil(model.bs) {
         let r = model.block(&all, b);
         let got = &mut all[r.clone()];
         disk.read(r.start as u64, got)
