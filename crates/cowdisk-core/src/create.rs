@@ -182,16 +182,23 @@ pub fn create_child_opts(
         if h.state == crate::format::LayerState::Sealed {
             (h.uuid, h.seal_digest, h.geometry)
         } else {
-            let (map, _) = load_map(&st, parent, &h.geometry)?;
             drop(st);
-            if map.first_partial().is_some() {
-                // A sealed layer holds whole blocks: fill partial ones from below first.
+            let (file, _) = open_layer_file(parent, Access::ReadWrite, true)?;
+            let mut st = FileStorage::new(file);
+            if load_map(&st, parent, &h.geometry)?
+                .0
+                .first_partial()
+                .is_some()
+            {
+                // A sealed layer holds whole blocks: fill partial ones from below first
+                // (the disk takes the exclusive lock itself).
+                drop(st);
                 let d = crate::Disk::open(parent, opts)?;
                 d.fill_partial_blocks()?;
                 d.flush()?;
+                drop(d);
+                st = FileStorage::new(open_layer_file(parent, Access::ReadWrite, true)?.0);
             }
-            let (file, _) = open_layer_file(parent, Access::ReadWrite, true)?;
-            let st = FileStorage::new(file);
             let (u, d) = seal(&st, parent)?;
             (u, d, h.geometry)
         }
