@@ -40,6 +40,8 @@ struct Inner {
     ready: BTreeSet<u64>,
     /// Per written page: the slot holding its current version and its sequence.
     metas: BTreeMap<u64, (usize, u64)>,
+    /// The entries no longer live, so a flush finds them without visiting every entry.
+    left: BTreeSet<u64>,
 }
 
 /// The partial blocks of one top, in memory: costs memory in proportion to them.
@@ -88,12 +90,17 @@ impl SubMap {
                 None => Ok((SubMap::default(), stale)),
             });
         }
-        let pages: BTreeSet<u64> = if writable {
-            (0..g.sub_pages).collect()
+        // Opened to write, every page (holes skipped below); else the partial blocks' pages.
+        let mut partial = map.blocks_in(BlockState::Partial).map(|b| b / SUB_PER_PAGE);
+        let mut last = None;
+        let pages: Box<dyn Iterator<Item = u64>> = if writable {
+            Box::new(0..g.sub_pages)
         } else {
-            map.blocks_in(BlockState::Partial)
-                .map(|b| b / SUB_PER_PAGE)
-                .collect()
+            Box::new(std::iter::from_fn(move || {
+                let p = partial.find(|&p| Some(p) != last)?;
+                last = Some(p);
+                Some(p)
+            }))
         };
         let mut buf = vec![0u8; 2 * PAGE_SIZE as usize];
         let mut data_at = Some(0);
@@ -188,6 +195,7 @@ impl SubMap {
             e.bits = all;
             i.dirty.insert(b / SUB_PER_PAGE);
         }
+        i.left.insert(b);
     }
 
     /// The partial blocks, in order.
@@ -220,10 +228,9 @@ impl SubMap {
         let dirty = std::mem::take(&mut i.dirty);
         let pages = dirty.into_iter().map(|p| (p, encode(&i, g, p))).collect();
         let retired = i
-            .entries
+            .left
             .iter()
-            .filter(|(_, e)| !e.live)
-            .map(|(b, e)| (*b, e.bits))
+            .filter_map(|b| i.entries.get(b).filter(|e| !e.live).map(|e| (*b, e.bits)))
             .collect();
         SubPending {
             pages,
@@ -270,6 +277,7 @@ impl SubMap {
         for (b, bits) in &pending.retired {
             if i.entries.get(b).is_some_and(|e| !e.live && e.bits == *bits) {
                 i.entries.remove(b);
+                i.left.remove(b);
             }
         }
     }

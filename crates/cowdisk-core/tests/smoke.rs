@@ -326,6 +326,15 @@ fn damaged_block_of_a_sealed_top_is_eio_too() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// A 1 MiB image of 64 KiB blocks, every byte 0xaa.
+fn base_of_0xaa(base: &std::path::Path) {
+    create_image(base, 1 << 20, 65536).unwrap();
+    let disk = Disk::open(base, &OpenOptions::new()).unwrap();
+    disk.write(0, &[0xaa; 1 << 20], WriteFlags::default())
+        .unwrap();
+    disk.flush().unwrap();
+}
+
 /// Partial blocks: a first 4 KiB write into a block the base holds writes that sub-block
 /// only; the rest reads from below, across a reopen; a write that completes the block
 /// makes it data; filling before a seal makes every partial block data with the same
@@ -334,13 +343,7 @@ fn damaged_block_of_a_sealed_top_is_eio_too() {
 fn partial_blocks_write_read_fill_and_seal() {
     let d = tmpdir("partial");
     let (base, top, child) = (d.join("base.cow"), d.join("top.cow"), d.join("child.cow"));
-    create_image(&base, 1 << 20, 65536).unwrap();
-    {
-        let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
-        disk.write(0, &[0xaa; 1 << 20], WriteFlags::default())
-            .unwrap();
-        disk.flush().unwrap();
-    }
+    base_of_0xaa(&base);
     create_child(&top, &base).unwrap();
     let mut want = vec![0xaau8; 1 << 20];
     {
@@ -437,13 +440,7 @@ fn partial_write_over_a_damaged_block() {
 fn a_format_1_0_top_copies_blocks_up() {
     let d = tmpdir("v10");
     let (base, tmp, top) = (d.join("base.cow"), d.join("tmp.cow"), d.join("top.cow"));
-    create_image(&base, 1 << 20, 65536).unwrap();
-    {
-        let disk = Disk::open(&base, &OpenOptions::new()).unwrap();
-        disk.write(0, &[0xaa; 1 << 20], WriteFlags::default())
-            .unwrap();
-        disk.flush().unwrap();
-    }
+    base_of_0xaa(&base);
     let mut h = create_child(&tmp, &base).unwrap();
     h.minor = 0;
     h.geometry = h.geometry.without_sub_blocks();
