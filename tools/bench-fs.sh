@@ -7,7 +7,8 @@
 # Usage: tools/bench-fs.sh [--fs "ext4 xfs btrfs tmpfs"] [bench-peers.sh arguments…]
 #   e.g. tools/bench-fs.sh --quick ; tools/bench-fs.sh --fs xfs
 # Environment: BENCH_FS_DIR, where the loop files and mount points go [/var/tmp/cowdisk-fs];
-#   BENCH_FS_SIZE_MB, size of each loop file [4096]. Results: bench-results/fs-<name>/.
+#   BENCH_FS_SIZE_MB, size of each loop file [4096]; BENCH_FS_TAG, appended to the results
+#   directory [none]. Results: bench-results/fs-<name>[-TAG]/.
 # Needs root, mkfs.ext4, mkfs.xfs and mkfs.btrfs (tools/install-deps.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,7 +42,7 @@ for fs in $FSES; do
       mount -o loop "$img" "$mnt" ;;
     *) echo "bench-fs: unknown file system $fs" >&2; exit 2 ;;
   esac
-  out=$ROOT/bench-results/fs-$fs
+  out=$ROOT/bench-results/fs-$fs${BENCH_FS_TAG:+-$BENCH_FS_TAG}
   mkdir -p "$out"
   echo "bench-fs: $fs on $mnt" >&2
   BENCH_DIR=$mnt BENCH_OUT=$out BENCH_MD=$out/REPORT.md \

@@ -27,6 +27,7 @@
 #   BENCH_LAYER_PCT  percent of blocks each intermediate layer overwrites [2]
 #   BENCH_CLONES   clones served by one process [8]
 #   BENCH_FW_PASSES  first-write passes (fresh tops) per repetition [3]
+#   BENCH_ROUNDS   which rounds run, any of "reads writes clones" [all three]
 #   COWDISK        cowdisk binary [target/release/cowdisk]
 #   BENCH_OUT      where the summary, chart and commands go [bench-results]
 #   BENCH_MD       markdown report to update between its GENERATED markers [BENCHMARKS.md]
@@ -62,6 +63,7 @@ read -r -a DEPTHS <<<"${BENCH_DEPTHS:-1 16 64}"
 PCT=${BENCH_LAYER_PCT:-2}
 NCLONES=${BENCH_CLONES:-8}
 FW_PASSES=${BENCH_FW_PASSES:-3}
+ROUNDS=" ${BENCH_ROUNDS:-reads writes clones} "
 COWDISK=${COWDISK:-$ROOT/target/release/cowdisk}
 OUT=${BENCH_OUT:-$ROOT/bench-results}
 MD=${BENCH_MD:-$ROOT/BENCHMARKS.md}
@@ -187,9 +189,16 @@ declare -A WL_ARGS=(
   # The same with a FLUSH every 16 writes, as a guest's file system journal asks.
   [firstwrite-flush]="--rw=randwrite --bs=4k --iodepth=16 --fsync=16 --zonemode=strided --zonesize=4k --zonerange=64k --io_size=$((NBLOCKS * 4))k"
   [rewrite-flush]="--rw=randwrite --bs=4k --iodepth=16 --fsync=16 ${TB[*]}"
+  # The same on the top the first-write pass left: a top that copies up whole blocks (qcow2
+  # 64K) now holds every block, one with partial blocks or subclusters holds 4 KiB of each,
+  # so most of these are first writes into a block's other sub-blocks.
+  [afterfirst-flush]="--rw=randwrite --bs=4k --iodepth=16 --fsync=16 ${TB[*]}"
+  # Sequential 1 MiB writes over the whole disk, once (not timed): after it every contender's
+  # top holds every block whole, so the rewrite rows that follow are rewrites for all.
+  [fill]="--rw=write --bs=1M --iodepth=8"
 )
 READ_WL=(seqread randread-qd1 randread-qd16)
-WRITE_WL=(firstwrite firstwrite-flush rewrite rewrite-flush seqwrite)
+WRITE_WL=(firstwrite firstwrite-flush afterfirst-flush fill rewrite rewrite-flush seqwrite)
 # fio target arguments for a contender (URI for NBD, the file for psync).
 target_args() {  # target_args NAME FILE
   if [[ $1 == psync-raw ]]; then
@@ -328,8 +337,9 @@ fresh_top() {  # fresh_top CONTENDER
 }
 
 # One server per contender and repetition: first writes (one 4 KiB write into each
-# 64 KiB block of a fresh top: every one a copy-up), then 4 KiB random rewrites (the
-# top now holds every block), then 1 MiB sequential writes over the same top.
+# 64 KiB block of a fresh top: every one a copy-up), then flushing 4 KiB random writes on
+# that top, then a fill (every block whole), then 4 KiB random rewrites, with and without
+# flushes, then 1 MiB sequential writes over the same top.
 write_round() {  # write_round REP
   local rep=$1 c img top k
   for c in "${WRITERS[@]}"; do
@@ -351,7 +361,7 @@ write_round() {  # write_round REP
       ((k == FW_PASSES)) || [[ $c == psync-raw ]] || stop_server
     done
     local wl
-    for wl in rewrite rewrite-flush seqwrite; do
+    for wl in afterfirst-flush fill rewrite rewrite-flush seqwrite; do
       # shellcheck disable=SC2046,SC2086
       run_fio "$wl" "$c" "$rep" write $(target_args "$c" "$img") ${WL_ARGS[$wl]}
     done
@@ -507,6 +517,10 @@ targets_table() {
   target_row "first writes 4k qd16 ÷ qemu-nbd+qcow2" "$(ratio "$(med firstwrite cowdisk-top 5)" "$(med firstwrite qcow2-top 5)")" 2
   target_row "first writes 4k qd16 ÷ nbdkit-cow" "$(ratio "$(med firstwrite cowdisk-top 5)" "$(med firstwrite nbdkit-cow 5)")" 1.5
   target_row "rewrites 4k qd16 ÷ best raw over NBD" "$(ratio "$(med rewrite cowdisk-top 5)" "$(best_raw rewrite)")" 0.8
+  for wl in firstwrite-flush afterfirst-flush rewrite-flush; do
+    target_row "$wl ÷ qemu-nbd+qcow2" "$(ratio "$(med "$wl" cowdisk-top 5)" "$(med "$wl" qcow2-top 5)")" 1.2
+  done
+  target_row "rewrite-flush ÷ best raw over NBD" "$(ratio "$(med rewrite-flush cowdisk-top 5)" "$(best_raw rewrite-flush)")" 0.8
   target_row "seq read 1M, depth 1 ÷ best raw over NBD" "$(ratio "$(med seqread cowdisk-d1 5)" "$(best_raw seqread)")" 0.8
   target_row "seq read 1M, depth $dmax ÷ best raw over NBD" "$(ratio "$(med seqread "cowdisk-d$dmax" 5)" "$(best_raw seqread)")" 0.8
   target_row "seq write 1M ÷ best raw over NBD" "$(ratio "$(med seqwrite cowdisk-top 5)" "$(best_raw seqwrite)")" 0.8
@@ -593,8 +607,12 @@ report() {
       echo "For scale, the file system's own cost of the 64 KiB each first write allocates: fio psync writing 64 KiB blocks into a fresh sparse file on the same file system (one job, nothing read, no NBD) ran at **$(fmt "$fl" 0) IOPS** (median of $(nreps firstwrite-floor psync-fresh64k)). Twice qemu-nbd+qcow2 would be $(fmt "$(awk -v q="$(med firstwrite qcow2-top 5)" 'BEGIN {print 2 * q}')" 0) IOPS, $(awk -v q="$(med firstwrite qcow2-top 5)" -v f="$fl" 'BEGIN {if (f > 0) printf "%.0f", 200 * q / f; else print "–"}') % of that floor; cowdisk's first writes reach $(awk -v c="$(med firstwrite cowdisk-top 5)" -v f="$fl" 'BEGIN {if (f > 0) printf "%.0f", 100 * c / f; else print "–"}') % of it."
       echo
     fi
+    echo "### afterfirst-flush — \`${WL_ARGS[afterfirst-flush]}\` (the top firstwrite left: qcow2 64K holds whole clusters, cowdisk and qcow2 subclusters 4 KiB of each block)"; echo
+    workload_table afterfirst-flush "${WRITERS[@]}"; echo
+    echo "### fill — \`${WL_ARGS[fill]}\` (once over the whole disk, after afterfirst-flush: from here every top holds every block whole)"; echo
+    workload_table fill "${WRITERS[@]}"; echo
     for wl in rewrite rewrite-flush seqwrite; do
-      echo "### $wl — \`${WL_ARGS[$wl]}\` (same top, after firstwrite)"; echo
+      echo "### $wl — \`${WL_ARGS[$wl]}\` (same top, after the fill: rewrites for every contender)"; echo
       workload_table "$wl" "${WRITERS[@]}"; echo
     done
     echo "### firstwrite-flush — \`${WL_ARGS[firstwrite-flush]}\` (a fresh top)"; echo
@@ -663,9 +681,11 @@ warm_cache
 : >"$RES"; : >"$ALLOC"
 log "measuring: $REPS reps × (${#READERS[@]} readers × ${#READ_WL[@]} + ${#WRITERS[@]} writers × ${#WRITE_WL[@]}) runs, ${RUNTIME}s each"
 for ((rep = 1; rep <= REPS; rep++)); do
-  for wl in "${READ_WL[@]}"; do log "rep $rep/$REPS: $wl"; read_round "$rep" "$wl"; done
-  log "rep $rep/$REPS: writes"; write_round "$rep"
-  log "rep $rep/$REPS: clones"; clone_round "$rep"
+  if [[ $ROUNDS == *" reads "* ]]; then
+    for wl in "${READ_WL[@]}"; do log "rep $rep/$REPS: $wl"; read_round "$rep" "$wl"; done
+  fi
+  if [[ $ROUNDS == *" writes "* ]]; then log "rep $rep/$REPS: writes"; write_round "$rep"; fi
+  if [[ $ROUNDS == *" clones "* ]]; then log "rep $rep/$REPS: clones"; clone_round "$rep"; fi
 done
 echo "loadavg-end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.txt"
 echo "wall: $((SECONDS - START)) s (data build included)" >>"$OUT/machine.txt"
