@@ -430,6 +430,13 @@ impl AllocMap {
         (data, zero)
     }
 
+    /// Partial blocks (entry 3; [`AllocMap::counts`] counts them as data too).
+    pub fn partial_count(&self) -> u64 {
+        let mut n = 0;
+        self.for_each_word(|_, w| n += u64::from((w & (w >> 1) & LOW_BITS).count_ones()));
+        n
+    }
+
     /// The first partial block, if any (only a writable top may hold them).
     pub fn first_partial(&self) -> Option<u64> {
         let mut first = None;

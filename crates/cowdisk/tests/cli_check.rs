@@ -581,6 +581,17 @@ fn damaged_partial_bitmap_page() {
     apply_image(&t.p("t.cow"), &[Op::Write(65536 + 4096, 4096, 9)]);
     let (c, v) = check(&t.s("t.cow"), false);
     assert_eq!(c, 0, "{v}");
+    // `info` tells the partial block from a whole one.
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&["info", &t.s("t.cow"), "--json"])).unwrap();
+    assert_eq!(j["layers"][0]["data_blocks"], 1, "{j}");
+    assert_eq!(j["layers"][0]["partial_blocks"], 1, "{j}");
+    assert_eq!(j["layers"][1]["partial_blocks"], 0, "{j}");
+    let o = ok(&["info", &t.s("t.cow")]);
+    assert!(
+        o.contains("data blocks:     1 (1 partial; at most 64 KiB)"),
+        "{o}"
+    );
     let g = Geometry::new(SIZE, 65536).unwrap().with_sub_blocks();
     for slot in 0..2 {
         poke(&t.p("t.cow"), g.sub_page_offset(0, slot) + 40, &[0xff; 8]);

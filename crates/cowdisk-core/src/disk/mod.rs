@@ -412,19 +412,18 @@ impl Disk {
     /// Information about every layer, top first.
     pub fn layers(&self) -> Vec<LayerInfo> {
         let (data, zero) = self.top.map.counts();
+        let partial = self.top.map.partial_count();
         let mut v = vec![LayerInfo::from_header(
             &self.top.path,
             &self.top.header.get(),
-            data,
-            zero,
+            (data, partial, zero),
             &*self.top.storage,
         )];
         for l in &self.lower.layers {
             v.push(LayerInfo::from_header(
                 &l.path,
                 &l.header,
-                l.data_blocks,
-                l.zero_blocks,
+                (l.data_blocks, 0, l.zero_blocks),
                 &*l.storage,
             ));
         }

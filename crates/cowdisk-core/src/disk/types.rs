@@ -136,8 +136,11 @@ pub struct LayerInfo {
     pub path: PathBuf,
     /// The header.
     pub header: Header,
-    /// Blocks holding data.
+    /// Blocks holding data, partial blocks included.
     pub data_blocks: u64,
+    /// Of those, partial blocks (only a writable top has them): the top holds some of
+    /// their 4 KiB sub-blocks, the rest read from below.
+    pub partial_blocks: u64,
     /// Whiteout blocks.
     pub zero_blocks: u64,
     /// Bytes allocated on disk.
@@ -148,14 +151,14 @@ impl LayerInfo {
     pub(super) fn from_header(
         path: &Path,
         h: &Header,
-        data: u64,
-        zero: u64,
+        (data, partial, zero): (u64, u64, u64),
         st: &dyn ReadStorage,
     ) -> LayerInfo {
         LayerInfo {
             path: path.to_path_buf(),
             header: h.clone(),
             data_blocks: data,
+            partial_blocks: partial,
             zero_blocks: zero,
             allocated_bytes: st.allocated_bytes(),
         }

@@ -39,6 +39,7 @@ pub fn info_report(disk: &Disk, image: &str) -> (serde_json::Value, Vec<String>)
             let mut v = layer_json(&l.path, &l.header);
             // The counts come from the open chain; allocated_bytes from its handle.
             v["data_blocks"] = json!(l.data_blocks);
+            v["partial_blocks"] = json!(l.partial_blocks);
             v["whiteout_blocks"] = json!(l.zero_blocks);
             v["allocated_bytes"] = json!(l.allocated_bytes);
             v["needs_check"] = json!(l.header.flags & FLAG_NEEDS_CHECK != 0);
@@ -80,11 +81,15 @@ pub fn info_report(disk: &Disk, image: &str) -> (serde_json::Value, Vec<String>)
             human_size(h.geometry.virtual_size)
         ));
         out.push(format!("    block size:      {}", human_size(bs)));
-        out.push(format!(
-            "    data blocks:     {} ({})",
-            l.data_blocks,
-            human_size(l.data_blocks * bs)
-        ));
+        let size = human_size(l.data_blocks * bs);
+        out.push(match l.partial_blocks {
+            0 => format!("    data blocks:     {} ({size})", l.data_blocks),
+            // A partial block holds only the sub-blocks written since its first write.
+            p => format!(
+                "    data blocks:     {} ({p} partial; at most {size})",
+                l.data_blocks
+            ),
+        });
         out.push(format!("    whiteout blocks: {}", l.zero_blocks));
         if cowdisk_remote::is_remote(&l.path.to_string_lossy()) {
             // Its blocks are fetched on demand into the host cache, not stored here.
