@@ -28,6 +28,7 @@
 #   BENCH_CLONES   clones served by one process [8]
 #   BENCH_FW_PASSES  first-write passes (fresh tops) per repetition [3]
 #   BENCH_ROUNDS   which rounds run, any of "reads writes clones" [all three]
+#   BENCH_ONLY     contenders to run, an extended glob such as "cowdisk-*|qcow2-top" [all]
 #   COWDISK        cowdisk binary [target/release/cowdisk]
 #   BENCH_OUT      where the summary, chart and commands go [bench-results]
 #   BENCH_MD       markdown report to update between its GENERATED markers [BENCHMARKS.md]
@@ -300,6 +301,13 @@ setup_contenders() {
   WRITERS+=(qcow2-top qcow2x-top nbdkit-cow nbdkit-file qemu-nbd-raw psync-raw)
   ((COW)) && CLONE_SERVERS+=(cowdisk)
   CLONE_SERVERS+=(qsd)
+  if [[ -n ${BENCH_ONLY:-} ]]; then
+    local keep=() c
+    for c in "${READERS[@]}"; do [[ $c == @($BENCH_ONLY) ]] && keep+=("$c"); done
+    READERS=("${keep[@]}") keep=()
+    for c in "${WRITERS[@]}"; do [[ $c == @($BENCH_ONLY) ]] && keep+=("$c"); done
+    WRITERS=("${keep[@]}")
+  fi
 }
 image_for_read() {  # the image a read contender serves
   case $1 in
