@@ -40,6 +40,7 @@
 
 mod backend;
 mod budget;
+mod error;
 mod export;
 mod handshake;
 mod limits;
@@ -48,6 +49,7 @@ pub mod mem;
 mod payload;
 mod reply;
 mod server;
+mod shutdown;
 mod staged;
 mod stream;
 mod table;
@@ -58,6 +60,8 @@ pub mod wire;
 pub use backend::{
     Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, ZeroFlags,
 };
+pub use error::ServerError;
 pub use limits::Limits;
 pub use live_exports::{ExportsHandle, RemoveClients};
-pub use server::{Server, ServerBuilder, ServerError, ShutdownHandle};
+pub use server::{Server, ServerBuilder};
+pub use shutdown::ShutdownHandle;

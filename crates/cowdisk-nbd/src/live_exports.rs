@@ -8,8 +8,9 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::error::ServerError;
 use crate::export::{Export, Exports};
-use crate::server::{ServerError, Shared};
+use crate::shutdown::Shared;
 use crate::Backend;
 
 /// The current exports.

@@ -1,46 +1,26 @@
 //! Listening, accepting, per-connection threads and orderly shutdown.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags};
-use thiserror::Error;
 
 use crate::budget::SharedBytes;
+use crate::error::ServerError;
 use crate::export::{Export, Exports};
 use crate::handshake::{self, Outcome};
 use crate::live_exports::{ExportTable, ExportsHandle};
 use crate::reply::BufPool;
+use crate::shutdown::{RunState, Shared, ShutdownHandle};
 use crate::stream::{Deadline, Stream};
 use crate::table::{Activity, Table};
-use crate::{transmission, Backend, BackendError, Limits};
-
-/// Errors building or running a [`Server`].
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// The configuration is unusable (no export, duplicate or over-long name, unknown default).
-    #[error("invalid server configuration: {0}")]
-    Config(String),
-    /// A listener or the wake-up channel failed.
-    #[error("listener I/O failed")]
-    Io(#[source] io::Error),
-    /// The final flush of a writable export failed at shutdown.
-    #[error("flushing export {export:?} failed (at shutdown or removal)")]
-    Flush {
-        /// Export name.
-        export: String,
-        /// Backend failure.
-        #[source]
-        source: BackendError,
-    },
-}
+use crate::{transmission, Backend, Limits};
 
 enum Listener {
     Tcp(TcpListener),
@@ -178,66 +158,6 @@ impl ServerBuilder {
                 table: Table::new(),
             }),
         })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RunState {
-    Idle,
-    Serving,
-    Done,
-}
-
-pub(crate) struct Shared {
-    shutting_down: AtomicBool,
-    wake_tx: UnixStream,
-    wake_rx: UnixStream,
-    state: Mutex<RunState>,
-    finished: Condvar,
-    /// Live connections, so shutdown can end their blocking reads.
-    pub(crate) table: Table,
-}
-
-impl Shared {
-    fn state(&self) -> MutexGuard<'_, RunState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Stops a running [`Server`]; cheap to clone and usable from any thread (e.g. the binary's
-/// signal-handling thread).
-#[derive(Clone)]
-pub struct ShutdownHandle {
-    shared: Arc<Shared>,
-}
-
-impl ShutdownHandle {
-    /// Asks the server to stop without waiting: accepting stops, clients' blocking reads end,
-    /// requests already received are still answered.
-    pub fn request(&self) {
-        self.shared.shutting_down.store(true, Ordering::SeqCst);
-        // A full pipe already holds a wake-up, so a failed write loses nothing.
-        let _ = (&self.shared.wake_tx).write(&[1]);
-    }
-
-    /// Stops the server and waits until [`Server::serve`] has answered in-flight requests and
-    /// flushed every writable export. Returns at once if `serve` is not running. Must not be
-    /// called from a [`Backend`] method (it would wait for itself).
-    pub fn shutdown(&self) {
-        self.request();
-        let mut st = self.shared.state();
-        while *st == RunState::Serving {
-            st = self
-                .shared
-                .finished
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// Whether shutdown was requested.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shared.shutting_down.load(Ordering::SeqCst)
     }
 }
 
