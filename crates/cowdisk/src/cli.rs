@@ -119,20 +119,20 @@ Refused unless the new parent is the same layer (same UUID and seal digest)."
     UblkRemove(crate::serve::UblkRemoveArgs),
     /// Request counters of a served image (through its server's control socket).
     #[command(after_help = "Example:\n  cowdisk stats vm1.cow --json | jq .exports[0].writes")]
-    Stats(crate::cmd::live::StatsArgs),
+    Stats(StatsArgs),
     /// List the exports of a running server, given its control socket.
     #[command(after_help = "Example:\n  cowdisk exports .vm1.cow.control --json")]
-    Exports(crate::cmd::live::ExportsArgs),
+    Exports(ExportsArgs),
     /// Show the extents that may have changed since a snapshot (changed-block tracking).
     #[command(
         after_help = "Example:\n  cowdisk diff vm1.cow --since snap1.cow --json\n\nAn extent is listed when a layer above SNAPSHOT holds it (data or whiteout); the same\nextents are dirty in the NBD context qemu:dirty-bitmap:SNAPSHOT of `cowdisk serve`."
     )]
     Diff(crate::cmd::diff::DiffArgs),
     /// Upload the sealed layers of an image's chain to object storage.
-    #[command(after_help = crate::cmd::remote::PUSH_HELP)]
+    #[command(after_help = PUSH_HELP)]
     Push(PushArgs),
     /// Download a remote chain as local layer files (for hosts that must run offline).
-    #[command(after_help = crate::cmd::remote::PULL_HELP)]
+    #[command(after_help = PULL_HELP)]
     Pull(PullArgs),
 }
 
@@ -314,3 +314,58 @@ pub struct RebaseArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// `stats IMAGE`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// A served image.
+    pub image: PathBuf,
+    /// Machine-readable output (docs/control.md, `stats`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `exports SOCKET`.
+#[derive(Debug, Args)]
+pub struct ExportsArgs {
+    /// A server's control socket (`.IMAGE.control` beside a served image, or `--control`).
+    pub socket: PathBuf,
+    /// Machine-readable output (docs/control.md, `exports`).
+    #[arg(long)]
+    pub json: bool,
+    /// Export IMAGE too, from now on (as --name, default its file name).
+    #[arg(long, value_name = "IMAGE", conflicts_with = "remove")]
+    pub add: Option<PathBuf>,
+    /// Name of the export --add makes.
+    #[arg(long, value_name = "NAME", requires = "add")]
+    pub name: Option<String>,
+    /// --add the image read-only (a sealed snapshot must be).
+    #[arg(long, requires = "add")]
+    pub read_only: bool,
+    /// Stop exporting NAME, once its clients have disconnected (up to --timeout).
+    #[arg(long, value_name = "NAME")]
+    pub remove: Option<String>,
+    /// With --remove: close the export's connections instead of waiting for them.
+    #[arg(long, requires = "remove")]
+    pub close: bool,
+    /// With --remove: seconds to wait for clients (default 30, at most 3600).
+    #[arg(long, value_name = "SECS", requires = "remove")]
+    pub timeout: Option<u64>,
+}
+
+/// `push --help` epilogue.
+pub const PUSH_HELP: &str = "Example:\n  cowdisk snapshot vm1.cow vm1-gold.cow\n  \
+URL=$(cowdisk push vm1.cow s3://images/gold)\n  cowdisk create vm2.cow --backing \"$URL\"\n\n\
+Uploads each sealed layer the bucket does not hold yet, as one object named by its UUID and seal\n\
+digest (PREFIX/UUID-DIGEST.cdlayer): its metadata plus the data it holds, never its virtual size.\n\
+An object appears only once complete. Prints the URL of the topmost sealed layer.\n\
+Store settings: AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /\n\
+AWS_SESSION_TOKEN or AWS_PROFILE with the shared credentials and config files; none: anonymous.";
+
+/// `pull --help` epilogue.
+pub const PULL_HELP: &str =
+    "Example:\n  cowdisk pull s3://images/gold/UUID-DIGEST.cdlayer /var/lib/images\n  \
+cowdisk create vm1.cow --backing /var/lib/images/UUID-DIGEST.cow\n\n\
+Fetches every layer of the chain (each block verified against its CRC; blocks already in the\n\
+host cache are not fetched again) and writes sparse sealed layer files named UUID-DIGEST.cow.\n\
+Prints the top layer file's path.";

@@ -7,49 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::cli::Command;
+use crate::cli::{Command, ExportsArgs, StatsArgs};
 use crate::control::{connect, default_socket, request};
 use crate::error::{Error, Result};
 use crate::output::{print_json, print_lines, report};
 use crate::EXIT_OK;
-
-/// `stats IMAGE`.
-#[derive(Debug, clap::Args)]
-pub struct StatsArgs {
-    /// A served image.
-    pub image: PathBuf,
-    /// Machine-readable output (docs/control.md, `stats`).
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `exports SOCKET`.
-#[derive(Debug, clap::Args)]
-pub struct ExportsArgs {
-    /// A server's control socket (`.IMAGE.control` beside a served image, or `--control`).
-    pub socket: PathBuf,
-    /// Machine-readable output (docs/control.md, `exports`).
-    #[arg(long)]
-    pub json: bool,
-    /// Export IMAGE too, from now on (as --name, default its file name).
-    #[arg(long, value_name = "IMAGE", conflicts_with = "remove")]
-    pub add: Option<PathBuf>,
-    /// Name of the export --add makes.
-    #[arg(long, value_name = "NAME", requires = "add")]
-    pub name: Option<String>,
-    /// --add the image read-only (a sealed snapshot must be).
-    #[arg(long, requires = "add")]
-    pub read_only: bool,
-    /// Stop exporting NAME, once its clients have disconnected (up to --timeout).
-    #[arg(long, value_name = "NAME")]
-    pub remove: Option<String>,
-    /// With --remove: close the export's connections instead of waiting for them.
-    #[arg(long, requires = "remove")]
-    pub close: bool,
-    /// With --remove: seconds to wait for clients (default 30, at most 3600).
-    #[arg(long, value_name = "SECS", requires = "remove")]
-    pub timeout: Option<u64>,
-}
 
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::os(p, "resolve path", e))

@@ -10,23 +10,6 @@ use crate::cli::{PullArgs, PushArgs};
 use crate::error::{Error, Result};
 use crate::output::{human_size, print_json, print_lines};
 
-/// `push --help` epilogue.
-pub const PUSH_HELP: &str = "Example:\n  cowdisk snapshot vm1.cow vm1-gold.cow\n  \
-URL=$(cowdisk push vm1.cow s3://images/gold)\n  cowdisk create vm2.cow --backing \"$URL\"\n\n\
-Uploads each sealed layer the bucket does not hold yet, as one object named by its UUID and seal\n\
-digest (PREFIX/UUID-DIGEST.cdlayer): its metadata plus the data it holds, never its virtual size.\n\
-An object appears only once complete. Prints the URL of the topmost sealed layer.\n\
-Store settings: AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /\n\
-AWS_SESSION_TOKEN or AWS_PROFILE with the shared credentials and config files; none: anonymous.";
-
-/// `pull --help` epilogue.
-pub const PULL_HELP: &str =
-    "Example:\n  cowdisk pull s3://images/gold/UUID-DIGEST.cdlayer /var/lib/images\n  \
-cowdisk create vm1.cow --backing /var/lib/images/UUID-DIGEST.cow\n\n\
-Fetches every layer of the chain (each block verified against its CRC; blocks already in the\n\
-host cache are not fetched again) and writes sparse sealed layer files named UUID-DIGEST.cow.\n\
-Prints the top layer file's path.";
-
 /// `push`.
 pub fn push(a: &PushArgs) -> Result<()> {
     let dest = S3Url::parse(&a.dest, true)?;
