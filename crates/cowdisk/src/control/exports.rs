@@ -8,9 +8,11 @@ use cowdisk_core::{Access, Disk};
 use cowdisk_nbd::RemoveClients;
 use serde_json::{json, Value};
 
-use super::handlers::{Control, Target};
+use super::server::open_socket;
+use super::state::{Control, Target};
 use super::Failure;
-use crate::serve::{DiskBackend, LiveDisk};
+use crate::serve::adapter::DiskBackend;
+use crate::serve::live::LiveDisk;
 
 /// Longest wait for an export's clients to leave (`"clients": "wait"`).
 const MAX_WAIT_SECS: u64 = 3600;
@@ -67,7 +69,7 @@ pub fn add(control: &Arc<Control>, req: &Value) -> Result<Value, Failure> {
     // (unless --control chose one socket for all), so commands on it find this server.
     if !control.single_socket() {
         let sock = super::default_socket(image);
-        if let Err(e) = control.open_socket(&sock, Some(name.clone())) {
+        if let Err(e) = open_socket(control, &sock, Some(name.clone())) {
             eprintln!("cowdisk: warning: no control socket: {e}");
         }
     }

@@ -6,6 +6,7 @@
 pub mod exports;
 pub mod handlers;
 pub mod server;
+pub mod state;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

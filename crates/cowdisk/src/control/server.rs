@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::handlers::{self, Control};
+use super::state::Control;
 use super::{Failure, MAX_REQUEST_LINE};
 use crate::error::{Error, Result};
 
@@ -39,7 +39,16 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).map_err(|e| Error::os(path, "remove stale socket", e))?;
     }
-    crate::serve::bind_unix_0600(path)
+    crate::serve::process::bind_unix(path)
+}
+
+/// Makes a control socket at `path` (see [`bind`]) answering for `default` unless a
+/// request names an export, until that export is removed.
+pub fn open_socket(control: &Arc<Control>, path: &Path, default: Option<String>) -> Result<()> {
+    let l = bind(path)?;
+    spawn(l, control.clone(), default.clone());
+    control.add_socket(default, path);
+    Ok(())
 }
 
 /// Answers requests on `listener` in the background; `default` is the export a request
@@ -146,7 +155,7 @@ pub fn answer(bytes: &[u8], control: &Arc<Control>, default: Option<&str>) -> Va
         );
         return reply(&id, Err(f));
     };
-    reply(&id, handlers::run(control, default, command, &req))
+    reply(&id, (control.run)(control, default, command, &req))
 }
 
 fn reply(id: &Value, res: std::result::Result<Value, Failure>) -> Value {

@@ -215,7 +215,7 @@ impl Backend for DiskBackend {
             .map(|c| c.name)
             .collect()
     }
-    /// The key names the layer by identity (its UUID, through [`DiskBackend::checkpoints`]):
+    /// The key names the layer by identity (its UUID, through `DiskBackend::checkpoints`):
     /// a live snapshot or squash changes depths, and a connection must keep querying the
     /// layer it chose, or learn that it is gone, never silently another one.
     fn dirty_bitmap_key(&self, name: &str) -> Option<u64> {

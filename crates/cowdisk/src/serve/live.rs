@@ -165,7 +165,7 @@ impl LiveDisk {
         }
     }
 
-    /// Live squash (see [`live_squash`]). Call inside [`LiveDisk::exclusive`].
+    /// Live squash (see `live_squash`). Call inside [`LiveDisk::exclusive`].
     pub fn squash(&self, layers: Option<u32>, rate: Option<u64>) -> Result<squash::Squashed> {
         live_squash(self, layers, rate)
     }

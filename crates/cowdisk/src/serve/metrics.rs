@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::control::handlers::Control;
+use crate::control::state::Control;
 use crate::error::{Error, Result};
 
 /// Longest request head read.

@@ -15,11 +15,11 @@ use cowdisk_nbd::Server;
 use crate::error::Error;
 use crate::size::parse_size;
 
-mod adapter;
+pub(crate) mod adapter;
 mod generations;
-mod live;
+pub(crate) mod live;
 mod metrics;
-mod process;
+pub(crate) mod process;
 mod reuse;
 pub mod stats;
 mod ublk;
@@ -28,15 +28,9 @@ pub use adapter::DiskBackend;
 pub use live::LiveDisk;
 pub use ublk::{remove as ublk_remove, UblkRemoveArgs};
 
-use crate::control::handlers::{Control, Target};
+use crate::control::handlers;
 use crate::control::server as control_server;
-
-/// Binds a unix socket with mode 0600, refusing an existing path.
-pub(crate) fn bind_unix_0600(
-    path: &Path,
-) -> crate::error::Result<std::os::unix::net::UnixListener> {
-    process::bind_unix(path)
-}
+use crate::control::state::{Control, Target};
 
 /// Default TCP address: loopback only unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -296,14 +290,14 @@ fn start_control(
         .iter()
         .map(|t| (t.live.image().to_path_buf(), t.name.clone()))
         .collect();
-    let control = Arc::new(Control::new(exports, handle, cache));
+    let control = Arc::new(Control::new(exports, handle, cache, handlers::run));
     if let Some(addr) = &args.metrics {
         let local = metrics::start(addr, control.clone())?;
         eprintln!("cowdisk: metrics at http://{local}/metrics");
     }
     for (path, default) in control_server::socket_paths(&images, args.control.as_deref()) {
         let explicit = default.is_none();
-        match control.open_socket(&path, default) {
+        match control_server::open_socket(&control, &path, default) {
             Ok(()) => {}
             Err(e) if explicit => return Err(e),
             Err(e) => eprintln!("cowdisk: warning: no control socket: {e}"),

@@ -11,7 +11,7 @@ use cowdisk_nbd::{Backend, BackendError, BackendErrorKind, ZeroFlags};
 use cowdisk_ublk::{Failure, Options, Stop, Target as UblkTarget};
 
 use super::{process, start_control, DiskBackend, LiveDisk, ServeArgs};
-use crate::control::handlers::Target;
+use crate::control::state::Target;
 use crate::error::{Error, Result};
 
 /// The NBD backend seen as a ublk target: the engine's semantics come through unchanged
