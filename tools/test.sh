@@ -13,6 +13,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --examples
 cargo test --workspace --all-targets
 cargo test --workspace --doc
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 # The fuzz package (its own workspace, outside the one above): lints, its seed replay
 # test, then a short AFL++ run of every target (tools/fuzz.sh; longer runs: README).
 (cd fuzz && cargo fmt -- --check && cargo clippy --lib --examples -- -D warnings && cargo test --lib)

@@ -447,8 +447,8 @@ impl ReadStorage for RemoteLayer {
 
     /// Runs of the cache file when every block of the range is cached and was verified
     /// by this process, with the eviction generation they were verified under: as for
-    /// [`RemoteLayer::read_trusted`], the bytes hold if no eviction ran until after they
-    /// were read. Reads under [`STAGE_MIN`] are copied instead.
+    /// `RemoteLayer::read_trusted`, the bytes hold if no eviction ran until after they
+    /// were read. Reads under `STAGE_MIN` are copied instead.
     fn staged(
         &self,
         off: u64,

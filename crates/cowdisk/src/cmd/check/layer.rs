@@ -28,7 +28,7 @@ pub fn check_chain(image: &Path, opts: &Options) -> Result<Report> {
     check_chain_with(image, opts, true)
 }
 
-/// As [`check_chain`]; `lock_top` false when this process already holds the top's lock
+/// As `check_chain`; `lock_top` false when this process already holds the top's lock
 /// through another open file and keeps it still while the check runs (a served image,
 /// its writes held at the gate).
 pub fn check_chain_with(image: &Path, opts: &Options, lock_top: bool) -> Result<Report> {
