@@ -58,7 +58,7 @@ pub use disk::{
 };
 pub use error::{FormatError, IoError, IoErrorKind, OpenError};
 pub use format::{BlockState, Geometry, Header, LayerState, ParentRef, Uuid, DEFAULT_BLOCK_SIZE};
-pub use map::{AllocMap, PendingPages, SlotFinding};
+pub use map::{AllocMap, BlockCounts, PendingPages, SlotFinding};
 pub use map_slots::SlotEntries;
 pub use resolve::{LowerOwner, Mapping, MappingKind};
 pub use storage::{Copied, FileStorage, ReadStorage, Storage};

@@ -61,6 +61,17 @@ struct PageMeta {
     sequence: u64,
 }
 
+/// How many blocks of a map hold data, are partial or are whiteouts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockCounts {
+    /// Blocks holding data, partial blocks included (they hold some).
+    pub data: u64,
+    /// Of those, partial blocks (entry 3; only a writable top has them).
+    pub partial: u64,
+    /// Whiteout blocks.
+    pub zero: u64,
+}
+
 /// One layer's allocation map. Pages are materialised only once they hold a non-absent
 /// entry, so a huge, mostly empty layer costs memory in proportion to what it holds
 /// (plus a few dozen bytes per page of its virtual size).
@@ -418,23 +429,17 @@ impl AllocMap {
             .filter(move |&b| b < self.blocks)
     }
 
-    /// Counts (data, zero) blocks; a partial block counts as data (it holds some).
-    pub fn counts(&self) -> (u64, u64) {
-        let (mut data, mut zero) = (0, 0);
+    /// Counts the map's entries in one walk.
+    pub fn counts(&self) -> BlockCounts {
+        let mut c = BlockCounts::default();
         self.for_each_word(|_, w| {
             // Low bit of each pair = data (1) or partial (3); high bit alone = zero.
             let (lo, hi) = (w & LOW_BITS, (w >> 1) & LOW_BITS);
-            data += u64::from(lo.count_ones());
-            zero += u64::from((hi & !lo).count_ones());
+            c.data += u64::from(lo.count_ones());
+            c.partial += u64::from((lo & hi).count_ones());
+            c.zero += u64::from((hi & !lo).count_ones());
         });
-        (data, zero)
-    }
-
-    /// Partial blocks (entry 3; [`AllocMap::counts`] counts them as data too).
-    pub fn partial_count(&self) -> u64 {
-        let mut n = 0;
-        self.for_each_word(|_, w| n += u64::from((w & (w >> 1) & LOW_BITS).count_ones()));
-        n
+        c
     }
 
     /// The first partial block, if any (only a writable top may hold them).

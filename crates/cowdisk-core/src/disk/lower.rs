@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use crate::error::IoError;
 use crate::format::{Header, COMPAT_BLOCK_CRCS};
 use crate::layer::verify_block_crc;
-use crate::map::AllocMap;
+use crate::map::{AllocMap, BlockCounts};
 use crate::resolve::{LowerOwner, ResolvedMap};
 use crate::storage::ReadStorage;
 
@@ -41,7 +41,7 @@ impl LowerLayer {
         storage: Arc<dyn ReadStorage>,
         path: PathBuf,
         header: Header,
-        counts: (u64, u64),
+        counts: BlockCounts,
     ) -> LowerLayer {
         let chunks = header.geometry.blocks.div_ceil(64 * VERIFIED_CHUNK) as usize;
         let no_check = header.compat & COMPAT_BLOCK_CRCS == 0 || storage.verifies_reads();
@@ -50,8 +50,8 @@ impl LowerLayer {
             path,
             no_check,
             header,
-            data_blocks: counts.0,
-            zero_blocks: counts.1,
+            data_blocks: counts.data,
+            zero_blocks: counts.zero,
             verified: (0..chunks).map(|_| OnceLock::new()).collect(),
         }
     }

@@ -36,7 +36,7 @@ pub(crate) use header::TopHeader;
 
 use crate::error::IoError;
 use crate::format::{BlockState, Geometry, Header, LayerState};
-use crate::map::AllocMap;
+use crate::map::{AllocMap, BlockCounts};
 use crate::resolve::{block_kind, Mapping, MappingKind};
 use crate::storage::{ReadStorage, Storage};
 
@@ -119,8 +119,14 @@ impl Disk {
     pub(crate) fn assemble(top: Top, lower: Arc<Lower>, access: Access) -> Disk {
         let header = top.header.get();
         let geometry = header.geometry;
-        let sealed_top = (header.state == LayerState::Sealed)
-            .then(|| LowerLayer::new(top.storage.clone(), top.path.clone(), header, (0, 0)));
+        let sealed_top = (header.state == LayerState::Sealed).then(|| {
+            LowerLayer::new(
+                top.storage.clone(),
+                top.path.clone(),
+                header,
+                BlockCounts::default(),
+            )
+        });
         let reflink = top.storage.shares_extents();
         if access == Access::ReadWrite {
             // Pages written before this open may have one slot only; reserve the other
@@ -411,19 +417,21 @@ impl Disk {
 
     /// Information about every layer, top first.
     pub fn layers(&self) -> Vec<LayerInfo> {
-        let (data, zero) = self.top.map.counts();
-        let partial = self.top.map.partial_count();
         let mut v = vec![LayerInfo::from_header(
             &self.top.path,
             &self.top.header.get(),
-            (data, partial, zero),
+            self.top.map.counts(),
             &*self.top.storage,
         )];
         for l in &self.lower.layers {
             v.push(LayerInfo::from_header(
                 &l.path,
                 &l.header,
-                (l.data_blocks, 0, l.zero_blocks),
+                BlockCounts {
+                    data: l.data_blocks,
+                    partial: 0,
+                    zero: l.zero_blocks,
+                },
                 &*l.storage,
             ));
         }

@@ -4,6 +4,7 @@ use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use crate::format::Header;
+use crate::map::BlockCounts;
 use crate::storage::ReadStorage;
 
 /// Where part of a read comes from (see [`crate::Disk::read_pieces`]).
@@ -151,15 +152,15 @@ impl LayerInfo {
     pub(super) fn from_header(
         path: &Path,
         h: &Header,
-        (data, partial, zero): (u64, u64, u64),
+        c: BlockCounts,
         st: &dyn ReadStorage,
     ) -> LayerInfo {
         LayerInfo {
             path: path.to_path_buf(),
             header: h.clone(),
-            data_blocks: data,
-            partial_blocks: partial,
-            zero_blocks: zero,
+            data_blocks: c.data,
+            partial_blocks: c.partial,
+            zero_blocks: c.zero,
             allocated_bytes: st.allocated_bytes(),
         }
     }

@@ -318,7 +318,7 @@ fn check_sealed(
         );
     }
     let g = h.geometry;
-    let (data_blocks, _) = map.counts();
+    let data_blocks = map.counts().data;
     let mut progress = Progress::new("check", data_blocks * u64::from(g.block_size), show);
     let mut buf = vec![0u8; g.block_size as usize];
     let mut bad = Vec::new();
