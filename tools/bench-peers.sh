@@ -346,8 +346,8 @@ fresh_top() {  # fresh_top CONTENDER
 
 # One server per contender and repetition: first writes (one 4 KiB write into each
 # 64 KiB block of a fresh top: every one a copy-up), then flushing 4 KiB random writes on
-# that top, then a fill (every block whole), then 4 KiB random rewrites, with and without
-# flushes, then 1 MiB sequential writes over the same top.
+# that top, then a fill (every block whole; then synced), then 4 KiB random rewrites, with
+# and without flushes, then 1 MiB sequential writes over the same top.
 write_round() {  # write_round REP
   local rep=$1 c img top k
   for c in "${WRITERS[@]}"; do
@@ -372,6 +372,12 @@ write_round() {  # write_round REP
     for wl in afterfirst-flush fill rewrite rewrite-flush seqwrite; do
       # shellcheck disable=SC2046,SC2086
       run_fio "$wl" "$c" "$rep" write $(target_args "$c" "$img") ${WL_ARGS[$wl]}
+      # The rewrites start from clean pages for every contender. Unsynced, they would
+      # measure what the fill left dirty: on btrfs writes into dirty pages run 10-20x
+      # faster than into clean ones, and a fill that filled holes between written
+      # extents (partial blocks, subclusters) has btrfs write its pages back during
+      # the next writes, so contenders would differ by what the file system did.
+      [[ $wl != fill ]] || sync -f "$DATA"
     done
     [[ $c == psync-raw ]] || stop_server
     # First writes with flushes, on a fresh top of their own.
@@ -617,10 +623,10 @@ report() {
     fi
     echo "### afterfirst-flush — \`${WL_ARGS[afterfirst-flush]}\` (the top firstwrite left: qcow2 64K holds whole clusters, cowdisk and qcow2 subclusters 4 KiB of each block)"; echo
     workload_table afterfirst-flush "${WRITERS[@]}"; echo
-    echo "### fill — \`${WL_ARGS[fill]}\` (once over the whole disk, after afterfirst-flush: from here every top holds every block whole)"; echo
+    echo "### fill — \`${WL_ARGS[fill]}\` (once over the whole disk, after afterfirst-flush, then synced: from here every top holds every block whole)"; echo
     workload_table fill "${WRITERS[@]}"; echo
     for wl in rewrite rewrite-flush seqwrite; do
-      echo "### $wl — \`${WL_ARGS[$wl]}\` (same top, after the fill: rewrites for every contender)"; echo
+      echo "### $wl — \`${WL_ARGS[$wl]}\` (same top, after the synced fill: rewrites of clean pages for every contender)"; echo
       workload_table "$wl" "${WRITERS[@]}"; echo
     done
     echo "### firstwrite-flush — \`${WL_ARGS[firstwrite-flush]}\` (a fresh top)"; echo
