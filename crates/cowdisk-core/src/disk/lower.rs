@@ -17,8 +17,8 @@ pub struct LowerLayer {
     pub(crate) storage: Arc<dyn ReadStorage>,
     pub(crate) path: PathBuf,
     pub(crate) header: Header,
-    pub(crate) data_blocks: u64,
-    pub(crate) zero_blocks: u64,
+    /// Its map's counts (no partial blocks: a sealed layer holding one is refused).
+    pub(crate) counts: BlockCounts,
     /// One bit per block, in chunks made on first use: its data was checked against its
     /// stored CRC once. Sealed layers never change, so once is enough; shared by every
     /// disk using the layer.
@@ -50,8 +50,7 @@ impl LowerLayer {
             path,
             no_check,
             header,
-            data_blocks: counts.data,
-            zero_blocks: counts.zero,
+            counts,
             verified: (0..chunks).map(|_| OnceLock::new()).collect(),
         }
     }

@@ -427,11 +427,7 @@ impl Disk {
             v.push(LayerInfo::from_header(
                 &l.path,
                 &l.header,
-                BlockCounts {
-                    data: l.data_blocks,
-                    partial: 0,
-                    zero: l.zero_blocks,
-                },
+                l.counts,
                 &*l.storage,
             ));
         }
