@@ -45,7 +45,7 @@ for fs in $FSES; do
   out=$ROOT/bench-results/fs-$fs${BENCH_FS_TAG:+-$BENCH_FS_TAG}
   mkdir -p "$out"
   echo "bench-fs: $fs on $mnt" >&2
-  BENCH_DIR=$mnt BENCH_OUT=$out BENCH_MD=$out/REPORT.md \
+  BENCH_DIR=$mnt BENCH_OUT=$out BENCH_MD= \
     bash "$ROOT/tools/bench-peers.sh" "${ARGS[@]}"
   umount "$mnt"
   rm -f "$img"

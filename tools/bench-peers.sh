@@ -31,7 +31,8 @@
 #   BENCH_ONLY     contenders to run, an extended glob such as "cowdisk-*|qcow2-top" [all]
 #   COWDISK        cowdisk binary [target/release/cowdisk]
 #   BENCH_OUT      where the summary, chart and commands go [bench-results]
-#   BENCH_MD       markdown report to update between its GENERATED markers [BENCHMARKS.md]
+#   BENCH_MD       markdown report to update between its GENERATED markers, or empty for none
+#                  (the report stays in BENCH_OUT/report.md) [BENCHMARKS.md]
 #
 # Page cache is on for every contender (qemu-nbd --cache=writeback, nbdkit's default,
 # cowdisk's default, buffered psync); images are read once before the runs, so reads are
@@ -67,7 +68,7 @@ FW_PASSES=${BENCH_FW_PASSES:-3}
 ROUNDS=" ${BENCH_ROUNDS:-reads writes clones} "
 COWDISK=${COWDISK:-$ROOT/target/release/cowdisk}
 OUT=${BENCH_OUT:-$ROOT/bench-results}
-MD=${BENCH_MD:-$ROOT/BENCHMARKS.md}
+MD=${BENCH_MD-$ROOT/BENCHMARKS.md}
 BS=65536                                   # cowdisk block size = qcow2 cluster size
 NBLOCKS=$((SIZE_MB * 1048576 / BS))
 MAXDEPTH=1
@@ -662,6 +663,10 @@ report() {
     echo
     echo "<!-- END GENERATED -->"
   } >"$gen"
+  if [[ -z $MD ]]; then
+    log "report: $gen"
+    return
+  fi
   if [[ -f $MD ]] && grep -q '^<!-- BEGIN GENERATED' "$MD"; then
     awk -v gen="$gen" '
       /^<!-- BEGIN GENERATED/ {while ((getline l < gen) > 0) print l; skip = 1; next}
