@@ -120,6 +120,14 @@ pub enum OpenError {
         /// The file.
         path: PathBuf,
     },
+    /// A top's flush journal holds records that must be replayed first, or cannot be.
+    #[error("{}: {reason}", path.display())]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The layer needs `check --repair` before it may be written.
     #[error("{}: marked as needing a check; run `cowdisk check --repair`", path.display())]
     NeedsCheck {

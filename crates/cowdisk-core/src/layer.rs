@@ -157,6 +157,17 @@ pub fn write_header(
     current: &LoadedHeader,
     new: &Header,
 ) -> Result<usize, OpenError> {
+    let journal = crate::format::INCOMPAT_FLUSH_JOURNAL;
+    if current.header.incompat & new.incompat & journal != 0 {
+        // Its records name the current generation: a new one would orphan them.
+        return Err(OpenError::Journal {
+            path: crate::disk::journal_path(path),
+            reason: format!(
+                "holds flushed writes of {}: open it writable to replay them first",
+                path.display()
+            ),
+        });
+    }
     let mut h = new.clone();
     h.generation = current.header.generation + 1;
     let slot = 1 - current.slot;

@@ -405,6 +405,12 @@ impl AllocMap {
         self.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), SeqCst);
     }
 
+    /// True if some entry changed since the last [`AllocMap::take_dirty`] (or was put
+    /// back by [`AllocMap::redirty`]).
+    pub fn has_dirty(&self) -> bool {
+        self.dirty.iter().any(|d| d.load(SeqCst) != 0)
+    }
+
     /// Marks page `page` dirty without changing it, so the next write-back rewrites it
     /// (into its inactive slot): how `check --repair` replaces a damaged inactive slot.
     pub fn mark_page_dirty(&self, page: u64) {

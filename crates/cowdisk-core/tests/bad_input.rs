@@ -161,7 +161,13 @@ fn magic_version_features() {
     edit_header(&mut b, 0, |h| put_u16(h, hdr::MINOR, 9));
     open_bytes(b, Access::ReadWrite).unwrap();
 
-    for bit in [0u32, 5, 63] {
+    // Bit 0 is `flush_journal` (crash_journal.rs): a top with it and no journal is refused
+    // for that.
+    let mut b = img.clone();
+    edit_header(&mut b, 0, |h| put_u64(h, hdr::INCOMPAT, 1));
+    let e = open_bytes(b, Access::ReadWrite).err().expect("refused");
+    assert!(matches!(e, OpenError::Journal { .. }), "{e:?}");
+    for bit in [1u32, 5, 63] {
         let mut b = img.clone();
         edit_header(&mut b, 0, |h| put_u64(h, hdr::INCOMPAT, 1 << bit));
         match format_err(open_bytes(b, Access::ReadWrite)) {

@@ -16,7 +16,9 @@ pub use relink::rebase;
 pub use source::{folder_of, open_layer_file, LayerId, LayerSource, LocalFiles, OpenedLayer};
 pub use walk::{check_link, link_problems, ChainWalk, LinkError, WalkStop, WalkedLayer, MAX_DEPTH};
 
-use crate::disk::{verified_index_bytes, Access, CopyUp, Disk, Lower, LowerLayer, Top, TopHeader};
+use crate::disk::{
+    verified_index_bytes, Access, CopyUp, Disk, JournalOpener, Lower, LowerLayer, Top, TopHeader,
+};
 use crate::error::OpenError;
 use crate::format::{Header, LayerState, FLAG_NEEDS_CHECK};
 use crate::layer::{load_map, read_header, verify_seal_digest};
@@ -63,6 +65,7 @@ pub struct OpenOptions {
     copy_up: CopyUp,
     top_locked: bool,
     direct_io: bool,
+    flush_journal: u64,
 }
 
 /// Default cap on the memory an open chain's metadata may take (maps, resolution,
@@ -81,6 +84,7 @@ impl Default for OpenOptions {
             copy_up: CopyUp::default(),
             top_locked: false,
             direct_io: false,
+            flush_journal: 0,
         }
     }
 }
@@ -145,6 +149,14 @@ impl OpenOptions {
     /// layers are unaffected. Opening fails on a file system without direct I/O.
     pub fn direct_io(mut self, on: bool) -> OpenOptions {
         self.direct_io = on;
+        self
+    }
+    /// Lets client flushes ([`Disk::client_flush`]) go to a flush journal of `bytes`
+    /// beside the top (`TOP.journal`, written out to that size at the first one; 0, the
+    /// default, is off). Whatever this says, a writable open replays a journal a crash
+    /// left, and a read-only one refuses it (unless `force_share`).
+    pub fn flush_journal(mut self, bytes: u64) -> OpenOptions {
+        self.flush_journal = bytes;
         self
     }
     fn locking(&self) -> bool {
@@ -260,8 +272,12 @@ impl Disk {
             None => Arc::new(Lower::empty()),
             Some(_) => open_lowers(path, &header, top_id, opts, &mut budget)?,
         };
-        let disk = Disk::assemble(top, lower, opts.access);
+        let mut disk = Disk::assemble(top, lower, opts.access);
         disk.set_copy_up(opts.copy_up);
+        disk.set_journal(Arc::new(open_journal_file), opts.flush_journal);
+        if !(opts.force_share && opts.access == Access::ReadOnly) {
+            disk.replay_journal()?;
+        }
         Ok(disk)
     }
 
@@ -271,6 +287,17 @@ impl Disk {
         top: (Arc<dyn Storage>, PathBuf),
         lowers: Vec<(Arc<dyn ReadStorage>, PathBuf)>,
         access: Access,
+    ) -> Result<Disk, OpenError> {
+        Disk::open_storages_journaled(top, lowers, access, None)
+    }
+
+    /// [`Disk::open_storages`] with a flush journal: its opener and capacity (see
+    /// [`OpenOptions::flush_journal`]). A journal the top's header names is replayed.
+    pub fn open_storages_journaled(
+        top: (Arc<dyn Storage>, PathBuf),
+        lowers: Vec<(Arc<dyn ReadStorage>, PathBuf)>,
+        access: Access,
+        journal: Option<(JournalOpener, u64)>,
     ) -> Result<Disk, OpenError> {
         if lowers.len() + 1 > MAX_DEPTH {
             return Err(OpenError::chain(
@@ -303,8 +330,35 @@ impl Disk {
             return Err(OpenError::chain(&child_path, "parent layer not given"));
         }
         let lower = Lower::new(layers, &maps, header.geometry.blocks);
-        Ok(Disk::assemble(top, Arc::new(lower), access))
+        let mut disk = Disk::assemble(top, Arc::new(lower), access);
+        if let Some((opener, capacity)) = journal {
+            disk.set_journal(opener, capacity);
+        }
+        disk.replay_journal()?;
+        Ok(disk)
     }
+}
+
+/// Opens a top's flush journal file (never through a symbolic link); a new one is made
+/// durable in its folder before any header names it.
+fn open_journal_file(path: &Path, create: bool) -> std::io::Result<Arc<dyn Storage>> {
+    use rustix::fs::{Mode, OFlags};
+    let mut flags = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    if create {
+        flags |= OFlags::CREATE;
+    }
+    let file = std::fs::File::from(rustix::fs::open(path, flags, Mode::from_raw_mode(0o600))?);
+    if !file.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if create {
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(folder)?.sync_all()?;
+    }
+    Ok(Arc::new(FileStorage::new(file)))
 }
 
 /// Memory an opening chain's metadata takes so far, against the limit.

@@ -11,6 +11,19 @@ impl Disk {
     /// should not happen: page space is reserved before a write needs it) fails this
     /// flush only; the pages stay dirty for the next one.
     pub fn flush(&self) -> Result<(), IoError> {
+        self.flush_as(false)
+    }
+
+    /// A flush asked for by the disk's client (NBD FLUSH or FUA, a block device's
+    /// flush): the same guarantee as [`Disk::flush`], but with a flush journal enabled
+    /// (`OpenOptions::flush_journal`) it may be made durable in the journal, leaving the
+    /// top's own sync to a later full flush. Tools that read the files after a flush
+    /// (seal, squash, check) use [`Disk::flush`], which retires the journal.
+    pub fn client_flush(&self) -> Result<(), IoError> {
+        self.flush_as(true)
+    }
+
+    fn flush_as(&self, journal: bool) -> Result<(), IoError> {
         if self.access == Access::ReadOnly {
             return Ok(());
         }
@@ -22,13 +35,21 @@ impl Disk {
                 path: self.top.path.clone(),
             });
         }
-        if self.synced.load(SeqCst) >= wanted {
-            // Nothing written since, or a flush that ran while this one waited covered it.
+        if self.synced.load(SeqCst) >= wanted && (journal || !self.journal_live()) {
+            // Nothing written since, or a flush that ran while this one waited covered it
+            // (a full flush still has a live journal to retire).
             return Ok(());
         }
         // Read before the dirty pages are taken and the data synced: every request it
         // counts has its data written and its map entries set.
         let covers = self.changes.load(SeqCst);
+        if let Some(r) = journal.then(|| self.journal_flush()).flatten() {
+            if r.is_ok() {
+                self.synced.store(covers, SeqCst);
+            }
+            return r;
+        }
+        self.journal_full_begin();
         // Bitmaps before the map: an entry this flush retires left its partial state
         // before, so the map pages taken next hold its new state.
         let mut sub = self.top.sub.take_dirty(&self.geometry);
@@ -71,6 +92,7 @@ impl Disk {
                     .map_err(|e| (true, Self::io_err(path, "sync partial-block bitmaps", 0, e))),
                 false => Ok(()),
             });
+        let res = res.and_then(|()| self.journal_full_done().map_err(|e| (true, e)));
         match res {
             Ok(()) => {
                 self.top.sub.committed(&sub);

@@ -55,9 +55,17 @@ impl Disk {
     /// the same.
     pub fn set_parent(&self, parent: ParentRef) -> Result<Header, OpenError> {
         self.check_header_writable()?;
+        self.rewrite_header(|h| h.parent = Some(parent))
+    }
+
+    /// Rewrites the top's header with `change` applied: one A/B write and a sync.
+    pub(super) fn rewrite_header(
+        &self,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<Header, OpenError> {
         let mut cur = lock(&self.top.header.cur);
         let mut h = cur.header.clone();
-        h.parent = Some(parent);
+        change(&mut h);
         let slot = write_header(&*self.top.storage, &self.top.path, &cur, &h)?;
         h.generation = cur.header.generation + 1;
         *cur = LoadedHeader {

@@ -17,9 +17,11 @@
 mod copyup;
 mod flush;
 mod header;
+mod journal;
 mod lower;
 mod partial;
 mod read;
+mod replay;
 mod scratch;
 mod types;
 mod write;
@@ -33,6 +35,7 @@ pub use lower::{Lower, LowerLayer};
 pub use types::{Access, CopyUp, Extent, ExtentState, LayerInfo, ReadPiece, WriteFlags, ZeroFlags};
 
 pub(crate) use header::TopHeader;
+pub use journal::{journal_path, JournalOpener};
 
 use crate::error::IoError;
 use crate::format::{BlockState, Geometry, Header, LayerState};
@@ -85,6 +88,8 @@ pub struct Disk {
     /// journal sends many flushes, often back to back).
     changes: std::sync::atomic::AtomicU64,
     synced: std::sync::atomic::AtomicU64,
+    /// Where client flushes may go instead of a full flush (off unless set).
+    journal: journal::Journal,
 }
 
 /// Merges adjacent mappings of one kind before handing them on.
@@ -162,6 +167,7 @@ impl Disk {
             // writes it acknowledged but never flushed.
             changes: std::sync::atomic::AtomicU64::new(1),
             synced: std::sync::atomic::AtomicU64::new(0),
+            journal: journal::Journal::default(),
         }
     }
 

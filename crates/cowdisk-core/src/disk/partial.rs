@@ -10,7 +10,7 @@ use crate::format::BlockState;
 use crate::resolve::LowerOwner;
 
 /// Bits `s..t` of a sub-block bitmap.
-fn span(s: usize, t: usize) -> u32 {
+pub(super) fn span(s: usize, t: usize) -> u32 {
     let hi = if t >= 32 { u32::MAX } else { (1u32 << t) - 1 };
     hi & !((1u32 << s) - 1)
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::SeqCst;
 
 use super::{lock, Disk, WriteFlags, ZeroFlags, STRIPES};
 use crate::error::IoError;
+use crate::format::journal::RecordKind;
 use crate::format::BlockState;
 use crate::resolve::LowerOwner;
 
@@ -18,7 +19,7 @@ impl Disk {
         self.changes.fetch_add(1, SeqCst);
         res?;
         if flags.fua {
-            self.flush()?;
+            self.client_flush()?;
         }
         Ok(())
     }
@@ -45,9 +46,10 @@ impl Disk {
         let state = self.top.map.get(b);
         if state == BlockState::Data {
             let o = off + within as u64;
-            return top
-                .write_at(chunk, o)
-                .map_err(|e| Self::io_err(path, "write", o, e));
+            top.write_at(chunk, o)
+                .map_err(|e| Self::io_err(path, "write", o, e))?;
+            self.journal_note(b, RecordKind::Data, within, within + chunk.len());
+            return Ok(());
         }
         // The map page that will expose this block gets its space first, so the flush
         // that commits it never allocates (a full file system fails this write instead).
@@ -59,7 +61,11 @@ impl Disk {
                 .sub
                 .ensure_space(top, &self.geometry, b)
                 .map_err(|e| Self::io_err(path, "allocate partial-block bitmap", off, e))?;
-            return self.write_sub(b, within, chunk);
+            self.write_sub(b, within, chunk)?;
+            if state == BlockState::Partial && self.top.map.get(b) == BlockState::Partial {
+                self.journal_note(b, RecordKind::Partial, within, within + chunk.len());
+            }
+            return Ok(());
         }
         let res = self.fill_new_block(b, state, within, chunk);
         if res.is_err() {

@@ -29,6 +29,8 @@ pub struct Header {
     pub minor: u16,
     /// Which of the two slots is newer.
     pub generation: u64,
+    /// Incompatible feature bits (only `INCOMPAT_FLUSH_JOURNAL` is known).
+    pub incompat: u64,
     /// Compatible feature bits (unknown ones are kept and ignored).
     pub compat: u64,
     /// This layer's identity.
@@ -51,6 +53,7 @@ impl Header {
         Header {
             minor: VERSION_MINOR,
             generation: 1,
+            incompat: 0,
             compat: if geometry.sub_pages > 0 {
                 COMPAT_SUB_BLOCKS
             } else {
@@ -74,7 +77,7 @@ impl Header {
         LE::write_u16(&mut b[H_MINOR..], self.minor);
         LE::write_u32(&mut b[H_SLOT_SIZE..], HEADER_SLOT as u32);
         LE::write_u64(&mut b[H_GENERATION..], self.generation);
-        LE::write_u64(&mut b[H_INCOMPAT..], 0);
+        LE::write_u64(&mut b[H_INCOMPAT..], self.incompat);
         // The bitmap area is part of the layout: its bit follows the geometry.
         let compat = match g.sub_pages {
             0 => self.compat & !COMPAT_SUB_BLOCKS,
@@ -158,6 +161,14 @@ impl Header {
                 ))
             }
         };
+        if state == LayerState::Sealed && incompat & INCOMPAT_FLUSH_JOURNAL != 0 {
+            // A seal follows a full flush, which retires the journal.
+            return Err(field(
+                "incompat",
+                incompat,
+                "flush_journal on a sealed layer",
+            ));
+        }
         let check = |name, got: u64, want: u64| {
             if got == want {
                 Ok(())
@@ -196,6 +207,7 @@ impl Header {
         Ok(Header {
             minor,
             generation,
+            incompat,
             compat: LE::read_u64(&b[H_COMPAT..]),
             uuid,
             geometry,

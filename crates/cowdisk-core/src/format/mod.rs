@@ -12,6 +12,7 @@
 use crate::error::FormatError;
 
 mod header;
+pub mod journal;
 mod page;
 
 pub use header::{validate_reference, Header};
@@ -66,9 +67,13 @@ const H_PARENT_LEN: usize = 148;
 const H_PARENT_PATH: usize = 152;
 const H_CRC: usize = HEADER_SLOT as usize - 4;
 
-/// Incompatible feature bits this version understands (none yet): an image with any
-/// other bit set is refused, because reading it without the feature would be wrong.
-pub const SUPPORTED_INCOMPAT: u64 = 0;
+/// Incompatible feature bits this version understands: an image with any other bit set
+/// is refused, because reading it without the feature would be wrong.
+pub const SUPPORTED_INCOMPAT: u64 = INCOMPAT_FLUSH_JOURNAL;
+/// Incompatible feature: flushes acknowledged since the top's last full flush live in
+/// its flush journal (`TOP.journal`, FORMAT.md §Flush journal) until a writable open
+/// replays them. Set only while the journal holds records of this header's generation.
+pub const INCOMPAT_FLUSH_JOURNAL: u64 = 1;
 /// Compatible feature: the sealed layer carries per-block CRC32s of its data.
 pub const COMPAT_BLOCK_CRCS: u64 = 1;
 /// Compatible feature (1.1): the file ends in A/B pages of partial-block bitmaps, after
@@ -79,9 +84,9 @@ pub const COMPAT_SUB_BLOCKS: u64 = 2;
 pub const SUB_PAGE_MAGIC: [u8; 4] = *b"CDSB";
 /// Bitmaps (one `u32` per block) per bitmap page.
 pub const SUB_PER_PAGE: u64 = (PAGE_SIZE - PAGE_HEADER as u64) / 4;
-/// Names of known incompatible feature bits, for error messages (none yet). Compatible
-/// bits have their own namespace: bit 0 here is not `COMPAT_BLOCK_CRCS`.
-const INCOMPAT_FEATURE_NAMES: &[(u64, &str)] = &[];
+/// Names of known incompatible feature bits, for error messages. Compatible bits have
+/// their own namespace: bit 0 here is not `COMPAT_BLOCK_CRCS`.
+const INCOMPAT_FEATURE_NAMES: &[(u64, &str)] = &[(INCOMPAT_FLUSH_JOURNAL, "flush_journal")];
 
 /// Header flag: the layer must be checked before it is written or sealed (set by tools that
 /// find it inconsistent; cowdisk itself only clears it, in `check --repair`).
@@ -310,12 +315,12 @@ mod tests {
         // compatible bit 0.
         let g = Geometry::new(1 << 20, DEFAULT_BLOCK_SIZE).unwrap();
         let mut b = Header::new(g, Uuid::random(), None).encode();
-        LE::write_u64(&mut b[H_INCOMPAT..], 1);
+        LE::write_u64(&mut b[H_INCOMPAT..], 2);
         let crc = crc32fast::hash(&b[..H_CRC]);
         LE::write_u32(&mut b[H_CRC..], crc);
         assert_eq!(
             Header::decode(&b),
-            Err(FormatError::UnknownIncompatFeatures("bit 0".into()))
+            Err(FormatError::UnknownIncompatFeatures("bit 1".into()))
         );
     }
 

@@ -3,6 +3,8 @@
 //! checksums (thin-provisioning-tools damage-generator style).
 #![allow(dead_code)] // each suite uses a different subset
 
+pub mod crash;
+
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

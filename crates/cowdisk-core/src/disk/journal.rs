@@ -1,0 +1,354 @@
+//! The flush journal (FORMAT.md §Flush journal), opt-in per open.
+//!
+//! A full flush syncs the top, and on a disk file system that sync allocates every hole
+//! the writes since the last one filled: the sub-blocks of partial blocks. A client
+//! flush whose changes since the last full flush are all writes into blocks the top
+//! already held (data, or partial staying partial) instead copies the changed ranges
+//! from the page cache into a side file written in advance, `TOP.journal`, and syncs
+//! that file only: an overwrite, with nothing to allocate. The top keeps the writes in
+//! its page cache until the next full flush, which also retires the journal.
+//!
+//! Rules that keep it safe:
+//! - Records are written only while the top's header carries `INCOMPAT_FLUSH_JOURNAL`
+//!   (set, and synced with the top, before the epoch's first record), and each names
+//!   the top's UUID and that header's generation (the epoch): no other reader takes the
+//!   top without replaying, and no record outlives its epoch.
+//! - A block's record is taken under its stripe lock and only in the state the write
+//!   left it in (data, or partial); anything else makes the flush a full one.
+//! - Only a flush that finds the map unchanged since a successful full flush may use
+//!   the journal, so every record's block is in the durable map as it was recorded.
+//! - Replay (at a writable open) applies a record only where the durable map still has
+//!   its block in that state, in order, then runs a full flush that clears the bit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use super::{lock, Disk, STRIPES};
+use crate::error::{IoError, OpenError};
+use crate::format::journal::{Record, RecordKind, BATCH_ALIGN, RECORD_HEADER};
+use crate::format::{BlockState, INCOMPAT_FLUSH_JOURNAL};
+use crate::storage::Storage;
+
+/// Opens a top's journal file (`create`: making it if missing, durably).
+pub type JournalOpener =
+    Arc<dyn Fn(&Path, bool) -> std::io::Result<Arc<dyn Storage>> + Send + Sync>;
+
+/// Most bytes of records one journal flush writes (its batch is built in memory); more
+/// changed data makes the flush a full one.
+const MAX_BATCH: u64 = 16 << 20;
+
+/// The journal file of the top at `top`: its path with `.journal` appended.
+pub fn journal_path(top: &Path) -> PathBuf {
+    let mut p = top.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
+}
+
+/// Ranges written since the last flush, per block, with the state they were written in.
+#[derive(Default)]
+struct Dirty {
+    ranges: HashMap<u64, (RecordKind, u32, u32)>,
+    bytes: u64,
+    overflow: bool,
+}
+
+/// The journal file and its epoch. Used under the disk's flush lock only.
+#[derive(Default)]
+struct Epoch {
+    storage: Option<Arc<dyn Storage>>,
+    /// The header carries the bit (durably): records of `epoch` may exist.
+    live: bool,
+    epoch: u64,
+    seq: u64,
+    tail: u64,
+    /// The last full flush succeeded and the journal may take the next.
+    clean: bool,
+}
+
+/// A disk's flush journal.
+#[derive(Default)]
+pub(super) struct Journal {
+    pub(super) opener: Option<JournalOpener>,
+    /// Bytes the journal file holds (0: no journal).
+    capacity: u64,
+    /// Set when the file could not be made: every flush is a full one.
+    disabled: AtomicBool,
+    dirty: Mutex<Dirty>,
+    epoch: Mutex<Epoch>,
+    /// Client flushes made durable in the journal (for statistics).
+    flushes: AtomicU64,
+}
+
+impl Journal {
+    fn enabled(&self) -> bool {
+        self.capacity > 0 && !self.disabled.load(SeqCst)
+    }
+}
+
+impl Disk {
+    /// Lets client flushes go to a journal of `capacity` bytes beside the top, opened
+    /// through `opener` (0 turns it off). Also what replay at open needs.
+    pub(crate) fn set_journal(&mut self, opener: JournalOpener, capacity: u64) {
+        self.journal.opener = Some(opener);
+        self.journal.capacity = capacity;
+    }
+
+    /// Client flushes made durable in the flush journal since the disk was opened.
+    pub fn journal_flushes(&self) -> u64 {
+        self.journal.flushes.load(SeqCst)
+    }
+
+    /// Remembers that `[lo, hi)` of block `b`, which the write found and left `kind`,
+    /// was written. Called before the write returns.
+    pub(super) fn journal_note(&self, b: u64, kind: RecordKind, lo: usize, hi: usize) {
+        if !self.journal.enabled() {
+            return;
+        }
+        let mut d = lock(&self.journal.dirty);
+        if d.overflow {
+            return;
+        }
+        // Whole sub-blocks, as the record will hold them: the batch's size is counted.
+        let sub = self.geometry.sub_size();
+        let lo = (lo / sub * sub) as u32;
+        let hi = (hi.div_ceil(sub) * sub).min(self.geometry.block_len(b)) as u32;
+        let (old, new) = match d.ranges.get(&b) {
+            Some(&(k, a, z)) if k == kind => (
+                u64::from(z - a) + RECORD_HEADER as u64,
+                (k, a.min(lo), z.max(hi)),
+            ),
+            // It changed state in between: the map says so, and the next flush is full.
+            Some(_) => {
+                d.overflow = true;
+                return;
+            }
+            None => (0, (kind, lo, hi)),
+        };
+        d.ranges.insert(b, new);
+        d.bytes = d.bytes - old + u64::from(new.2 - new.1) + RECORD_HEADER as u64;
+        // Bounds the memory of the ranges and of the batch built from them.
+        if d.bytes > MAX_BATCH {
+            d.overflow = true;
+            d.ranges.clear();
+        }
+    }
+
+    /// A full flush begins: it covers every write noted so far, and until it succeeds no
+    /// flush may use the journal.
+    pub(super) fn journal_full_begin(&self) {
+        if self.journal.capacity == 0 {
+            return;
+        }
+        lock(&self.journal.epoch).clean = false;
+        let mut d = lock(&self.journal.dirty);
+        d.ranges.clear();
+        d.bytes = 0;
+        d.overflow = false;
+    }
+
+    /// True while the journal may hold records (the header says so).
+    pub(super) fn journal_live(&self) -> bool {
+        lock(&self.journal.epoch).live
+    }
+
+    /// A full flush synced the top's data and map: the journal's records are redundant.
+    /// Clears the header bit (a header write and sync) if an epoch was live.
+    pub(super) fn journal_full_done(&self) -> Result<(), IoError> {
+        let mut ep = lock(&self.journal.epoch);
+        if ep.live {
+            self.rewrite_header(|h| h.incompat &= !INCOMPAT_FLUSH_JOURNAL)
+                .map_err(|e| self.journal_err("retire flush journal", e))?;
+            ep.live = false;
+        }
+        ep.clean = true;
+        Ok(())
+    }
+
+    /// A client flush through the journal, or `None` where it must be a full flush.
+    pub(super) fn journal_flush(&self) -> Option<Result<(), IoError>> {
+        if !self.journal.enabled() || self.top.map.has_dirty() {
+            return None;
+        }
+        let mut ep = lock(&self.journal.epoch);
+        if !ep.clean {
+            return None;
+        }
+        let ranges = {
+            let mut d = lock(&self.journal.dirty);
+            if d.overflow {
+                return None;
+            }
+            d.bytes = 0;
+            std::mem::take(&mut d.ranges)
+        };
+        // Overwrites of data blocks alone cost a full flush one sync with nothing to
+        // allocate: the journal is for the holes of partial blocks.
+        if !ranges.values().any(|&(k, _, _)| k == RecordKind::Partial) {
+            return None;
+        }
+        let bound: u64 = ranges
+            .values()
+            .map(|&(_, a, z)| RECORD_HEADER as u64 + u64::from(z - a))
+            .sum::<u64>()
+            + BATCH_ALIGN;
+        // A new epoch starts at the beginning of the file.
+        let tail = if ep.live { ep.tail } else { 0 };
+        if tail + bound > self.journal.capacity {
+            return None;
+        }
+        if let Err(e) = self.open_epoch(&mut ep) {
+            return e.map(Err);
+        }
+        let (batch, seq) = match self.journal_batch(ranges, &ep)? {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
+        let st = ep.storage.clone()?;
+        if st.write_at(&batch, ep.tail).is_err() {
+            // Nothing acknowledged rests on it: a full flush covers these writes.
+            return None;
+        }
+        if let Err(e) = st.sync() {
+            self.poisoned.store(true, SeqCst);
+            let path = super::journal::journal_path(&self.top.path);
+            return Some(Err(Self::io_err(&path, "sync flush journal", ep.tail, e)));
+        }
+        ep.tail += batch.len() as u64;
+        ep.seq = seq;
+        self.journal.flushes.fetch_add(1, SeqCst);
+        Some(Ok(()))
+    }
+
+    /// Makes the epoch live: the file exists (written in advance), then the header bit
+    /// is set and synced. `Err(None)`: the file could not be made (the journal is off
+    /// from now on; a full flush follows).
+    fn open_epoch(&self, ep: &mut Epoch) -> Result<(), Option<IoError>> {
+        if ep.live {
+            return Ok(());
+        }
+        if ep.storage.is_none() {
+            match self.make_journal_file() {
+                Ok(st) => ep.storage = Some(st),
+                Err(e) => {
+                    eprintln!("cowdisk: {e}; flushes go without the flush journal");
+                    self.journal.disabled.store(true, SeqCst);
+                    return Err(None);
+                }
+            }
+        }
+        let h = self
+            .rewrite_header(|h| h.incompat |= INCOMPAT_FLUSH_JOURNAL)
+            .map_err(|e| {
+                // The header sync may have dropped data writes too.
+                self.poisoned.store(true, SeqCst);
+                Some(self.journal_err("open flush journal", e))
+            })?;
+        ep.live = true;
+        ep.epoch = h.generation;
+        ep.seq = 0;
+        ep.tail = 0;
+        Ok(())
+    }
+
+    /// Opens or creates the journal file and writes it out to its capacity, so a
+    /// journal flush's sync finds nothing to allocate.
+    fn make_journal_file(&self) -> Result<Arc<dyn Storage>, IoError> {
+        let path = journal_path(&self.top.path);
+        let err = |op, e| Self::io_err(&path, op, 0, e);
+        let opener = self
+            .journal
+            .opener
+            .as_ref()
+            .expect("enabled journal has an opener");
+        let st = opener(&path, true).map_err(|e| err("create flush journal", e))?;
+        let mut at = st.len().map_err(|e| err("stat flush journal", e))?;
+        let zeros = vec![0u8; 1 << 20];
+        while at < self.journal.capacity {
+            let n = (self.journal.capacity - at).min(zeros.len() as u64) as usize;
+            st.write_at(&zeros[..n], at)
+                .map_err(|e| err("write flush journal", e))?;
+            at += n as u64;
+        }
+        st.sync().map_err(|e| err("sync flush journal", e))?;
+        Ok(st)
+    }
+
+    /// The records of `ranges`, in block order, and the next sequence number. `None`:
+    /// a block is no longer in the state it was written in.
+    fn journal_batch(
+        &self,
+        ranges: HashMap<u64, (RecordKind, u32, u32)>,
+        ep: &Epoch,
+    ) -> Option<Result<(Vec<u8>, u64), IoError>> {
+        let g = &self.geometry;
+        let sub = g.sub_size();
+        let mut blocks: Vec<_> = ranges.into_iter().collect();
+        blocks.sort_unstable_by_key(|&(b, _)| b);
+        let mut out = Vec::new();
+        let mut seq = ep.seq;
+        let uuid = self.top.header.get().uuid;
+        for (b, (kind, lo, hi)) in blocks {
+            let _s = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+            // Whole sub-blocks, as the partial blocks' own: a crash keeps each of them
+            // whole, never part of one write's bytes in it.
+            let (lo, hi) = (lo as usize / sub * sub, hi as usize);
+            let hi = (hi.div_ceil(sub) * sub).min(g.block_len(b));
+            let (lo, hi, bits) = match (kind, self.top.map.get(b)) {
+                (RecordKind::Data, BlockState::Data) => (lo, hi, 0),
+                (RecordKind::Partial, BlockState::Partial) => {
+                    let (a, e) = (lo, hi);
+                    let bits =
+                        self.top.sub.bits(b) & super::partial::span(a / sub, e.div_ceil(sub));
+                    if bits == 0 {
+                        return None;
+                    }
+                    (a, e, bits)
+                }
+                _ => return None,
+            };
+            let at = out.len();
+            out.resize(at + RECORD_HEADER + hi - lo, 0);
+            let o = g.block_offset(b) + lo as u64;
+            if let Err(e) = self.top.storage.read_at(&mut out[at + RECORD_HEADER..], o) {
+                return Some(Err(Self::io_err(
+                    &self.top.path,
+                    "read for flush journal",
+                    o,
+                    e,
+                )));
+            }
+            let rec = Record {
+                uuid,
+                epoch: ep.epoch,
+                seq,
+                block: b,
+                kind,
+                offset: lo as u32,
+                len: (hi - lo) as u32,
+                bits,
+            };
+            let h = rec.encode(&out[at + RECORD_HEADER..]);
+            out[at..at + RECORD_HEADER].copy_from_slice(&h);
+            seq += 1;
+        }
+        out.resize(
+            out.len().div_ceil(BATCH_ALIGN as usize) * BATCH_ALIGN as usize,
+            0,
+        );
+        Some(Ok((out, seq)))
+    }
+
+    /// After a replay: the epoch `epoch` is live until the next full flush retires it.
+    /// The file is opened again (and written out to capacity) by the next epoch.
+    pub(super) fn adopt_live_epoch(&self, epoch: u64) {
+        let mut ep = lock(&self.journal.epoch);
+        ep.live = true;
+        ep.epoch = epoch;
+    }
+
+    fn journal_err(&self, op: &'static str, e: OpenError) -> IoError {
+        Self::io_err(&self.top.path, op, 0, std::io::Error::other(e.to_string()))
+    }
+}
