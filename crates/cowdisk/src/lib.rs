@@ -107,6 +107,14 @@ pub fn set_direct_io(on: bool) {
     let _ = DIRECT_IO.set(on);
 }
 
+/// Bytes of each top's flush journal (`serve --flush-journal`), for the rest of the process.
+static FLUSH_JOURNAL: OnceLock<u64> = OnceLock::new();
+
+/// Sets the flush journal's size (once per process; 0 is off).
+pub fn set_flush_journal(bytes: u64) {
+    let _ = FLUSH_JOURNAL.set(bytes);
+}
+
 /// How copy-up moves blocks (`serve --copy-up`), for the rest of the process.
 static COPY_UP: OnceLock<cowdisk_core::CopyUp> = OnceLock::new();
 
@@ -126,7 +134,11 @@ pub fn open_options() -> OpenOptions {
         None => cowdisk_core::CopyUp::default(),
     };
     let direct = DIRECT_IO.get().copied().unwrap_or(false);
-    let mut o = OpenOptions::new().copy_up(copy_up).direct_io(direct);
+    let journal = FLUSH_JOURNAL.get().copied().unwrap_or(0);
+    let mut o = OpenOptions::new()
+        .copy_up(copy_up)
+        .direct_io(direct)
+        .flush_journal(journal);
     if let Some(&m) = MAX_METADATA.get() {
         o = o.metadata_limit(m);
     }

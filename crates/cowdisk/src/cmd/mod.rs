@@ -16,11 +16,19 @@ use std::path::Path;
 
 use crate::cli::{Cli, Command};
 use crate::error::Result;
-use crate::ops::{recover, Recovery};
+use crate::ops::{recover, replay_journal, Recovery};
 use crate::EXIT_OK;
 
 /// Runs `recover` on `image` and says on stderr what it did.
 fn recover_noisy(image: &Path) -> Result<()> {
+    if let Some(j) = replay_journal(image)? {
+        let _ = writeln!(
+            std::io::stderr(),
+            "cowdisk: {}: replayed the flushed writes in {}",
+            image.display(),
+            j.display()
+        );
+    }
     let r = recover(image)?;
     let msg = match r {
         Recovery::RolledForward(snap) => {

@@ -126,6 +126,7 @@ fn stats(control: &Control, default: Option<&str>, req: &Value) -> Reply {
     let one = |t: &Target| {
         let mut v = t.live.stats.to_json();
         v["copy_ups"] = json!(t.live.copy_ups());
+        v["journal_flushes"] = json!(t.live.journal_flushes());
         v["name"] = json!(t.name);
         v["image"] = json!(t.live.image().display().to_string());
         v

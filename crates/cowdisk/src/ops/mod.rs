@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use cowdisk_core::folder_of;
 
-pub use recover::{recover, Recovery};
+pub use recover::{recover, replay_journal, Recovery};
 
 /// The deterministic name of a snapshot's new top while it is being installed:
 /// `.NAME.pending-snapshot` beside the image.

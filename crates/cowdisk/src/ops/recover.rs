@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 
 use cowdisk_core::create::sync_folder;
 use cowdisk_core::folder_of;
+use cowdisk_core::format::INCOMPAT_FLUSH_JOURNAL;
 use cowdisk_core::layer::read_header;
 use cowdisk_core::open_layer_file;
-use cowdisk_core::{Access, FileStorage, LayerState, OpenError};
+use cowdisk_core::{Access, Disk, FileStorage, LayerState, OpenError};
 
 use super::{exists, file_name, pending_snapshot_path};
 use crate::error::{Error, Result};
@@ -48,6 +49,31 @@ fn stray_temps(image: &Path) -> Vec<PathBuf> {
                 .then(|| e.path())
         })
         .collect()
+}
+
+/// Replays the flush journal a crash left beside `image` (`serve --flush-journal`): a
+/// writable open does it and retires the journal, whose file then goes. Returns the
+/// journal replayed, `None` if there was nothing to replay or another process holds the
+/// image (its server replays at its own open). Cheap when there is no journal file.
+pub fn replay_journal(image: &Path) -> Result<Option<PathBuf>> {
+    let journal = cowdisk_core::journal_path(image);
+    if !exists(&journal) {
+        return Ok(None);
+    }
+    let live = std::fs::File::open(image)
+        .ok()
+        .and_then(|f| read_header(&FileStorage::new(f), image).ok())
+        .is_some_and(|l| l.header.incompat & INCOMPAT_FLUSH_JOURNAL != 0);
+    if !live {
+        return Ok(None);
+    }
+    match Disk::open(image, &crate::open_options()) {
+        Ok(d) => drop(d),
+        Err(OpenError::Locked { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    std::fs::remove_file(&journal).map_err(|e| Error::os(&journal, "remove", e))?;
+    Ok(Some(journal))
 }
 
 /// Finishes or undoes an interrupted snapshot of `image` and removes stray temp

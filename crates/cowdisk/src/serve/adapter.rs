@@ -157,7 +157,7 @@ impl Backend for DiskBackend {
         })
     }
     fn flush(&self) -> Result<(), BackendError> {
-        self.gated(Op::Flush, 0, |d| d.flush())
+        self.gated(Op::Flush, 0, |d| d.client_flush())
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         self.gated(Op::Whiteout, len, |d| {

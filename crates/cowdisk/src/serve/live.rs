@@ -146,6 +146,11 @@ impl LiveDisk {
         self.disks.all().map(|d| d.copy_ups()).sum()
     }
 
+    /// Flushes made durable in the flush journal since the export started.
+    pub fn journal_flushes(&self) -> u64 {
+        self.disks.all().map(|d| d.journal_flushes()).sum()
+    }
+
     /// How the next chain is opened: sharing lowers through the cache, reusing the files
     /// `cur` has open ([`Reusing`]).
     fn next_chain_options(&self, cur: &Disk) -> cowdisk_core::OpenOptions {

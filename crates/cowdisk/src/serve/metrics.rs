@@ -67,8 +67,16 @@ pub fn render(control: &Control) -> String {
         .map(|t| (t.name.as_str(), &t.live.stats))
         .collect();
     let copy_ups = list.iter().map(|t| t.live.copy_ups()).collect();
+    let journaled = list.iter().map(|t| t.live.journal_flushes()).collect();
     super::stats::prometheus(
         &exports,
-        &[("copy_ups", "blocks copied up from lower layers", copy_ups)],
+        &[
+            ("copy_ups", "blocks copied up from lower layers", copy_ups),
+            (
+                "journal_flushes",
+                "flushes made durable in the flush journal",
+                journaled,
+            ),
+        ],
     )
 }

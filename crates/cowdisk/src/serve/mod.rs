@@ -132,6 +132,16 @@ pub struct ServeArgs {
     /// the block's extents with the layer below: BENCHMARKS.md).
     #[arg(long, value_enum, default_value = "partial", value_name = "MODE")]
     pub copy_up: CopyUpMode,
+    /// Flush journal of SIZE beside each image (IMAGE.journal, written out to SIZE at the
+    /// first flush; off by default). A client's FLUSH whose writes since the last full
+    /// flush all went into blocks the top already held is made durable by one sync of the
+    /// journal instead of the image, whose sync would allocate the holes those writes
+    /// filled (BENCHMARKS.md); the journal fills, or any other change, and the next FLUSH
+    /// is a full one, as is one with more than 16M to journal (the most memory it takes,
+    /// per image, with its list of changed ranges). A writable open replays what a crash
+    /// left in it.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub flush_journal: Option<u64>,
 }
 
 /// `serve --copy-up`.
@@ -192,6 +202,7 @@ fn export_name(path: &Path) -> String {
 /// recovery on every image.
 pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     crate::set_direct_io(args.cache == CacheMode::NoCache);
+    crate::set_flush_journal(args.flush_journal.unwrap_or(0));
     crate::set_copy_up(match args.copy_up {
         CopyUpMode::Partial => cowdisk_core::CopyUp::Partial,
         CopyUpMode::Copy => cowdisk_core::CopyUp::Copy,
@@ -262,6 +273,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let server = builder
         .build()
         .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()))?;
+    let lives: Vec<_> = targets.iter().map(|t| t.live.clone()).collect();
     let controls = start_control(args, targets, Some(server.exports_handle()), cache)?;
     let shutdown = server.shutdown_handle();
     process::stop_on_signals(move || shutdown.request())?;
@@ -273,6 +285,29 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     controls.remove_sockets();
+    res.and(close_journals(&lives))
+}
+
+/// At exit, after the server's own flushes (client flushes, which may stay in a flush
+/// journal): a full flush of each writable image retires its journal, whose file then
+/// goes, so the image alone holds everything and any tool may read it.
+fn close_journals(lives: &[Arc<LiveDisk>]) -> crate::error::Result<()> {
+    let mut res = Ok(());
+    if crate::FLUSH_JOURNAL.get().is_none_or(|&n| n == 0) {
+        return res;
+    }
+    for live in lives {
+        let disk = live.current();
+        if disk.is_read_only() || disk.top_header().state == cowdisk_core::LayerState::Sealed {
+            continue;
+        }
+        match disk.flush() {
+            Ok(()) => {
+                let _ = std::fs::remove_file(cowdisk_core::journal_path(disk.top_path()));
+            }
+            Err(e) => res = Err(Error::disk(live.image(), e)),
+        }
+    }
     res
 }
 

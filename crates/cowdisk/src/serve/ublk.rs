@@ -109,7 +109,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     opts.queues = args.queues.unwrap_or(opts.queues);
     opts.depth = args.queue_depth.unwrap_or(opts.depth);
     opts.threads = args.threads.unwrap_or(opts.threads);
-    let device = Arc::new(Device(DiskBackend::live(live)));
+    let device = Arc::new(Device(DiskBackend::live(live.clone())));
     let res = cowdisk_ublk::serve(device, &opts, &stop, |dev| {
         // The ready line: scripts read the device path from it.
         let mut out = std::io::stdout().lock();
@@ -117,7 +117,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         let _ = out.flush();
     });
     controls.remove_sockets();
-    res.map_err(|e| Error::invalid(image, e.to_string()))
+    let res = res.map_err(|e| Error::invalid(image, e.to_string()));
+    res.and(super::close_journals(&[live]))
 }
 
 /// Arguments of `cowdisk ublk-remove`.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use cowdisk_core::format::FLAG_NEEDS_CHECK;
+use cowdisk_core::format::{FLAG_NEEDS_CHECK, INCOMPAT_FLUSH_JOURNAL};
 use cowdisk_core::layer::{
     check_partial_bitmaps, load_map, read_header, read_verified_block, verify_seal_digest,
 };
@@ -56,6 +56,17 @@ pub fn check_chain_with(image: &Path, opts: &Options, lock_top: bool) -> Result<
         }
     };
     ctx.repairable = repair && loaded.header.state == LayerState::Writable;
+    if loaded.header.incompat & INCOMPAT_FLUSH_JOURNAL != 0 {
+        // What recovery replays before every command, unless another process holds it.
+        ctx.add(
+            Severity::Error,
+            "flush_journal",
+            format!(
+                "flushed writes are in its flush journal {} until a writable open replays them",
+                cowdisk_core::journal_path(image).display()
+            ),
+        );
+    }
     let top_repairable = ctx.repairable;
     let header = loaded.header.clone();
     check_layer(&mut ctx, &top, Some(&top), opts, loaded)?;

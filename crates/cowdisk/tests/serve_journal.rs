@@ -1,0 +1,173 @@
+//! `cowdisk serve --flush-journal` with real clients: flushes of writes into partial
+//! blocks go to `IMAGE.journal` (the header says so while it holds them); a server
+//! killed with `kill -9` leaves them there and the next command replays them; a clean
+//! stop retires the journal and removes its file; fio `verify=crc32c` through it, then
+//! again from the replayed image. Power loss itself is the crash simulator's
+//! (cowdisk-core/tests/crash_journal.rs): a killed process keeps its page cache.
+
+#[path = "../../cowdisk-nbd/tests/common/mod.rs"]
+mod common;
+mod live_common;
+
+use std::path::{Path, PathBuf};
+
+use common::{have_tool, pattern_file, run, run_ok, TempDir};
+use cowdisk_core::format::INCOMPAT_FLUSH_JOURNAL;
+use cowdisk_core::layer::read_header;
+use cowdisk_core::FileStorage;
+use live_common::*;
+
+const SIZE: usize = 8 << 20;
+
+/// A sealed base of data (every third 64 KiB block zero: 1, 4, ...) and a top over it;
+/// first small writes into its data blocks make partial blocks.
+fn base_and_top(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let raw = dir.join("base.raw");
+    pattern_file(&raw, SIZE, 7);
+    let base = dir.join("base.cow");
+    let top = dir.join("vm1.cow");
+    cowdisk_ok(&["import", s(&raw), s(&base), "-q"]);
+    cowdisk_ok(&["create", s(&top), "--backing", s(&base), "-q"]);
+    let content = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    (top, content)
+}
+
+fn journal_live(image: &Path) -> bool {
+    let f = std::fs::File::open(image).unwrap();
+    let h = read_header(&FileStorage::new(f), image).unwrap().header;
+    h.incompat & INCOMPAT_FLUSH_JOURNAL != 0
+}
+
+fn journal_of(image: &Path) -> PathBuf {
+    cowdisk_core::journal_path(image)
+}
+
+/// First 4 KiB writes into two blocks held below (full flushes: the map changes), then
+/// writes into their other sub-blocks (journal flushes). Returns the expected content.
+fn write_partial(uri: &str, mut expect: Vec<u8>) -> Vec<u8> {
+    let writes = [
+        (0x11, 4096usize),
+        (0x12, 2 * 65536 + 4096),
+        (0x21, 8192),
+        (0x22, 2 * 65536 + 32768),
+        (0x23, 12288),
+    ];
+    let mut args = vec!["-f".to_string(), "raw".into()];
+    for (i, (p, off)) in writes.iter().enumerate() {
+        args.push("-c".into());
+        args.push(format!("write -P {p:#x} {off} 4096"));
+        if i != 0 {
+            args.push("-c".into());
+            args.push("flush".into());
+        }
+        expect[*off..off + 4096].fill(*p);
+    }
+    args.push(uri.into());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok("qemu-io", &a, 60);
+    expect
+}
+
+#[test]
+fn a_killed_server_leaves_flushes_in_the_journal_and_the_next_command_replays_them() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let t = TempDir::new();
+    let (top, base) = base_and_top(&t.0);
+    let mut srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
+    let expect = write_partial(&srv.uri("vm1.cow"), base);
+    assert!(journal_live(&top), "no flush went to the journal");
+    assert_eq!(std::fs::metadata(journal_of(&top)).unwrap().len(), 4 << 20);
+    // Of the four flushes, the three after the first writes into each block.
+    let st = cowdisk_json(&["stats", s(&top)]);
+    assert_eq!(st["exports"][0]["journal_flushes"], 3, "{st}");
+    srv.child.kill().unwrap();
+    srv.child.wait().unwrap();
+    drop(srv);
+    // Any command replays first (here `check`, which then finds the image clean).
+    let o = cowdisk(&["check", s(&top), "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("replayed the flushed writes"), "{err}");
+    let c: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(c["result"], "clean", "{c}");
+    assert!(!journal_live(&top));
+    assert!(!journal_of(&top).exists());
+    assert!(content(&top, &t.0) == expect, "content after replay");
+}
+
+#[test]
+fn a_clean_stop_retires_the_journal() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let t = TempDir::new();
+    let (top, base) = base_and_top(&t.0);
+    let mut srv = Serve::start(&top, &["--flush-journal", "1M"], &[]);
+    let expect = write_partial(&srv.uri("vm1.cow"), base);
+    assert!(journal_live(&top));
+    assert!(srv.stop().success());
+    assert!(!journal_live(&top));
+    assert!(!journal_of(&top).exists(), "the journal file stayed");
+    let c = cowdisk_json(&["check", s(&top)]);
+    assert_eq!(c["result"], "clean", "{c}");
+    assert!(content(&top, &t.0) == expect, "content after a clean stop");
+}
+
+fn fio(uri: &str, verify_only: bool) {
+    let mut args = vec![
+        "--name=v".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=8".into(),
+        "--size=6M".into(),
+        "--offset=1M".into(),
+        "--fsync=8".into(),
+        "--verify=crc32c".into(),
+        "--verify_state_save=0".into(),
+        "--randseed=42".into(),
+    ];
+    args.push(if verify_only {
+        "--verify_only".into()
+    } else {
+        "--do_verify=1".into()
+    });
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run("fio", &a, 300);
+    assert!(
+        o.status.success(),
+        "fio (verify_only={verify_only}): {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn fio_verifies_through_the_journal_and_after_its_replay() {
+    if !have_tool("fio") || !have_tool("qemu-io") {
+        return;
+    }
+    let t = TempDir::new();
+    let (top, _) = base_and_top(&t.0);
+    let mut srv = Serve::start(&top, &["--flush-journal", "64M"], &[]);
+    fio(&srv.uri("vm1.cow"), false);
+    // fio's last FLUSH may overtake its last writes (iodepth 8; NBD lets the server
+    // answer it first): one more from another connection covers them all (multi-conn).
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "flush", &srv.uri("vm1.cow")],
+        60,
+    );
+    srv.child.kill().unwrap();
+    srv.child.wait().unwrap();
+    drop(srv);
+    // `serve` recovers its images first too: the replayed image verifies.
+    let mut srv = Serve::start(&top, &[], &[]);
+    fio(&srv.uri("vm1.cow"), true);
+    assert!(srv.stop().success());
+    let c = cowdisk_json(&["check", s(&top)]);
+    assert_eq!(c["result"], "clean", "{c}");
+}
