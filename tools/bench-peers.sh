@@ -6,6 +6,8 @@
 #   qcow2-dN      qemu-nbd -f qcow2 on a qcow2 backing chain of the same depth and bytes
 #   cowdisk-share-top  (writes, on XFS and btrfs) serve --copy-up share: copy-ups share
 #                 the base's extents
+#   cowdisk-journal-top  (writes) serve --flush-journal 64M: flushes of writes into
+#                 partial blocks sync a journal beside the top, not the top
 #   qcow2x-top    (writes) a qcow2 top with extended_l2=on: 2 KiB subclusters, a first
 #                 4 KiB write copies nothing
 #   nbdkit-cow    nbdkit --filter=cow file base.raw (one overlay)
@@ -148,6 +150,7 @@ serve_contender() {  # serve_contender NAME MODE(ro|rw) [IMAGE]: starts the serv
     cowdisk-*)
       local cro=(); [[ $mode == ro ]] && cro=(--read-only)
       [[ $name == cowdisk-share-* ]] && cro+=(--copy-up share)
+      [[ $name == cowdisk-journal-* ]] && cro+=(--flush-journal 64M)
       start_server "$COWDISK" serve "$img" --socket "$SOCK" "${cro[@]}" ;;
     qcow2*) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f qcow2 "$img" ;;
     qemu-nbd-raw) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f raw "$img" ;;
@@ -296,7 +299,7 @@ setup_contenders() {
   if ((COW)); then for d in "${DEPTHS[@]}"; do READERS+=("cowdisk-d$d"); done; fi
   for d in "${DEPTHS[@]}"; do READERS+=("qcow2-d$d"); done
   READERS+=(nbdkit-cow nbdkit-file qemu-nbd-raw psync-raw)
-  ((COW)) && WRITERS+=(cowdisk-top)
+  ((COW)) && WRITERS+=(cowdisk-top cowdisk-journal-top)
   # Where copy-up can share extents with the base, that mode too.
   if ((COW)) && [[ $(stat -f -c %T "$BENCH_DIR") == @(xfs|btrfs) ]]; then WRITERS+=(cowdisk-share-top); fi
   WRITERS+=(qcow2-top qcow2x-top nbdkit-cow nbdkit-file qemu-nbd-raw psync-raw)
@@ -334,7 +337,7 @@ fresh_top() {  # fresh_top CONTENDER
   local top=$DATA/cow/top
   rm -f "$top".*
   case $1 in
-    cowdisk-top | cowdisk-share-top) img=$top.cow; "$COWDISK" create "$img" --backing "$DATA/cow/L0.cow" >/dev/null ;;
+    cowdisk-top | cowdisk-share-top | cowdisk-journal-top) img=$top.cow; "$COWDISK" create "$img" --backing "$DATA/cow/L0.cow" >/dev/null ;;
     qcow2-top) img=$top.qcow2
       qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$DATA/qcow/L0.qcow2" -F qcow2 "$img" ;;
     qcow2x-top) img=$top.qcow2
@@ -413,13 +416,13 @@ check_first_writes() {
   case $1 in
     qcow2-top | qcow2x-top) n=$(qemu-img map --output=json -f qcow2 "$DATA/cow/top.qcow2" |
       jq '[.[] | select(.data and .depth == 0) | .length] | add') ;;
-    cowdisk-top | cowdisk-share-top) n=$("$COWDISK" map --json "$DATA/cow/top.cow" 2>/dev/null |
+    cowdisk-top | cowdisk-share-top | cowdisk-journal-top) n=$("$COWDISK" map --json "$DATA/cow/top.cow" 2>/dev/null |
       jq '[.[] | select(.state == "data" and .depth == 0) | .length] | add' 2>/dev/null) || n="?" ;;
   esac
   # With subclusters qcow2 holds only the 4 KiB written in each cluster, and cowdisk's
   # partial blocks (its default) only the 4 KiB sub-block written.
   local want=$((NBLOCKS * BS))
-  [[ $1 == qcow2x-top || $1 == cowdisk-top ]] && want=$((NBLOCKS * 4096))
+  [[ $1 == @(qcow2x-top|cowdisk-top|cowdisk-journal-top) ]] && want=$((NBLOCKS * 4096))
   echo "first-write check $1: top holds $n bytes of $want" >>"$CMDLOG"
   [[ $n == "$want" ]] || die "first-write check $1: top holds $n bytes of $want"
 }
@@ -488,7 +491,7 @@ fmt() { awk -v x="$1" -v p="$2" 'BEGIN {if (x == "nan") print "–"; else printf
 nreps() { awk -F'\t' -v w="$1" -v c="$2" '$2 == w && $3 == c' "$RES" | wc -l; }
 
 # peer for a contender's ratio column: qcow2 at the same depth
-same_depth_qcow2() { case $1 in cowdisk-d*) echo "qcow2-d${1#cowdisk-d}" ;; cowdisk-top) echo qcow2-top ;; *) echo "" ;; esac; }
+same_depth_qcow2() { case $1 in cowdisk-d*) echo "qcow2-d${1#cowdisk-d}" ;; cowdisk-top | cowdisk-journal-top) echo qcow2-top ;; *) echo "" ;; esac; }
 
 workload_table() {  # workload_table WORKLOAD CONTENDERS...
   local wl=$1 c q; shift
@@ -534,6 +537,9 @@ targets_table() {
   target_row "rewrites 4k qd16 ÷ best raw over NBD" "$(ratio "$(med rewrite cowdisk-top 5)" "$(best_raw rewrite)")" 0.8
   for wl in firstwrite-flush afterfirst-flush rewrite-flush; do
     target_row "$wl ÷ qemu-nbd+qcow2" "$(ratio "$(med "$wl" cowdisk-top 5)" "$(med "$wl" qcow2-top 5)")" 1.2
+  done
+  for wl in firstwrite-flush afterfirst-flush rewrite-flush; do
+    target_row "$wl, --flush-journal ÷ qemu-nbd+qcow2" "$(ratio "$(med "$wl" cowdisk-journal-top 5)" "$(med "$wl" qcow2-top 5)")" 1.2
   done
   target_row "rewrite-flush ÷ best raw over NBD" "$(ratio "$(med rewrite-flush cowdisk-top 5)" "$(best_raw rewrite-flush)")" 0.8
   target_row "seq read 1M, depth 1 ÷ best raw over NBD" "$(ratio "$(med seqread cowdisk-d1 5)" "$(best_raw seqread)")" 0.8
