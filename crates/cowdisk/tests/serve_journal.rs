@@ -45,7 +45,12 @@ fn journal_of(image: &Path) -> PathBuf {
 
 /// First 4 KiB writes into two blocks held below (full flushes: the map changes), then
 /// writes into their other sub-blocks (journal flushes). Returns the expected content.
-fn write_partial(uri: &str, mut expect: Vec<u8>) -> Vec<u8> {
+fn write_partial(uri: &str, expect: Vec<u8>) -> Vec<u8> {
+    write_partial_with(uri, expect, 0)
+}
+
+/// [`write_partial`] with `k` added to every pattern byte.
+fn write_partial_with(uri: &str, mut expect: Vec<u8>, k: u8) -> Vec<u8> {
     let writes = [
         (0x11, 4096usize),
         (0x12, 2 * 65536 + 4096),
@@ -55,13 +60,14 @@ fn write_partial(uri: &str, mut expect: Vec<u8>) -> Vec<u8> {
     ];
     let mut args = vec!["-f".to_string(), "raw".into()];
     for (i, (p, off)) in writes.iter().enumerate() {
+        let p = p + k;
         args.push("-c".into());
         args.push(format!("write -P {p:#x} {off} 4096"));
         if i != 0 {
             args.push("-c".into());
             args.push("flush".into());
         }
-        expect[*off..off + 4096].fill(*p);
+        expect[*off..off + 4096].fill(p);
     }
     args.push(uri.into());
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -169,5 +175,36 @@ fn fio_verifies_through_the_journal_and_after_its_replay() {
     fio(&srv.uri("vm1.cow"), true);
     assert!(srv.stop().success());
     let c = cowdisk_json(&["check", s(&top)]);
+    assert_eq!(c["result"], "clean", "{c}");
+}
+
+#[test]
+fn a_live_snapshot_retires_the_journal_and_the_new_top_journals_again() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let t = TempDir::new();
+    let (top, base) = base_and_top(&t.0);
+    let mut srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
+    let uri = srv.uri("vm1.cow");
+    let before = write_partial(&uri, base);
+    assert!(journal_live(&top));
+    // The seal's full flush retires the journal; the new top starts without one.
+    let snap = t.0.join("snap1.cow");
+    cowdisk_ok(&["snapshot", s(&top), s(&snap)]);
+    assert!(!journal_live(&top));
+    let after = write_partial_with(&uri, before.clone(), 0x40);
+    assert!(
+        journal_live(&top),
+        "the new top's flushes did not use the journal"
+    );
+    srv.child.kill().unwrap();
+    srv.child.wait().unwrap();
+    drop(srv);
+    let c = cowdisk_json(&["check", s(&top)]);
+    assert_eq!(c["result"], "clean", "{c}");
+    assert!(content(&top, &t.0) == after, "the new top after replay");
+    assert!(content(&snap, &t.0) == before, "the snapshot");
+    let c = cowdisk_json(&["check", s(&snap)]);
     assert_eq!(c["result"], "clean", "{c}");
 }

@@ -252,6 +252,41 @@ impl Disk {
         Ok(())
     }
 
+    /// Makes the journal file now (a server, once it opened its image), so the first
+    /// flush that uses it does not write it out; else that flush makes it. A file that
+    /// cannot be made turns the journal off, with a warning.
+    pub fn prepare_journal(&self) {
+        if !self.journal.enabled() || self.is_read_only() {
+            return;
+        }
+        let mut ep = lock(&self.journal.epoch);
+        if ep.storage.is_some() {
+            return;
+        }
+        match self.make_journal_file() {
+            Ok(st) => ep.storage = Some(st),
+            Err(e) => {
+                eprintln!("cowdisk: {e}; flushes go without the flush journal");
+                self.journal.disabled.store(true, SeqCst);
+            }
+        }
+    }
+
+    /// The top is named `to` from now on (a new top opened under a temporary name): a
+    /// journal file made under the old name goes, and the next epoch makes one under the
+    /// new. Only before any flush used it (the caller renames a top it just opened).
+    pub(super) fn journal_renamed(&mut self, to: &Path) {
+        let ep = self
+            .journal
+            .epoch
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner());
+        if to != self.top.path && ep.storage.take().is_some() {
+            debug_assert!(!ep.live, "a top renamed with records in its journal");
+            let _ = std::fs::remove_file(journal_path(&self.top.path));
+        }
+    }
+
     /// Opens or creates the journal file and writes it out to its capacity, so a
     /// journal flush's sync finds nothing to allocate.
     fn make_journal_file(&self) -> Result<Arc<dyn Storage>, IoError> {

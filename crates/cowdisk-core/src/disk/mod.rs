@@ -199,6 +199,7 @@ impl Disk {
     /// under its pending name and then renames it over the image (messages and `info`
     /// must name the image).
     pub fn set_top_path(&mut self, path: PathBuf) {
+        self.journal_renamed(&path);
         self.top.path = path;
     }
     /// Number of layers (top included).

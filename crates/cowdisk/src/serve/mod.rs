@@ -238,6 +238,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
             img,
             &crate::open_options().access(access).cache(cache.clone()),
         )?;
+        disk.prepare_journal();
         let name = args.export_name.clone().unwrap_or_else(|| export_name(img));
         if names.contains(&name) {
             return Err(Error::invalid(

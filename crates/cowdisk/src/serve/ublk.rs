@@ -92,6 +92,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         image,
         &crate::open_options().access(access).cache(cache.clone()),
     )?;
+    disk.prepare_journal();
     let live = Arc::new(LiveDisk::new(disk, image.clone(), cache.clone()));
     let name = super::export_name(image);
     let targets = vec![Target {
