@@ -161,7 +161,7 @@ pub fn write_header(
     if current.header.incompat & new.incompat & journal != 0 {
         // Its records name the current generation: a new one would orphan them.
         return Err(OpenError::Journal {
-            path: crate::disk::journal_path(path),
+            path: crate::format::journal::journal_path(path),
             reason: format!(
                 "holds flushed writes of {}: open it writable to replay them first",
                 path.display()

@@ -21,12 +21,13 @@
 //!   its block in that state, in order, then runs a full flush that clears the bit.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use super::{lock, Disk, STRIPES};
 use crate::error::{IoError, OpenError};
+pub use crate::format::journal::journal_path;
 use crate::format::journal::{Record, RecordKind, BATCH_ALIGN, RECORD_HEADER};
 use crate::format::{BlockState, INCOMPAT_FLUSH_JOURNAL};
 use crate::storage::Storage;
@@ -38,13 +39,6 @@ pub type JournalOpener =
 /// Most bytes of records one journal flush writes (its batch is built in memory); more
 /// changed data makes the flush a full one.
 const MAX_BATCH: u64 = 16 << 20;
-
-/// The journal file of the top at `top`: its path with `.journal` appended.
-pub fn journal_path(top: &Path) -> PathBuf {
-    let mut p = top.as_os_str().to_owned();
-    p.push(".journal");
-    PathBuf::from(p)
-}
 
 /// Ranges written since the last flush, per block, with the state they were written in.
 #[derive(Default)]

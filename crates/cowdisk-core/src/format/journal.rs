@@ -7,6 +7,8 @@
 //! sequence number and a CRC over header and data: the first record that fails ends the
 //! journal, so a torn tail and a previous epoch's leftovers are never replayed.
 
+use std::path::{Path, PathBuf};
+
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::Uuid;
@@ -112,6 +114,13 @@ impl Record {
     pub fn verify(b: &[u8; RECORD_HEADER], data: &[u8]) -> bool {
         LE::read_u32(&b[R_CRC..]) == record_crc(b, data)
     }
+}
+
+/// The journal file of the top at `top`: its path with `.journal` appended.
+pub fn journal_path(top: &Path) -> PathBuf {
+    let mut p = top.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
 }
 
 fn record_crc(b: &[u8; RECORD_HEADER], data: &[u8]) -> u32 {
