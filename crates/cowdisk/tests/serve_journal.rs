@@ -39,6 +39,12 @@ fn journal_live(image: &Path) -> bool {
     h.incompat & INCOMPAT_FLUSH_JOURNAL != 0
 }
 
+/// `kill -9`: the server leaves its page cache, and no full flush.
+fn kill9(mut srv: Serve) {
+    srv.child.kill().unwrap();
+    srv.child.wait().unwrap();
+}
+
 fn journal_of(image: &Path) -> PathBuf {
     cowdisk_core::journal_path(image)
 }
@@ -82,16 +88,14 @@ fn a_killed_server_leaves_flushes_in_the_journal_and_the_next_command_replays_th
     }
     let t = TempDir::new();
     let (top, base) = base_and_top(&t.0);
-    let mut srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
+    let srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
     let expect = write_partial(&srv.uri("vm1.cow"), base);
     assert!(journal_live(&top), "no flush went to the journal");
     assert_eq!(std::fs::metadata(journal_of(&top)).unwrap().len(), 4 << 20);
     // Of the four flushes, the three after the first writes into each block.
     let st = cowdisk_json(&["stats", s(&top)]);
     assert_eq!(st["exports"][0]["journal_flushes"], 3, "{st}");
-    srv.child.kill().unwrap();
-    srv.child.wait().unwrap();
-    drop(srv);
+    kill9(srv);
     // Any command replays first (here `check`, which then finds the image clean).
     let o = cowdisk(&["check", s(&top), "--json"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -158,7 +162,7 @@ fn fio_verifies_through_the_journal_and_after_its_replay() {
     }
     let t = TempDir::new();
     let (top, _) = base_and_top(&t.0);
-    let mut srv = Serve::start(&top, &["--flush-journal", "64M"], &[]);
+    let srv = Serve::start(&top, &["--flush-journal", "64M"], &[]);
     fio(&srv.uri("vm1.cow"), false);
     // fio's last FLUSH may overtake its last writes (iodepth 8; NBD lets the server
     // answer it first): one more from another connection covers them all (multi-conn).
@@ -167,9 +171,7 @@ fn fio_verifies_through_the_journal_and_after_its_replay() {
         &["-f", "raw", "-c", "flush", &srv.uri("vm1.cow")],
         60,
     );
-    srv.child.kill().unwrap();
-    srv.child.wait().unwrap();
-    drop(srv);
+    kill9(srv);
     // `serve` recovers its images first too: the replayed image verifies.
     let mut srv = Serve::start(&top, &[], &[]);
     fio(&srv.uri("vm1.cow"), true);
@@ -185,7 +187,7 @@ fn a_live_snapshot_retires_the_journal_and_the_new_top_journals_again() {
     }
     let t = TempDir::new();
     let (top, base) = base_and_top(&t.0);
-    let mut srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
+    let srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
     let uri = srv.uri("vm1.cow");
     let before = write_partial(&uri, base);
     assert!(journal_live(&top));
@@ -198,9 +200,7 @@ fn a_live_snapshot_retires_the_journal_and_the_new_top_journals_again() {
         journal_live(&top),
         "the new top's flushes did not use the journal"
     );
-    srv.child.kill().unwrap();
-    srv.child.wait().unwrap();
-    drop(srv);
+    kill9(srv);
     let c = cowdisk_json(&["check", s(&top)]);
     assert_eq!(c["result"], "clean", "{c}");
     assert!(content(&top, &t.0) == after, "the new top after replay");

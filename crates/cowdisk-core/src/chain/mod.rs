@@ -152,8 +152,9 @@ impl OpenOptions {
         self
     }
     /// Lets client flushes ([`Disk::client_flush`]) go to a flush journal of `bytes`
-    /// beside the top (`TOP.journal`, written out to that size at the first one; 0, the
-    /// default, is off). Whatever this says, a writable open replays a journal a crash
+    /// beside the top (`TOP.journal`, written out to that size by
+    /// [`Disk::prepare_journal`], or else by the first flush that uses it; 0, the default,
+    /// is off). Whatever this says, a writable open replays a journal a crash
     /// left, and a read-only one refuses it (unless `force_share`).
     pub fn flush_journal(mut self, bytes: u64) -> OpenOptions {
         self.flush_journal = bytes;
@@ -352,11 +353,7 @@ fn open_journal_file(path: &Path, create: bool) -> std::io::Result<Arc<dyn Stora
         return Err(std::io::Error::other("not a regular file"));
     }
     if create {
-        let folder = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(folder)?.sync_all()?;
+        std::fs::File::open(folder_of(path))?.sync_all()?;
     }
     Ok(Arc::new(FileStorage::new(file)))
 }

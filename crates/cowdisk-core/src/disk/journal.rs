@@ -169,27 +169,22 @@ impl Disk {
         if !ep.clean {
             return None;
         }
-        let ranges = {
+        let (ranges, bytes) = {
             let mut d = lock(&self.journal.dirty);
             if d.overflow {
                 return None;
             }
-            d.bytes = 0;
-            std::mem::take(&mut d.ranges)
+            (std::mem::take(&mut d.ranges), std::mem::take(&mut d.bytes))
         };
         // Overwrites of data blocks alone cost a full flush one sync with nothing to
         // allocate: the journal is for the holes of partial blocks.
         if !ranges.values().any(|&(k, _, _)| k == RecordKind::Partial) {
             return None;
         }
-        let bound: u64 = ranges
-            .values()
-            .map(|&(_, a, z)| RECORD_HEADER as u64 + u64::from(z - a))
-            .sum::<u64>()
-            + BATCH_ALIGN;
-        // A new epoch starts at the beginning of the file.
+        // A new epoch starts at the beginning of the file; the batch's records are the
+        // bytes counted, padded to BATCH_ALIGN at most.
         let tail = if ep.live { ep.tail } else { 0 };
-        if tail + bound > self.journal.capacity {
+        if tail + bytes + BATCH_ALIGN > self.journal.capacity {
             return None;
         }
         if let Err(e) = self.open_epoch(&mut ep) {
@@ -206,7 +201,7 @@ impl Disk {
         }
         if let Err(e) = st.sync() {
             self.poisoned.store(true, SeqCst);
-            let path = super::journal::journal_path(&self.top.path);
+            let path = journal_path(&self.top.path);
             return Some(Err(Self::io_err(&path, "sync flush journal", ep.tail, e)));
         }
         ep.tail += batch.len() as u64;
@@ -222,15 +217,8 @@ impl Disk {
         if ep.live {
             return Ok(());
         }
-        if ep.storage.is_none() {
-            match self.make_journal_file() {
-                Ok(st) => ep.storage = Some(st),
-                Err(e) => {
-                    eprintln!("cowdisk: {e}; flushes go without the flush journal");
-                    self.journal.disabled.store(true, SeqCst);
-                    return Err(None);
-                }
-            }
+        if !self.ensure_journal_file(ep) {
+            return Err(None);
         }
         let h = self
             .rewrite_header(|h| h.incompat |= INCOMPAT_FLUSH_JOURNAL)
@@ -253,9 +241,14 @@ impl Disk {
         if !self.journal.enabled() || self.is_read_only() {
             return;
         }
-        let mut ep = lock(&self.journal.epoch);
+        self.ensure_journal_file(&mut lock(&self.journal.epoch));
+    }
+
+    /// The journal file is open in `ep`, made if need be; false if it cannot be made,
+    /// which turns the journal off with a warning.
+    fn ensure_journal_file(&self, ep: &mut Epoch) -> bool {
         if ep.storage.is_some() {
-            return;
+            return true;
         }
         match self.make_journal_file() {
             Ok(st) => ep.storage = Some(st),
@@ -264,6 +257,7 @@ impl Disk {
                 self.journal.disabled.store(true, SeqCst);
             }
         }
+        ep.storage.is_some()
     }
 
     /// The top is named `to` from now on (a new top opened under a temporary name): a
@@ -286,14 +280,15 @@ impl Disk {
     fn make_journal_file(&self) -> Result<Arc<dyn Storage>, IoError> {
         let path = journal_path(&self.top.path);
         let err = |op, e| Self::io_err(&path, op, 0, e);
-        let opener = self
-            .journal
-            .opener
-            .as_ref()
-            .expect("enabled journal has an opener");
+        let opener = self.journal.opener.as_ref().ok_or_else(|| {
+            err(
+                "create flush journal",
+                std::io::Error::other("no way to open it given"),
+            )
+        })?;
         let st = opener(&path, true).map_err(|e| err("create flush journal", e))?;
         let mut at = st.len().map_err(|e| err("stat flush journal", e))?;
-        let zeros = vec![0u8; 1 << 20];
+        let zeros = &crate::storage::ZERO_BLOCK[..];
         while at < self.journal.capacity {
             let n = (self.journal.capacity - at).min(zeros.len() as u64) as usize;
             st.write_at(&zeros[..n], at)

@@ -70,14 +70,12 @@ impl Disk {
             (RecordKind::Partial, BlockState::Partial) => {
                 let sub = g.sub_size();
                 self.top.sub.ensure_space(st, g, b).map_err(werr)?;
-                let first = r.offset as usize / sub;
                 for s in (0..32).filter(|s| r.bits >> s & 1 == 1) {
                     let at = s * sub - r.offset as usize;
                     let end = (at + sub).min(data.len());
                     st.write_at(&data[at..end], base + (s * sub) as u64)
                         .map_err(werr)?;
                 }
-                debug_assert!(first * sub == r.offset as usize);
                 let bits = self.top.sub.bits(b) | r.bits;
                 if bits == g.sub_full(b) {
                     self.top.map.set(b, BlockState::Data);
