@@ -66,16 +66,29 @@ impl Disk {
             return res;
         }
         let bits = have | mask;
-        if bits == g.sub_full(b) {
-            // The map first: a bitmap entry is forgotten only after a flush that took
-            // the block's new state (crate::sub).
-            self.top.map.set(b, BlockState::Data);
-            self.top.sub.leave(b, Some(bits));
-        } else if bits != have || self.top.map.get(b) != BlockState::Partial {
-            self.top.sub.set(b, bits);
+        if bits != have || self.top.map.get(b) != BlockState::Partial {
+            // A block this fills stays partial until the next full flush makes it data
+            // (`promote_filled`): a map change would make every flush until then a full
+            // one, where the flush journal could have taken them.
+            self.top.sub.set(b, bits, bits == g.sub_full(b));
             self.top.map.set(b, BlockState::Partial);
         }
         Ok(())
+    }
+
+    /// Makes data blocks of the partial blocks that hold every sub-block. A full flush
+    /// calls it before it takes the dirty bitmaps and map pages.
+    pub(super) fn promote_filled(&self) {
+        for b in self.top.sub.take_filled() {
+            let _s = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+            let full = self.geometry.sub_full(b);
+            if self.top.map.get(b) == BlockState::Partial && self.top.sub.bits(b) == full {
+                // The map first: a bitmap entry is forgotten only after a flush that took
+                // the block's new state (crate::sub).
+                self.top.map.set(b, BlockState::Data);
+                self.top.sub.leave(b, Some(full));
+            }
+        }
     }
 
     /// Fills `buf` with block `b`'s bytes from `from` on, inside one sub-block: the top's
@@ -131,7 +144,11 @@ impl Disk {
             }
             let have = self.top.sub.bits(b);
             let blen = g.block_len(b);
-            BLOCK_SCRATCH.with(blen, |buf| {
+            // A filled block has nothing to read from below.
+            BLOCK_SCRATCH.with(if have == g.sub_full(b) { 0 } else { blen }, |buf| {
+                if buf.is_empty() {
+                    return Ok(());
+                }
                 self.read_below(b, 0, buf)?;
                 let mut s = 0;
                 while s * sub < blen {
