@@ -2,8 +2,9 @@
 //! blocks go to `IMAGE.journal` (the header says so while it holds them); a server
 //! killed with `kill -9` leaves them there and the next command replays them; a clean
 //! stop retires the journal and removes its file; fio `verify=crc32c` through it, then
-//! again from the replayed image. Power loss itself is the crash simulator's
-//! (cowdisk-core/tests/crash_journal.rs): a killed process keeps its page cache.
+//! again from the replayed image; live snapshot, squash and reset retire it. Power loss
+//! itself is the crash simulator's (cowdisk-core/tests/crash_journal.rs): a killed
+//! process keeps its page cache.
 
 #[path = "../../cowdisk-nbd/tests/common/mod.rs"]
 mod common;
@@ -207,4 +208,44 @@ fn a_live_snapshot_retires_the_journal_and_the_new_top_journals_again() {
     assert!(content(&snap, &t.0) == before, "the snapshot");
     let c = cowdisk_json(&["check", s(&snap)]);
     assert_eq!(c["result"], "clean", "{c}");
+}
+
+/// A live squash and a live reset while the journal is in use: squash rewrites the top's
+/// parent reference, so it flushes the top in full first; reset throws the top away. The
+/// top journals again after each, and a `kill -9` then replays only the current top's
+/// records.
+#[test]
+fn a_live_squash_and_a_live_reset_retire_the_journal_and_it_is_used_again() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let t = TempDir::new();
+    let (top, base) = base_and_top(&t.0);
+    let srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
+    let uri = srv.uri("vm1.cow");
+    let first = write_partial(&uri, base);
+    cowdisk_ok(&["snapshot", s(&top), s(&t.0.join("snap1.cow"))]);
+    let second = write_partial_with(&uri, first.clone(), 0x40);
+    assert!(journal_live(&top));
+    cowdisk_ok(&["squash", s(&top)]);
+    assert!(!journal_live(&top), "the squash left the journal live");
+    let info = cowdisk_json(&["info", s(&top)]);
+    assert_eq!(info["layers"].as_array().unwrap().len(), 2, "{info}");
+    write_partial_with(&uri, second, 0x50);
+    assert!(
+        journal_live(&top),
+        "no flush used the journal after the squash"
+    );
+    // Back to the snapshot's content: the journal's records belong to the old top.
+    cowdisk_ok(&["reset", s(&top)]);
+    assert!(!journal_live(&top), "the reset left the journal live");
+    let fourth = write_partial_with(&uri, first, 0x60);
+    assert!(
+        journal_live(&top),
+        "no flush used the journal after the reset"
+    );
+    kill9(srv);
+    let c = cowdisk_json(&["check", s(&top)]);
+    assert_eq!(c["result"], "clean", "{c}");
+    assert!(content(&top, &t.0) == fourth, "content after replay");
 }
