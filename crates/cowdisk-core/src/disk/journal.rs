@@ -6,8 +6,9 @@
 //! already held (data, or partial: one a write fills stays partial until the next full
 //! flush), with a partial block among them or an epoch already live, instead copies the
 //! changed ranges from the page cache into a side file written in advance,
-//! `TOP.journal`, and syncs that file only: an overwrite, with nothing to allocate. The top keeps the writes in
-//! its page cache until the next full flush, which also retires the journal.
+//! `TOP.journal`, and syncs that file only: an overwrite, with nothing to allocate. The
+//! top keeps the writes in its page cache until the next full flush, which also retires
+//! the journal.
 //!
 //! Rules that keep it safe:
 //! - Records are written only while the top's header carries `INCOMPAT_FLUSH_JOURNAL`
