@@ -180,14 +180,14 @@ impl SubMap {
         lock(&self.inner).entries.get(&b).map_or(0, |e| e.bits)
     }
 
-    /// Sets partial block `b`'s bitmap (a superset of the one it had); `filled` when it
-    /// names every sub-block, so the next full flush makes the block data
+    /// Sets partial block `b`'s bitmap (a superset of the one it had). One that names
+    /// every sub-block is remembered for the next full flush to make the block data
     /// ([`SubMap::take_filled`]).
-    pub fn set(&self, b: u64, bits: u32, filled: bool) {
+    pub fn set(&self, g: &Geometry, b: u64, bits: u32) {
         let mut i = lock(&self.inner);
         i.entries.insert(b, Entry { bits, live: true });
         i.dirty.insert(b / SUB_PER_PAGE);
-        if filled {
+        if bits == g.sub_full(b) {
             i.filled.insert(b);
         }
     }

@@ -46,6 +46,22 @@ fn kill9(mut srv: Serve) {
     srv.child.wait().unwrap();
 }
 
+/// [`base_and_top`] served with a flush journal of `size`, then [`write_partial`]
+/// through it: the image, its server and the content it should read.
+fn served_after_partial_writes(dir: &Path, size: &str) -> (PathBuf, Serve, Vec<u8>) {
+    let (top, base) = base_and_top(dir);
+    let srv = Serve::start(&top, &["--flush-journal", size], &[]);
+    let expect = write_partial(&srv.uri("vm1.cow"), base);
+    (top, srv, expect)
+}
+
+/// `check` finds `image` clean, and it reads `want` (`what` names the moment).
+fn clean_with(image: &Path, dir: &Path, want: &[u8], what: &str) {
+    let c = cowdisk_json(&["check", s(image)]);
+    assert_eq!(c["result"], "clean", "{what}: {c}");
+    assert!(content(image, dir) == want, "content {what}");
+}
+
 fn journal_of(image: &Path) -> PathBuf {
     cowdisk_core::journal_path(image)
 }
@@ -88,9 +104,7 @@ fn a_killed_server_leaves_flushes_in_the_journal_and_the_next_command_replays_th
         return;
     }
     let t = TempDir::new();
-    let (top, base) = base_and_top(&t.0);
-    let srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
-    let expect = write_partial(&srv.uri("vm1.cow"), base);
+    let (top, srv, expect) = served_after_partial_writes(&t.0, "4M");
     assert!(journal_live(&top), "no flush went to the journal");
     assert_eq!(std::fs::metadata(journal_of(&top)).unwrap().len(), 4 << 20);
     // Of the four flushes, the three after the first writes into each block.
@@ -114,16 +128,12 @@ fn a_clean_stop_retires_the_journal() {
         return;
     }
     let t = TempDir::new();
-    let (top, base) = base_and_top(&t.0);
-    let mut srv = Serve::start(&top, &["--flush-journal", "1M"], &[]);
-    let expect = write_partial(&srv.uri("vm1.cow"), base);
+    let (top, mut srv, expect) = served_after_partial_writes(&t.0, "1M");
     assert!(journal_live(&top));
     assert!(srv.stop().success());
     assert!(!journal_live(&top));
     assert!(!journal_of(&top).exists(), "the journal file stayed");
-    let c = cowdisk_json(&["check", s(&top)]);
-    assert_eq!(c["result"], "clean", "{c}");
-    assert!(content(&top, &t.0) == expect, "content after a clean stop");
+    clean_with(&top, &t.0, &expect, "after a clean stop");
 }
 
 fn fio(uri: &str, verify_only: bool) {
@@ -187,10 +197,8 @@ fn a_live_snapshot_retires_the_journal_and_the_new_top_journals_again() {
         return;
     }
     let t = TempDir::new();
-    let (top, base) = base_and_top(&t.0);
-    let srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
+    let (top, srv, before) = served_after_partial_writes(&t.0, "4M");
     let uri = srv.uri("vm1.cow");
-    let before = write_partial(&uri, base);
     assert!(journal_live(&top));
     // The seal's full flush retires the journal; the new top starts without one.
     let snap = t.0.join("snap1.cow");
@@ -202,12 +210,8 @@ fn a_live_snapshot_retires_the_journal_and_the_new_top_journals_again() {
         "the new top's flushes did not use the journal"
     );
     kill9(srv);
-    let c = cowdisk_json(&["check", s(&top)]);
-    assert_eq!(c["result"], "clean", "{c}");
-    assert!(content(&top, &t.0) == after, "the new top after replay");
-    assert!(content(&snap, &t.0) == before, "the snapshot");
-    let c = cowdisk_json(&["check", s(&snap)]);
-    assert_eq!(c["result"], "clean", "{c}");
+    clean_with(&top, &t.0, &after, "of the new top after replay");
+    clean_with(&snap, &t.0, &before, "of the snapshot");
 }
 
 /// A live squash and a live reset while the journal is in use: squash rewrites the top's
@@ -220,10 +224,8 @@ fn a_live_squash_and_a_live_reset_retire_the_journal_and_it_is_used_again() {
         return;
     }
     let t = TempDir::new();
-    let (top, base) = base_and_top(&t.0);
-    let srv = Serve::start(&top, &["--flush-journal", "4M"], &[]);
+    let (top, srv, first) = served_after_partial_writes(&t.0, "4M");
     let uri = srv.uri("vm1.cow");
-    let first = write_partial(&uri, base);
     cowdisk_ok(&["snapshot", s(&top), s(&t.0.join("snap1.cow"))]);
     let second = write_partial_with(&uri, first.clone(), 0x40);
     assert!(journal_live(&top));
@@ -245,7 +247,5 @@ fn a_live_squash_and_a_live_reset_retire_the_journal_and_it_is_used_again() {
         "no flush used the journal after the reset"
     );
     kill9(srv);
-    let c = cowdisk_json(&["check", s(&top)]);
-    assert_eq!(c["result"], "clean", "{c}");
-    assert!(content(&top, &t.0) == fourth, "content after replay");
+    clean_with(&top, &t.0, &fourth, "after replay");
 }

@@ -78,7 +78,7 @@ impl Disk {
                 }
                 // The full flush after replay makes a filled block data.
                 let bits = self.top.sub.bits(b) | r.bits;
-                self.top.sub.set(b, bits, bits == g.sub_full(b));
+                self.top.sub.set(g, b, bits);
             }
             // A later full flush changed the block (a whiteout, a fill): what it holds
             // now is newer than the record.
