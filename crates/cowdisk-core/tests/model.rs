@@ -218,8 +218,7 @@ impl Run {
             if self.whole_block(b, off, len) {
                 let st = self.disk().top_state(b);
                 let ok = if no_hole {
-                    // A partial block this filled stays partial until the next full flush.
-                    matches!(st, BlockState::Data | BlockState::Partial)
+                    st == BlockState::Data
                 } else {
                     !matches!(st, BlockState::Data | BlockState::Partial)
                 };
