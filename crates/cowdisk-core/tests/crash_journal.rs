@@ -128,7 +128,14 @@ fn a_crash_during_replay_replays_again() {
     for _ in 0..40 {
         let k = rng.gen_range(syncs / 2..syncs);
         let (world, oracle) = run(&start, &ops, Some(k));
-        let first = world.after_crash(CrashMode::Reorder(rng.gen()));
+        // A first crash that reorders leaves a block mixing unacknowledged writes (the
+        // later kept, the earlier lost): from then on only bytes are checked.
+        let (first_mode, first_exact) = match rng.gen_range(0..3) {
+            0 => (CrashMode::DropAll, true),
+            1 => (CrashMode::KeepAll, true),
+            _ => (CrashMode::Reorder(rng.gen()), false),
+        };
+        let first = world.after_crash(first_mode);
         // Count the replay's syncs, then lose power before each of them.
         let probe = first.after_crash(CrashMode::KeepAll);
         let s0 = probe.syncs();
@@ -141,11 +148,11 @@ fn a_crash_during_replay_replays_again() {
             for mode in [CrashMode::DropAll, CrashMode::Reorder(rng.gen())] {
                 let after = again.after_crash(mode);
                 let level = match mode {
-                    CrashMode::DropAll => Level::Exact,
+                    CrashMode::DropAll if first_exact => Level::Exact,
                     _ => Level::Bytes,
                 };
                 if let Err(e) = verify(&start, &after, &oracle, level, true) {
-                    panic!("crash at sync {k}, again at replay sync {j}, {mode:?}: {e} (COWDISK_SEED={salt})");
+                    panic!("crash at sync {k} ({first_mode:?}), again at replay sync {j}, {mode:?}: {e} (COWDISK_SEED={salt})");
                 }
                 checked += 1;
             }
