@@ -42,6 +42,8 @@ struct Inner {
     metas: BTreeMap<u64, (usize, u64)>,
     /// The entries no longer live, so a flush finds them without visiting every entry.
     left: BTreeSet<u64>,
+    /// Partial blocks that may hold every sub-block, for the next full flush to make data.
+    filled: BTreeSet<u64>,
 }
 
 /// The partial blocks of one top, in memory: costs memory in proportion to them.
@@ -133,6 +135,9 @@ impl SubMap {
                     }
                     BlockState::Partial => {
                         inner.entries.insert(b, Entry { bits, live: true });
+                        if bits == g.sub_full(b) {
+                            inner.filled.insert(b);
+                        }
                     }
                     BlockState::Absent if bits != 0 && stale.last() != Some(&p) => stale.push(p),
                     _ => {}
@@ -175,11 +180,23 @@ impl SubMap {
         lock(&self.inner).entries.get(&b).map_or(0, |e| e.bits)
     }
 
-    /// Sets partial block `b`'s bitmap (a superset of the one it had).
-    pub fn set(&self, b: u64, bits: u32) {
+    /// Sets partial block `b`'s bitmap (a superset of the one it had). One that names
+    /// every sub-block is remembered for the next full flush to make the block data
+    /// ([`SubMap::take_filled`]).
+    pub fn set(&self, g: &Geometry, b: u64, bits: u32) {
         let mut i = lock(&self.inner);
         i.entries.insert(b, Entry { bits, live: true });
         i.dirty.insert(b / SUB_PER_PAGE);
+        if bits == g.sub_full(b) {
+            i.filled.insert(b);
+        }
+    }
+
+    /// The blocks [`SubMap::set`] was told hold every sub-block, in order, forgotten here:
+    /// the caller checks each is still partial and full.
+    pub fn take_filled(&self) -> Vec<u64> {
+        let mut i = lock(&self.inner);
+        std::mem::take(&mut i.filled).into_iter().collect()
     }
 
     /// Block `b` stopped being partial: `Some(all)` when it became data with every

@@ -235,6 +235,58 @@ fn replay_restores_journaled_flushes_and_refuses_read_only_opens() {
     assert!(buf[..4096].iter().all(|&x| x == 2));
 }
 
+/// A write that fills a partial block leaves it partial, so its flush still goes to the
+/// journal, and once the epoch is live so does a flush of a write into a data block
+/// alone. After power loss the replay restores both, and its full flush makes the filled
+/// blocks data.
+#[test]
+fn fills_and_data_writes_in_a_live_epoch_go_to_the_journal() {
+    use cowdisk_core::BlockState;
+    let start = journal_start(8, 16384, 6200, 1 << 20);
+    let bs = start.bs as usize;
+    let world = start.world();
+    let disk = open(&world, &start).unwrap();
+    let none = WriteFlags::default();
+    // Block 0 whole (data), 4 KiB of each other one (partial where the base holds it).
+    disk.write(0, &vec![7; bs], none).unwrap();
+    for b in 1..8 {
+        disk.write(b * start.bs, &[1; 4096], none).unwrap();
+    }
+    disk.client_flush().unwrap();
+    assert_eq!(disk.journal_flushes(), 0, "first writes flush in full");
+    let partial: Vec<u64> = (1..8)
+        .filter(|&b| disk.top_state(b) == BlockState::Partial)
+        .collect();
+    assert!(partial.len() >= 4, "{partial:?}");
+    for &b in &partial {
+        disk.write(b * start.bs + 4096, &vec![2; bs - 4096], none)
+            .unwrap();
+        disk.client_flush().unwrap();
+        assert_eq!(disk.top_state(b), BlockState::Partial, "filled block {b}");
+    }
+    disk.write(100, &[9; 50], none).unwrap();
+    disk.client_flush().unwrap();
+    assert_eq!(disk.journal_flushes(), partial.len() as u64 + 1);
+    let after = world.after_crash(CrashMode::DropAll);
+    drop(disk);
+    let disk = open(&after, &start).unwrap();
+    let mut buf = vec![0u8; bs];
+    for &b in &partial {
+        disk.read(b * start.bs, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&x| x == 1), "block {b}");
+        assert!(buf[4096..].iter().all(|&x| x == 2), "block {b}");
+        assert_eq!(
+            disk.top_state(b),
+            BlockState::Data,
+            "block {b} after replay"
+        );
+    }
+    disk.read(0, &mut buf).unwrap();
+    let mut want = vec![7u8; bs];
+    want[100..150].fill(9);
+    assert!(buf == want, "data block 0");
+}
+
 /// The journal's records in order: `(offset, header bytes)`.
 fn records(journal: &[u8]) -> Vec<(usize, [u8; RECORD_HEADER])> {
     let mut out: Vec<(usize, [u8; RECORD_HEADER])> = Vec::new();

@@ -218,7 +218,8 @@ impl Run {
             if self.whole_block(b, off, len) {
                 let st = self.disk().top_state(b);
                 let ok = if no_hole {
-                    st == BlockState::Data
+                    // A partial block this filled stays partial until the next full flush.
+                    matches!(st, BlockState::Data | BlockState::Partial)
                 } else {
                     !matches!(st, BlockState::Data | BlockState::Partial)
                 };

@@ -337,8 +337,8 @@ fn base_of_0xaa(base: &std::path::Path) {
 
 /// Partial blocks: a first 4 KiB write into a block the base holds writes that sub-block
 /// only; the rest reads from below, across a reopen; a write that completes the block
-/// makes it data; filling before a seal makes every partial block data with the same
-/// content, and the sealed layer then serves a child.
+/// makes it data at the next flush; filling before a seal makes every partial block data
+/// with the same content, and the sealed layer then serves a child.
 #[test]
 fn partial_blocks_write_read_fill_and_seal() {
     let d = tmpdir("partial");
@@ -376,13 +376,17 @@ fn partial_blocks_write_read_fill_and_seal() {
     {
         let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
         assert_eq!(disk.top_state(1), BlockState::Partial);
-        // Completing every sub-block makes the block data, with nothing copied.
+        // Completing every sub-block copies nothing; the block stays partial until the
+        // next full flush makes it data.
         disk.write(65536, &[3; 8192], WriteFlags::default())
             .unwrap();
         disk.write(65536 + 12288, &[3; 53248], WriteFlags::default())
             .unwrap();
         want[65536..65536 + 8192].fill(3);
         want[65536 + 12288..2 * 65536].fill(3);
+        assert_eq!(disk.top_state(1), BlockState::Partial);
+        assert_eq!(disk.copy_ups(), 0);
+        disk.flush().unwrap();
         assert_eq!(disk.top_state(1), BlockState::Data);
         assert_eq!(disk.fill_partial_blocks().unwrap(), 1);
         assert_eq!(disk.top_state(3), BlockState::Data);

@@ -50,6 +50,7 @@ impl Disk {
             return r;
         }
         self.journal_full_begin();
+        self.promote_filled();
         // Bitmaps before the map: an entry this flush retires left its partial state
         // before, so the map pages taken next hold its new state.
         let mut sub = self.top.sub.take_dirty(&self.geometry);

@@ -3,10 +3,12 @@
 //! A full flush syncs the top, and on a disk file system that sync allocates every hole
 //! the writes since the last one filled: the sub-blocks of partial blocks. A client
 //! flush whose changes since the last full flush are all writes into blocks the top
-//! already held (data, or partial staying partial) instead copies the changed ranges
-//! from the page cache into a side file written in advance, `TOP.journal`, and syncs
-//! that file only: an overwrite, with nothing to allocate. The top keeps the writes in
-//! its page cache until the next full flush, which also retires the journal.
+//! already held (data, or partial: one a write fills stays partial until the next full
+//! flush), with a partial block among them or an epoch already live, instead copies the
+//! changed ranges from the page cache into a side file written in advance,
+//! `TOP.journal`, and syncs that file only: an overwrite, with nothing to allocate. The
+//! top keeps the writes in its page cache until the next full flush, which also retires
+//! the journal.
 //!
 //! Rules that keep it safe:
 //! - Records are written only while the top's header carries `INCOMPAT_FLUSH_JOURNAL`
@@ -176,9 +178,15 @@ impl Disk {
             }
             (std::mem::take(&mut d.ranges), std::mem::take(&mut d.bytes))
         };
+        // Every write counted since was taken by a flush before (one that counted less
+        // ran after the write's note): nothing is left to make durable.
+        if ranges.is_empty() {
+            return Some(Ok(()));
+        }
         // Overwrites of data blocks alone cost a full flush one sync with nothing to
-        // allocate: the journal is for the holes of partial blocks.
-        if !ranges.values().any(|&(k, _, _)| k == RecordKind::Partial) {
+        // allocate, unless the journal already defers holes of partial blocks that such
+        // a sync would allocate as well.
+        if !ep.live && !ranges.values().any(|&(k, _, _)| k == RecordKind::Partial) {
             return None;
         }
         // A new epoch starts at the beginning of the file; the batch's records are the

@@ -66,16 +66,29 @@ impl Disk {
             return res;
         }
         let bits = have | mask;
-        if bits == g.sub_full(b) {
-            // The map first: a bitmap entry is forgotten only after a flush that took
-            // the block's new state (crate::sub).
-            self.top.map.set(b, BlockState::Data);
-            self.top.sub.leave(b, Some(bits));
-        } else if bits != have || self.top.map.get(b) != BlockState::Partial {
-            self.top.sub.set(b, bits);
+        if bits != have || self.top.map.get(b) != BlockState::Partial {
+            // A block this fills stays partial until the next full flush makes it data
+            // (`promote_filled`): a map change would make every flush until then a full
+            // one, where the flush journal could have taken them.
+            self.top.sub.set(g, b, bits);
             self.top.map.set(b, BlockState::Partial);
         }
         Ok(())
+    }
+
+    /// Makes data blocks of the partial blocks that hold every sub-block. A full flush
+    /// calls it before it takes the dirty bitmaps and map pages.
+    pub(super) fn promote_filled(&self) {
+        for b in self.top.sub.take_filled() {
+            let _s = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+            let full = self.geometry.sub_full(b);
+            if self.top.map.get(b) == BlockState::Partial && self.top.sub.bits(b) == full {
+                // The map first: a bitmap entry is forgotten only after a flush that took
+                // the block's new state (crate::sub).
+                self.top.map.set(b, BlockState::Data);
+                self.top.sub.leave(b, Some(full));
+            }
+        }
     }
 
     /// Fills `buf` with block `b`'s bytes from `from` on, inside one sub-block: the top's
@@ -116,13 +129,41 @@ impl Disk {
         }
     }
 
+    /// Writes the sub-blocks of partial block `b` that `have` does not name, from below.
+    fn fill_from_below(&self, b: u64, have: u32) -> Result<(), IoError> {
+        let g = &self.geometry;
+        let sub = g.sub_size();
+        let blen = g.block_len(b);
+        BLOCK_SCRATCH.with(blen, |buf| {
+            self.read_below(b, 0, buf)?;
+            let mut s = 0;
+            while s * sub < blen {
+                if have >> s & 1 == 1 {
+                    s += 1;
+                    continue;
+                }
+                let mut t = s + 1;
+                while t * sub < blen && have >> t & 1 == 0 {
+                    t += 1;
+                }
+                let (x, y) = (s * sub, (t * sub).min(blen));
+                let o = g.block_offset(b) + x as u64;
+                self.top
+                    .storage
+                    .write_at(&buf[x..y], o)
+                    .map_err(|e| Self::io_err(&self.top.path, "fill partial block", o, e))?;
+                s = t;
+            }
+            Ok(())
+        })
+    }
+
     /// Completes every partial block from below, making it a data block: sealing needs
     /// whole blocks (their CRCs, and a layer below a child is read whole). The caller
     /// flushes after. Returns how many blocks it filled.
     pub fn fill_partial_blocks(&self) -> Result<u64, IoError> {
         self.check_writable()?;
         let g = &self.geometry;
-        let sub = g.sub_size();
         let mut filled = 0;
         for b in self.top.sub.live_blocks() {
             let _s = lock(&self.stripes[(b % STRIPES as u64) as usize]);
@@ -130,29 +171,10 @@ impl Disk {
                 continue;
             }
             let have = self.top.sub.bits(b);
-            let blen = g.block_len(b);
-            BLOCK_SCRATCH.with(blen, |buf| {
-                self.read_below(b, 0, buf)?;
-                let mut s = 0;
-                while s * sub < blen {
-                    if have >> s & 1 == 1 {
-                        s += 1;
-                        continue;
-                    }
-                    let mut t = s + 1;
-                    while t * sub < blen && have >> t & 1 == 0 {
-                        t += 1;
-                    }
-                    let (x, y) = (s * sub, (t * sub).min(blen));
-                    let o = g.block_offset(b) + x as u64;
-                    self.top
-                        .storage
-                        .write_at(&buf[x..y], o)
-                        .map_err(|e| Self::io_err(&self.top.path, "fill partial block", o, e))?;
-                    s = t;
-                }
-                Ok::<(), IoError>(())
-            })?;
+            // A filled block has nothing to read from below.
+            if have != g.sub_full(b) {
+                self.fill_from_below(b, have)?;
+            }
             self.top.map.set(b, BlockState::Data);
             self.top.sub.leave(b, Some(g.sub_full(b)));
             // A change like a write: the next flush must not find nothing to do.

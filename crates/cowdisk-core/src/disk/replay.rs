@@ -76,13 +76,9 @@ impl Disk {
                     st.write_at(&data[at..end], base + (s * sub) as u64)
                         .map_err(werr)?;
                 }
+                // The full flush after replay makes a filled block data.
                 let bits = self.top.sub.bits(b) | r.bits;
-                if bits == g.sub_full(b) {
-                    self.top.map.set(b, BlockState::Data);
-                    self.top.sub.leave(b, Some(bits));
-                } else {
-                    self.top.sub.set(b, bits);
-                }
+                self.top.sub.set(g, b, bits);
             }
             // A later full flush changed the block (a whiteout, a fill): what it holds
             // now is newer than the record.
