@@ -96,7 +96,26 @@ impl S3Server {
             );
             std::fs::write(s.dir.join("s3.json"), cfg).expect("s3 config");
         }
-        s.restart();
+        // A port taken by another process between `free_ports` and the server's bind
+        // is the usual reason it does not come up: fresh ports once more, then fail.
+        for attempt in 0.. {
+            match s.launch() {
+                Ok(()) => break,
+                Err(e) if attempt < 2 => {
+                    eprintln!("SeaweedFS did not come up ({e}); trying other ports");
+                    s.ports = free_ports();
+                    // Its data, which may name the old ports; the config stays.
+                    for f in std::fs::read_dir(&s.dir).expect("weed folder").flatten() {
+                        if f.file_name() != "s3.json" {
+                            let p = f.path();
+                            let _ =
+                                std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                        }
+                    }
+                }
+                Err(e) => panic!("SeaweedFS did not come up: {e}"),
+            }
+        }
         Some(s)
     }
 
@@ -126,6 +145,14 @@ impl S3Server {
 
     /// Starts the server again on the same ports and data, and waits until it serves.
     pub fn restart(&mut self) {
+        if let Err(e) = self.launch() {
+            panic!("SeaweedFS did not come up again: {e}");
+        }
+    }
+
+    /// Starts the server and waits until it serves; else stops it and says why, with the
+    /// end of its log (the log file goes with the test's temporary folder).
+    fn launch(&mut self) -> Result<(), String> {
         self.stop();
         let p = self.ports;
         let log = std::fs::File::create(self.dir.join("weed.log")).expect("log");
@@ -171,7 +198,12 @@ impl S3Server {
             .expect("start weed");
         self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(60);
+        let mut why = "not serving after 60 s".to_string();
         while Instant::now() < until {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
+                why = format!("weed exited ({st})");
+                break;
+            }
             // Ready when an object can be written and read back (the bucket listing
             // answers before the data servers do).
             if self.status(&format!("/{BUCKET}/")) == Some(200)
@@ -179,14 +211,19 @@ impl S3Server {
                     || (self.try_put(".ready", b"ok") == Some(200)
                         && self.status(&format!("/{BUCKET}/.ready")) == Some(200)))
             {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        panic!(
-            "SeaweedFS did not come up; see {}",
-            self.dir.join("weed.log").display()
-        );
+        self.stop();
+        let log = std::fs::read_to_string(self.dir.join("weed.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!(
+            "{why}, ports {:?}; last lines of weed.log:\n{}",
+            self.ports,
+            tail.join("\n")
+        ))
     }
 
     /// HTTP status of an anonymous GET of `path` on the S3 port.
