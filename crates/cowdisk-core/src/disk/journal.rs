@@ -1,14 +1,15 @@
 //! The flush journal (FORMAT.md §Flush journal), opt-in per open.
 //!
 //! A full flush syncs the top, and on a disk file system that sync allocates every hole
-//! the writes since the last one filled: the sub-blocks of partial blocks. A client
-//! flush whose changes since the last full flush are all writes into blocks the top
-//! already held (data, or partial: one a write fills stays partial until the next full
-//! flush), with a partial block among them or an epoch already live, instead copies the
+//! the writes since the last one filled (the sub-blocks of partial blocks) and writes
+//! small overwrites back where they lie, scattered. A client flush whose changes since
+//! the last full flush are all writes into blocks the top already held (data, or
+//! partial: one a write fills stays partial until the next full flush), and not only
+//! whole-block overwrites of data blocks while no epoch is live, instead copies the
 //! changed ranges from the page cache into a side file written in advance,
-//! `TOP.journal`, and syncs that file only: an overwrite, with nothing to allocate. The
-//! top keeps the writes in its page cache until the next full flush, which also retires
-//! the journal.
+//! `TOP.journal`, and syncs that file only: one sequential overwrite, with nothing to
+//! allocate. The top keeps the writes in its page cache until the next full flush,
+//! which also retires the journal.
 //!
 //! Rules that keep it safe:
 //! - Records are written only while the top's header carries `INCOMPAT_FLUSH_JOURNAL`
@@ -183,10 +184,12 @@ impl Disk {
         if ranges.is_empty() {
             return Some(Ok(()));
         }
-        // Overwrites of data blocks alone cost a full flush one sync with nothing to
-        // allocate, unless the journal already defers holes of partial blocks that such
-        // a sync would allocate as well.
-        if !ep.live && !ranges.values().any(|&(k, _, _)| k == RecordKind::Partial) {
+        // Writes into data blocks alone allocate nothing: there the journal only turns
+        // the top's scattered writeback of small overwrites into one sequential write.
+        // Whole blocks the top writes back as sequentially, and the journal would write
+        // them twice, so a flush of those alone stays a full one (unless an epoch is
+        // live: its full flush would also allocate the holes the journal defers).
+        if !ep.live && ranges.iter().all(|(&b, &r)| self.whole_data_block(b, r)) {
             return None;
         }
         // A new epoch starts at the beginning of the file; the batch's records are the
@@ -216,6 +219,11 @@ impl Disk {
         ep.seq = seq;
         self.journal.flushes.fetch_add(1, SeqCst);
         Some(Ok(()))
+    }
+
+    /// The range noted for block `b` is an overwrite of all of a data block.
+    fn whole_data_block(&self, b: u64, (kind, lo, hi): (RecordKind, u32, u32)) -> bool {
+        kind == RecordKind::Data && lo == 0 && hi as usize == self.geometry.block_len(b)
     }
 
     /// Makes the epoch live: the file exists (written in advance), then the header bit

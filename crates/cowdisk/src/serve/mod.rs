@@ -134,10 +134,11 @@ pub struct ServeArgs {
     pub copy_up: CopyUpMode,
     /// Flush journal of SIZE beside each image (IMAGE.journal, written out to SIZE when the
     /// server starts; off by default). A client's FLUSH whose writes since the last full
-    /// flush all went into blocks the top already held, partial ones among them (or any
-    /// once the journal holds records), is made durable by one sync of the journal
-    /// instead of the image, whose sync would allocate the holes those writes filled
-    /// (BENCHMARKS.md); the journal fills, or any other change, and the next FLUSH
+    /// flush all went into blocks the top already held (not all whole-block overwrites,
+    /// unless the journal holds records) is made durable by one sync of the journal
+    /// instead of the image, whose sync would allocate the holes those writes filled and
+    /// write small overwrites back scattered (BENCHMARKS.md); the journal fills, or any
+    /// other change, and the next FLUSH
     /// is a full one, as is one with more than 16M to journal (the most memory it takes,
     /// per image, with its list of changed ranges). A writable open replays what a crash
     /// left in it.
