@@ -141,7 +141,7 @@ pub struct ServeArgs {
     /// other change, and the next FLUSH
     /// is a full one, as is one with more than 16M to journal (the most memory it takes,
     /// per image, with its list of changed ranges). A writable open replays what a crash
-    /// left in it.
+    /// left in it. On tmpfs, whose sync writes nothing, it only adds a copy.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub flush_journal: Option<u64>,
 }
