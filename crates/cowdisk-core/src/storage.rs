@@ -238,3 +238,26 @@ impl Storage for FileStorage {
         }
     }
 }
+
+/// What a storage's file system tells of itself, for choices that depend on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsFacts {
+    /// The file system keeps files in memory (tmpfs, ramfs): a sync writes nothing.
+    pub in_memory: bool,
+    /// Bytes an unprivileged writer may still allocate there.
+    pub free: u64,
+}
+
+/// [`FsFacts`] of the file system under `st`; `None` without a file descriptor or where
+/// the kernel does not say.
+pub fn fs_facts(st: &dyn ReadStorage) -> Option<FsFacts> {
+    const TMPFS: u64 = 0x0102_1994;
+    const RAMFS: u64 = 0x8584_58f6;
+    let fd = st.fd()?;
+    let kind = rustix::fs::fstatfs(fd).ok()?.f_type as u64;
+    let space = rustix::fs::fstatvfs(fd).ok()?;
+    Some(FsFacts {
+        in_memory: matches!(kind, TMPFS | RAMFS),
+        free: space.f_bavail.saturating_mul(space.f_frsize),
+    })
+}

@@ -66,6 +66,7 @@ pub struct OpenOptions {
     top_locked: bool,
     direct_io: bool,
     flush_journal: u64,
+    flush_journal_auto: bool,
 }
 
 /// Default cap on the memory an open chain's metadata may take (maps, resolution,
@@ -85,6 +86,7 @@ impl Default for OpenOptions {
             top_locked: false,
             direct_io: false,
             flush_journal: 0,
+            flush_journal_auto: false,
         }
     }
 }
@@ -158,6 +160,16 @@ impl OpenOptions {
     /// left, and a read-only one refuses it (unless `force_share`).
     pub fn flush_journal(mut self, bytes: u64) -> OpenOptions {
         self.flush_journal = bytes;
+        self.flush_journal_auto = false;
+        self
+    }
+    /// [`OpenOptions::flush_journal`] where it pays (the server's default): not on a file
+    /// system that keeps files in memory (tmpfs, ramfs), whose sync writes nothing, so the
+    /// journal would only add a copy; and not where `bytes` is more than 1/16 of the free
+    /// space (with a warning), which is the guest's. Decided when the file would be made.
+    pub fn flush_journal_auto(mut self, bytes: u64) -> OpenOptions {
+        self.flush_journal = bytes;
+        self.flush_journal_auto = true;
         self
     }
     fn locking(&self) -> bool {
@@ -275,7 +287,11 @@ impl Disk {
         };
         let mut disk = Disk::assemble(top, lower, opts.access);
         disk.set_copy_up(opts.copy_up);
-        disk.set_journal(Arc::new(open_journal_file), opts.flush_journal);
+        disk.set_journal(
+            Arc::new(open_journal_file),
+            opts.flush_journal,
+            opts.flush_journal_auto,
+        );
         if !(opts.force_share && opts.access == Access::ReadOnly) {
             disk.replay_journal()?;
         }
@@ -333,7 +349,7 @@ impl Disk {
         let lower = Lower::new(layers, &maps, header.geometry.blocks);
         let mut disk = Disk::assemble(top, Arc::new(lower), access);
         if let Some((opener, capacity)) = journal {
-            disk.set_journal(opener, capacity);
+            disk.set_journal(opener, capacity, false);
         }
         disk.replay_journal()?;
         Ok(disk)

@@ -33,7 +33,29 @@ use crate::error::{IoError, OpenError};
 pub use crate::format::journal::journal_path;
 use crate::format::journal::{Record, RecordKind, BATCH_ALIGN, RECORD_HEADER};
 use crate::format::{BlockState, INCOMPAT_FLUSH_JOURNAL};
-use crate::storage::Storage;
+use crate::storage::{fs_facts, FsFacts, Storage};
+
+/// Why an automatic journal is left off.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// A sync writes nothing there, so the journal would only add a copy.
+    InMemory,
+    /// Bytes free, fewer than 16 times the journal: the space is the guest's.
+    LowSpace(u64),
+}
+
+/// Whether an automatic journal of `capacity` bytes would not pay on a file system with
+/// `facts` (`None`: it pays, as where the file system says nothing).
+pub(crate) fn auto_refusal(facts: Option<FsFacts>, capacity: u64) -> Option<Refusal> {
+    let f = facts?;
+    if f.in_memory {
+        Some(Refusal::InMemory)
+    } else if f.free / 16 < capacity {
+        Some(Refusal::LowSpace(f.free))
+    } else {
+        None
+    }
+}
 
 /// Opens a top's journal file (`create`: making it if missing, durably).
 pub type JournalOpener =
@@ -70,6 +92,9 @@ pub(super) struct Journal {
     pub(super) opener: Option<JournalOpener>,
     /// Bytes the journal file holds (0: no journal).
     capacity: u64,
+    /// Chosen by the engine (`OpenOptions::flush_journal_auto`): not made where it would
+    /// not pay (see [`auto_refusal`]).
+    auto: bool,
     /// Set when the file could not be made: every flush is a full one.
     disabled: AtomicBool,
     dirty: Mutex<Dirty>,
@@ -87,9 +112,11 @@ impl Journal {
 impl Disk {
     /// Lets client flushes go to a journal of `capacity` bytes beside the top, opened
     /// through `opener` (0 turns it off). Also what replay at open needs.
-    pub(crate) fn set_journal(&mut self, opener: JournalOpener, capacity: u64) {
+    /// With `auto`, the journal is left off where [`auto_refusal`] says it would not pay.
+    pub(crate) fn set_journal(&mut self, opener: JournalOpener, capacity: u64, auto: bool) {
         self.journal.opener = Some(opener);
         self.journal.capacity = capacity;
+        self.journal.auto = auto;
     }
 
     /// Client flushes made durable in the flush journal since the disk was opened.
@@ -266,12 +293,34 @@ impl Disk {
         if ep.storage.is_some() {
             return true;
         }
-        match self.make_journal_file() {
-            Ok(st) => ep.storage = Some(st),
-            Err(e) => {
-                eprintln!("cowdisk: {e}; flushes go without the flush journal");
-                self.journal.disabled.store(true, SeqCst);
-            }
+        let refusal = if self.journal.auto {
+            auto_refusal(fs_facts(&*self.top.storage), self.journal.capacity)
+        } else {
+            None
+        };
+        let path = journal_path(&self.top.path);
+        match refusal {
+            Some(Refusal::InMemory) => {}
+            Some(Refusal::LowSpace(free)) => eprintln!(
+                "cowdisk: {}: {} MiB free on its file system, under 16 times the flush \
+                 journal's {} MiB; flushes go without the flush journal",
+                path.display(),
+                free >> 20,
+                self.journal.capacity >> 20
+            ),
+            None => match self.make_journal_file() {
+                Ok(st) => ep.storage = Some(st),
+                Err(e) => {
+                    eprintln!("cowdisk: {e}; flushes go without the flush journal");
+                    // No epoch is live (its file would be open), so the file holds
+                    // nothing to replay: a part written out before the error only
+                    // takes space.
+                    let _ = std::fs::remove_file(&path);
+                }
+            },
+        }
+        if ep.storage.is_none() {
+            self.journal.disabled.store(true, SeqCst);
         }
         ep.storage.is_some()
     }
@@ -390,5 +439,35 @@ impl Disk {
 
     fn journal_err(&self, op: &'static str, e: OpenError) -> IoError {
         Self::io_err(&self.top.path, op, 0, std::io::Error::other(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{auto_refusal, Refusal};
+    use crate::storage::FsFacts;
+
+    #[test]
+    fn the_automatic_journal_is_refused_in_memory_and_short_of_space() {
+        let m = 64 << 20;
+        let disk = |free| {
+            Some(FsFacts {
+                in_memory: false,
+                free,
+            })
+        };
+        assert_eq!(auto_refusal(disk(16 * m), m), None);
+        assert_eq!(
+            auto_refusal(disk(16 * m - 1), m),
+            Some(Refusal::LowSpace(16 * m - 1))
+        );
+        assert_eq!(auto_refusal(disk(0), m), Some(Refusal::LowSpace(0)));
+        let tmpfs = Some(FsFacts {
+            in_memory: true,
+            free: u64::MAX,
+        });
+        assert_eq!(auto_refusal(tmpfs, m), Some(Refusal::InMemory));
+        // A file system that says nothing: the journal works anywhere.
+        assert_eq!(auto_refusal(None, m), None);
     }
 }
