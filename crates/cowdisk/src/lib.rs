@@ -107,12 +107,14 @@ pub fn set_direct_io(on: bool) {
     let _ = DIRECT_IO.set(on);
 }
 
-/// Bytes of each top's flush journal (`serve --flush-journal`), for the rest of the process.
-static FLUSH_JOURNAL: OnceLock<u64> = OnceLock::new();
+/// Bytes of each top's flush journal (`serve --flush-journal`), and whether only where it
+/// pays, for the rest of the process.
+static FLUSH_JOURNAL: OnceLock<(u64, bool)> = OnceLock::new();
 
-/// Sets the flush journal's size (once per process; 0 is off).
-pub fn set_flush_journal(bytes: u64) {
-    let _ = FLUSH_JOURNAL.set(bytes);
+/// Sets the flush journal's size and whether it is made only where it pays
+/// (`OpenOptions::flush_journal_auto`), once per process; 0 is off.
+pub fn set_flush_journal(journal: (u64, bool)) {
+    let _ = FLUSH_JOURNAL.set(journal);
 }
 
 /// How copy-up moves blocks (`serve --copy-up`), for the rest of the process.
@@ -134,11 +136,12 @@ pub fn open_options() -> OpenOptions {
         None => cowdisk_core::CopyUp::default(),
     };
     let direct = DIRECT_IO.get().copied().unwrap_or(false);
-    let journal = FLUSH_JOURNAL.get().copied().unwrap_or(0);
-    let mut o = OpenOptions::new()
-        .copy_up(copy_up)
-        .direct_io(direct)
-        .flush_journal(journal);
+    let mut o = OpenOptions::new().copy_up(copy_up).direct_io(direct);
+    o = match FLUSH_JOURNAL.get().copied() {
+        Some((bytes, true)) => o.flush_journal_auto(bytes),
+        Some((bytes, false)) => o.flush_journal(bytes),
+        None => o,
+    };
     if let Some(&m) = MAX_METADATA.get() {
         o = o.metadata_limit(m);
     }

@@ -2,7 +2,9 @@
 //! blocks go to `IMAGE.journal` (the header says so while it holds them); a server
 //! killed with `kill -9` leaves them there and the next command replays them; a clean
 //! stop retires the journal and removes its file; fio `verify=crc32c` through it, then
-//! again from the replayed image; live snapshot, squash and reset retire it. Power loss
+//! again from the replayed image; live snapshot, squash and reset retire it. Without the
+//! flag (`auto`) a disk file system gets a 64M journal and tmpfs none; `off` makes none.
+//! Power loss
 //! itself is the crash simulator's (cowdisk-core/tests/crash_journal.rs): a killed
 //! process keeps its page cache.
 
@@ -248,4 +250,60 @@ fn a_live_squash_and_a_live_reset_retire_the_journal_and_it_is_used_again() {
     );
     kill9(srv);
     clean_with(&top, &t.0, &fourth, "after replay");
+}
+
+/// [`write_partial`] through `serve IMAGE extra…` with the top in `dir`: whether the
+/// server made a journal file (and its size), and the flushes it took.
+fn journal_by_flag(dir: &Path, extra: &[&str]) -> (Option<u64>, u64) {
+    let (top, base) = base_and_top(dir);
+    let mut srv = Serve::start(&top, extra, &[]);
+    let size = std::fs::metadata(journal_of(&top)).ok().map(|m| m.len());
+    let expect = write_partial(&srv.uri("vm1.cow"), base);
+    let st = cowdisk_json(&["stats", s(&top)]);
+    let flushes = st["exports"][0]["journal_flushes"].as_u64().unwrap();
+    assert!(srv.stop().success());
+    assert!(
+        !journal_of(&top).exists(),
+        "{extra:?}: the journal file stayed"
+    );
+    clean_with(&top, dir, &expect, &format!("{extra:?} after a clean stop"));
+    (size, flushes)
+}
+
+fn fs_type(dir: &Path) -> String {
+    run_ok("stat", &["-f", "-c", "%T", s(dir)], 10)
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn without_the_flag_a_disk_file_system_gets_a_journal_and_tmpfs_none() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    // The build's own disk: a disk file system with room (CI runs on a fresh machine).
+    let disk =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("journal-{}", std::process::id()));
+    std::fs::create_dir_all(&disk).unwrap();
+    let disk = TempDir(disk);
+    assert_ne!(fs_type(&disk.0), "tmpfs", "{}", disk.0.display());
+    assert_eq!(journal_by_flag(&disk.0, &[]), (Some(64 << 20), 3));
+    std::fs::remove_dir_all(&disk.0).unwrap();
+    std::fs::create_dir_all(&disk.0).unwrap();
+    assert_eq!(
+        journal_by_flag(&disk.0, &["--flush-journal", "off"]),
+        (None, 0)
+    );
+    // tmpfs syncs nothing: auto makes no journal there, a size asked for does.
+    let shm = Path::new("/dev/shm").join(format!("cowdisk-journal-{}", std::process::id()));
+    std::fs::create_dir_all(&shm).unwrap();
+    let shm = TempDir(shm);
+    assert_eq!(fs_type(&shm.0), "tmpfs");
+    assert_eq!(journal_by_flag(&shm.0, &[]), (None, 0));
+    std::fs::remove_dir_all(&shm.0).unwrap();
+    std::fs::create_dir_all(&shm.0).unwrap();
+    assert_eq!(
+        journal_by_flag(&shm.0, &["--flush-journal", "4M"]),
+        (Some(4 << 20), 3)
+    );
 }

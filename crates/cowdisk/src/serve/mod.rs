@@ -132,18 +132,46 @@ pub struct ServeArgs {
     /// the block's extents with the layer below: BENCHMARKS.md).
     #[arg(long, value_enum, default_value = "partial", value_name = "MODE")]
     pub copy_up: CopyUpMode,
-    /// Flush journal of SIZE beside each image (IMAGE.journal, written out to SIZE when the
-    /// server starts; off by default). A client's FLUSH whose writes since the last full
-    /// flush all went into blocks the top already held (not all whole-block overwrites,
-    /// unless the journal holds records) is made durable by one sync of the journal
-    /// instead of the image, whose sync would allocate the holes those writes filled and
-    /// write small overwrites back scattered (BENCHMARKS.md); the journal fills, or any
-    /// other change, and the next FLUSH
-    /// is a full one, as is one with more than 16M to journal (the most memory it takes,
-    /// per image, with its list of changed ranges). A writable open replays what a crash
-    /// left in it. On tmpfs, whose sync writes nothing, it only adds a copy.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub flush_journal: Option<u64>,
+    /// Flush journal beside each image (IMAGE.journal, written out to its size when the
+    /// server starts and removed when it stops): SIZE, off (or 0), or auto (the default):
+    /// 64M, but none on tmpfs or ramfs, whose sync writes nothing so the journal would
+    /// only add a copy, and none where 64M is more than 1/16 of the file system's free
+    /// space. A client's FLUSH whose writes since the last full flush all went into
+    /// blocks the top already held (not all whole-block overwrites, unless the journal
+    /// holds records) is made durable by one sync of the journal instead of the image,
+    /// whose sync would allocate the holes those writes filled and write small
+    /// overwrites back scattered (BENCHMARKS.md); the journal fills, or any other change,
+    /// and the next FLUSH is a full one, as is one with more than 16M to journal (the
+    /// most memory it takes, per image, with its list of changed ranges). A writable open
+    /// replays what a crash left in it.
+    #[arg(long, value_name = "SIZE|auto|off", default_value = "auto", value_parser = parse_journal)]
+    pub flush_journal: JournalArg,
+}
+
+/// `serve --flush-journal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalArg {
+    /// The default size where the journal pays (`OpenOptions::flush_journal_auto`).
+    Auto,
+    /// Every FLUSH syncs the image.
+    Off,
+    /// A journal of this many bytes, wherever the image is.
+    Size(u64),
+}
+
+/// The flush journal's size where `--flush-journal auto` makes one: what the
+/// benchmarks measured (a 16M journal fills too soon to pay on ext4).
+pub const AUTO_FLUSH_JOURNAL: u64 = 64 << 20;
+
+fn parse_journal(s: &str) -> Result<JournalArg, String> {
+    match s.trim() {
+        "auto" => Ok(JournalArg::Auto),
+        "off" => Ok(JournalArg::Off),
+        _ => match parse_size(s)? {
+            0 => Ok(JournalArg::Off),
+            n => Ok(JournalArg::Size(n)),
+        },
+    }
 }
 
 /// `serve --copy-up`.
@@ -204,7 +232,11 @@ fn export_name(path: &Path) -> String {
 /// recovery on every image.
 pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     crate::set_direct_io(args.cache == CacheMode::NoCache);
-    crate::set_flush_journal(args.flush_journal.unwrap_or(0));
+    crate::set_flush_journal(match args.flush_journal {
+        JournalArg::Auto => (AUTO_FLUSH_JOURNAL, true),
+        JournalArg::Off => (0, false),
+        JournalArg::Size(n) => (n, false),
+    });
     crate::set_copy_up(match args.copy_up {
         CopyUpMode::Partial => cowdisk_core::CopyUp::Partial,
         CopyUpMode::Copy => cowdisk_core::CopyUp::Copy,
@@ -296,7 +328,7 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
 /// goes, so the image alone holds everything and any tool may read it.
 fn close_journals(lives: &[Arc<LiveDisk>]) -> crate::error::Result<()> {
     let mut res = Ok(());
-    if crate::FLUSH_JOURNAL.get().is_none_or(|&n| n == 0) {
+    if crate::FLUSH_JOURNAL.get().is_none_or(|&(n, _)| n == 0) {
         return res;
     }
     for live in lives {
