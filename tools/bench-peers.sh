@@ -2,12 +2,14 @@
 # bench-peers.sh: cowdisk against its peers over NBD, same data, same client, same run.
 #
 # Contenders (fio ioengine=nbd over a unix socket, except psync-raw):
-#   cowdisk-dN    cowdisk serve on a chain of depth N (base + N-1 layers)
+#   cowdisk-dN    cowdisk serve on a chain of depth N (base + N-1 layers); writable ones
+#                 with --flush-journal off (the journal rows are the default on disks)
 #   qcow2-dN      qemu-nbd -f qcow2 on a qcow2 backing chain of the same depth and bytes
 #   cowdisk-share-top  (writes, on XFS and btrfs) serve --copy-up share: copy-ups share
 #                 the base's extents
-#   cowdisk-journal-top  (writes) serve --flush-journal 64M: flushes of writes into
-#                 partial blocks sync a journal beside the top, not the top
+#   cowdisk-journal-top  (writes) serve --flush-journal 64M (what the default, auto, gives
+#                 on a disk file system): flushes of writes into blocks the top holds
+#                 sync a journal beside the top, not the top
 #   qcow2x-top    (writes) a qcow2 top with extended_l2=on: 2 KiB subclusters, a first
 #                 4 KiB write copies nothing
 #   nbdkit-cow    nbdkit --filter=cow file base.raw (one overlay)
@@ -150,7 +152,10 @@ serve_contender() {  # serve_contender NAME MODE(ro|rw) [IMAGE]: starts the serv
     cowdisk-*)
       local cro=(); [[ $mode == ro ]] && cro=(--read-only)
       [[ $name == cowdisk-share-* ]] && cro+=(--copy-up share)
-      [[ $name == cowdisk-journal-* ]] && cro+=(--flush-journal 64M)
+      # the plain rows stay without the journal (auto, the default, makes one on disk
+      # file systems): the journal rows are the default there
+      if [[ $name == cowdisk-journal-* ]]; then cro+=(--flush-journal 64M)
+      elif [[ $mode == rw ]]; then cro+=(--flush-journal off); fi
       start_server "$COWDISK" serve "$img" --socket "$SOCK" "${cro[@]}" ;;
     qcow2*) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f qcow2 "$img" ;;
     qemu-nbd-raw) start_server "${QEMU_NBD[@]}" "${ro[@]}" -f raw "$img" ;;
@@ -538,9 +543,15 @@ targets_table() {
   for wl in firstwrite-flush afterfirst-flush rewrite-flush; do
     target_row "$wl ÷ qemu-nbd+qcow2" "$(ratio "$(med "$wl" cowdisk-top 5)" "$(med "$wl" qcow2-top 5)")" 1.2
   done
+  # the journal rows are what serve does by default on a disk file system (auto)
+  local j=cowdisk-journal-top
   for wl in firstwrite-flush afterfirst-flush rewrite-flush; do
-    target_row "$wl, --flush-journal ÷ qemu-nbd+qcow2" "$(ratio "$(med "$wl" cowdisk-journal-top 5)" "$(med "$wl" qcow2-top 5)")" 1.2
+    target_row "$wl, --flush-journal ÷ qemu-nbd+qcow2" "$(ratio "$(med "$wl" $j 5)" "$(med "$wl" qcow2-top 5)")" 1.2
   done
+  target_row "first writes 4k qd16, --flush-journal ÷ qemu-nbd+qcow2" "$(ratio "$(med firstwrite $j 5)" "$(med firstwrite qcow2-top 5)")" 2
+  target_row "rewrites 4k qd16, --flush-journal ÷ best raw over NBD" "$(ratio "$(med rewrite $j 5)" "$(best_raw rewrite)")" 0.8
+  target_row "rewrite-flush, --flush-journal ÷ best raw over NBD" "$(ratio "$(med rewrite-flush $j 5)" "$(best_raw rewrite-flush)")" 0.8
+  target_row "seq write 1M, --flush-journal ÷ best raw over NBD" "$(ratio "$(med seqwrite $j 5)" "$(best_raw seqwrite)")" 0.8
   target_row "rewrite-flush ÷ best raw over NBD" "$(ratio "$(med rewrite-flush cowdisk-top 5)" "$(best_raw rewrite-flush)")" 0.8
   target_row "seq read 1M, depth 1 ÷ best raw over NBD" "$(ratio "$(med seqread cowdisk-d1 5)" "$(best_raw seqread)")" 0.8
   target_row "seq read 1M, depth $dmax ÷ best raw over NBD" "$(ratio "$(med seqread "cowdisk-d$dmax" 5)" "$(best_raw seqread)")" 0.8
