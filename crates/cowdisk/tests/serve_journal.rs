@@ -3,7 +3,8 @@
 //! killed with `kill -9` leaves them there and the next command replays them; a clean
 //! stop retires the journal and removes its file; fio `verify=crc32c` through it, then
 //! again from the replayed image; live snapshot, squash and reset retire it. Without the
-//! flag (`auto`) a disk file system gets a 64M journal and tmpfs none; `off` makes none.
+//! flag (`auto`) a disk file system gets a 64M journal and tmpfs none; `off` makes none;
+//! an export added live gets one too, retired when it is removed or the server stops.
 //! Power loss
 //! itself is the crash simulator's (cowdisk-core/tests/crash_journal.rs): a killed
 //! process keeps its page cache.
@@ -270,6 +271,15 @@ fn journal_by_flag(dir: &Path, extra: &[&str]) -> (Option<u64>, u64) {
     (size, flushes)
 }
 
+/// A folder on the build's own disk, where serve's default makes a journal: a disk file
+/// system with room (CI runs on a fresh machine), unlike /tmp on some hosts.
+fn disk_dir(name: &str) -> TempDir {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("journal-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    TempDir(d)
+}
+
 fn fs_type(dir: &Path) -> String {
     run_ok("stat", &["-f", "-c", "%T", s(dir)], 10)
         .trim()
@@ -281,11 +291,7 @@ fn without_the_flag_a_disk_file_system_gets_a_journal_and_tmpfs_none() {
     if !have_tool("qemu-io") {
         return;
     }
-    // The build's own disk: a disk file system with room (CI runs on a fresh machine).
-    let disk =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("journal-{}", std::process::id()));
-    std::fs::create_dir_all(&disk).unwrap();
-    let disk = TempDir(disk);
+    let disk = disk_dir("default");
     assert_ne!(fs_type(&disk.0), "tmpfs", "{}", disk.0.display());
     assert_eq!(journal_by_flag(&disk.0, &[]), (Some(64 << 20), 3));
     std::fs::remove_dir_all(&disk.0).unwrap();
@@ -306,4 +312,47 @@ fn without_the_flag_a_disk_file_system_gets_a_journal_and_tmpfs_none() {
         journal_by_flag(&shm.0, &["--flush-journal", "4M"]),
         (Some(4 << 20), 3)
     );
+}
+
+#[test]
+fn an_export_added_live_journals_and_its_removal_or_the_exit_retires_it() {
+    if !have_tool("qemu-io") {
+        return;
+    }
+    let d = disk_dir("exports");
+    let (vm1, base) = base_and_top(&d.0);
+    let vm2 = d.0.join("vm2.cow");
+    cowdisk_ok(&[
+        "create",
+        s(&vm2),
+        "--backing",
+        s(&d.0.join("base.cow")),
+        "-q",
+    ]);
+    let mut srv = Serve::start(&vm1, &[], &[]);
+    let sock = control_socket(&vm1);
+    cowdisk_ok(&["exports", s(&sock), "--add", s(&vm2)]);
+    // Written out when added, as at server start.
+    assert_eq!(std::fs::metadata(journal_of(&vm2)).unwrap().len(), 64 << 20);
+    let expect = write_partial(&srv.uri("vm2.cow"), base);
+    assert!(journal_live(&vm2), "no flush went to the journal");
+    cowdisk_ok(&["exports", s(&sock), "--remove", "vm2.cow"]);
+    assert!(
+        !journal_live(&vm2),
+        "removed with its writes in the journal"
+    );
+    assert!(!journal_of(&vm2).exists());
+    clean_with(&vm2, &d.0, &expect, "after its removal");
+    // Added again and still served when the server stops.
+    cowdisk_ok(&["exports", s(&sock), "--add", s(&vm2)]);
+    let expect = write_partial_with(&srv.uri("vm2.cow"), expect, 0x40);
+    assert!(journal_live(&vm2));
+    assert!(srv.stop().success());
+    assert!(
+        !journal_live(&vm2),
+        "an added export's journal outlived the server"
+    );
+    assert!(!journal_of(&vm2).exists());
+    clean_with(&vm2, &d.0, &expect, "after the server stopped");
+    assert!(!journal_of(&vm1).exists());
 }

@@ -53,6 +53,9 @@ pub fn add(control: &Arc<Control>, req: &Value) -> Result<Value, Failure> {
         .cache(control.cache.clone());
     let disk = Disk::open(image, &opts)
         .map_err(|e| Failure::new("failed", format!("{}: {e}", image.display())))?;
+    // As for the images serve was started with: the journal is written out now, not by
+    // the first flush that would use it.
+    disk.prepare_journal();
     let live = Arc::new(LiveDisk::new(
         disk,
         image.to_path_buf(),
@@ -117,8 +120,14 @@ pub fn remove(control: &Control, req: &Value) -> Result<Value, Failure> {
         ));
     }
     let res = nbd_exports(control)?.remove(name, clients);
+    let target = control.list().into_iter().find(|t| t.name == name);
     // Gone for new clients either way: the control interface follows the server.
     control.drop_export(name);
     let (_, closed) = res.map_err(|e| Failure::new("failed", e.to_string()))?;
+    // Its clients are gone and it is flushed; its journal goes too, so the image alone
+    // holds its writes wherever it is taken next.
+    if let Some(t) = target {
+        crate::serve::retire_journal(&t.live).map_err(|e| Failure::new("failed", e.to_string()))?;
+    }
     Ok(json!({ "name": name, "closed_connections": closed }))
 }

@@ -308,7 +308,6 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
     let server = builder
         .build()
         .map_err(|e| Error::invalid(Path::new("serve"), e.to_string()))?;
-    let lives: Vec<_> = targets.iter().map(|t| t.live.clone()).collect();
     let controls = start_control(args, targets, Some(server.exports_handle()), cache)?;
     let shutdown = server.shutdown_handle();
     process::stop_on_signals(move || shutdown.request())?;
@@ -320,30 +319,37 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     controls.remove_sockets();
+    // What is served now: exports added live too, not those removed (retired then).
+    let lives: Vec<_> = controls.list().iter().map(|t| t.live.clone()).collect();
     res.and(close_journals(&lives))
 }
 
 /// At exit, after the server's own flushes (client flushes, which may stay in a flush
-/// journal): a full flush of each writable image retires its journal, whose file then
-/// goes, so the image alone holds everything and any tool may read it.
+/// journal): each image served then, given or added live, has its journal retired.
 fn close_journals(lives: &[Arc<LiveDisk>]) -> crate::error::Result<()> {
     let mut res = Ok(());
-    if crate::FLUSH_JOURNAL.get().is_none_or(|&(n, _)| n == 0) {
-        return res;
-    }
     for live in lives {
-        let disk = live.current();
-        if disk.is_read_only() || disk.top_header().state == cowdisk_core::LayerState::Sealed {
-            continue;
-        }
-        match disk.flush() {
-            Ok(()) => {
-                let _ = std::fs::remove_file(cowdisk_core::journal_path(disk.top_path()));
-            }
-            Err(e) => res = Err(Error::disk(live.image(), e)),
+        if let Err(e) = retire_journal(live) {
+            res = Err(e);
         }
     }
     res
+}
+
+/// A full flush of a writable image retires its flush journal, whose file then goes, so
+/// the image alone holds everything and any tool may read it, wherever it is copied: at
+/// exit, and when an export is removed.
+pub(crate) fn retire_journal(live: &LiveDisk) -> crate::error::Result<()> {
+    if crate::FLUSH_JOURNAL.get().is_none_or(|&(n, _)| n == 0) {
+        return Ok(());
+    }
+    let disk = live.current();
+    if disk.is_read_only() || disk.top_header().state == cowdisk_core::LayerState::Sealed {
+        return Ok(());
+    }
+    disk.flush().map_err(|e| Error::disk(live.image(), e))?;
+    let _ = std::fs::remove_file(cowdisk_core::journal_path(disk.top_path()));
+    Ok(())
 }
 
 /// Binds the control sockets and answers them in the background; returns the paths
