@@ -4,8 +4,9 @@
 # into each 64 KiB block of the base), then random 4 KiB writes at QD 16 with a FLUSH
 # every 16 writes (fio --fsync=16) for BENCH_RUNTIME seconds, on the same server. This is
 # bench-peers.sh's afterfirst-flush row, which runs 3 s; a VM's guest keeps writing.
-# Contenders: cowdisk --flush-journal off, and SIZE for each of BENCH_JOURNALS (64M is
-# what the default, auto, gives on these file systems), qemu-nbd
+# Contenders: cowdisk --flush-journal off, cowdisk as served by default (`default`: auto,
+# a 64M journal on these file systems), --flush-journal SIZE for each of BENCH_JOURNALS
+# (empty for none), qemu-nbd
 # on qcow2 (64 KiB clusters) and on qcow2 with extended_l2=on (subclusters), and nbdkit's
 # file plugin on a raw copy of the base (written whole and synced: no copy-on-write, no
 # allocation). ext4, XFS (reflink=1) and btrfs are made in a loop file on the machine's
@@ -30,7 +31,7 @@ D=${BENCH_DIR:-/var/tmp/cowdisk-af}
 MB=${BENCH_BASE_MB:-512}
 REPS=${BENCH_REPS:-3}
 RT=${BENCH_RUNTIME:-20}
-read -r -a JOURNALS <<<"${BENCH_JOURNALS:-64M}"
+read -r -a JOURNALS <<<"${BENCH_JOURNALS-64M}"
 BIN=${COWDISK:-$ROOT/target/release/cowdisk}
 [[ $(id -u) == 0 ]] || { echo "bench-afterfirst: needs root (mount)" >&2; exit 1; }
 for t in fio jq qemu-img qemu-nbd nbdkit python3; do
@@ -62,9 +63,10 @@ mount_fs() {  # mount_fs FS: a fresh, empty file system on $M
 serve() {  # serve CONTENDER: a fresh top (or the raw copy) and its server on $M/s.sock
   rm -f "$M"/t.cow "$M"/t.cow.journal "$M"/t.qcow2 "$M"/s.sock
   case $1 in
-    cowdisk|journal-*)
+    cowdisk|default|journal-*)
       "$BIN" create "$M/t.cow" --backing "$M/base.cow" >/dev/null
       local j=(--flush-journal off); [[ $1 == journal-* ]] && j=(--flush-journal "${1#journal-}")
+      [[ $1 == default ]] && j=()
       "$BIN" serve "$M/t.cow" --socket "$M/s.sock" "${j[@]}" >/dev/null 2>&1 & S=$! ;;
     qcow2|qcow2x)
       local o=cluster_size=65536; [[ $1 == qcow2x ]] && o+=,extended_l2=on
@@ -108,7 +110,7 @@ for fs in $FSES; do
   "$BIN" import -q "$M/base.raw" "$M/base.cow" >/dev/null
   qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$M/base.raw" "$M/base.qcow2"
   mv "$M/base.raw" "$M/raw.img"
-  cs=(cowdisk)
+  cs=(cowdisk default)
   for j in "${JOURNALS[@]}"; do cs+=("journal-$j"); done
   cs+=(qcow2 qcow2x raw)
   declare -A whole=() first=()
