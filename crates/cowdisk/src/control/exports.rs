@@ -127,7 +127,9 @@ pub fn remove(control: &Control, req: &Value) -> Result<Value, Failure> {
     // Its clients are gone and it is flushed; its journal goes too, so the image alone
     // holds its writes wherever it is taken next.
     if let Some(t) = target {
-        crate::serve::retire_journal(&t.live).map_err(|e| Failure::new("failed", e.to_string()))?;
+        t.live
+            .retire_journal()
+            .map_err(|e| Failure::new("failed", e.to_string()))?;
     }
     Ok(json!({ "name": name, "closed_connections": closed }))
 }

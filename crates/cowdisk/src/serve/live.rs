@@ -74,6 +74,22 @@ impl LiveDisk {
         self.disks.current()
     }
 
+    /// A full flush of a writable image retires its flush journal, whose file then goes,
+    /// so the image alone holds everything and any tool may read it, wherever it is
+    /// copied: at exit, and when the export is removed (no client is left either time).
+    pub fn retire_journal(&self) -> Result<()> {
+        if crate::FLUSH_JOURNAL.get().is_none_or(|&(n, _)| n == 0) {
+            return Ok(());
+        }
+        let disk = self.current();
+        if disk.is_read_only() || disk.top_header().state == LayerState::Sealed {
+            return Ok(());
+        }
+        disk.flush().map_err(|e| Error::disk(self.image(), e))?;
+        let _ = std::fs::remove_file(cowdisk_core::journal_path(disk.top_path()));
+        Ok(())
+    }
+
     /// The current disk and its index among the chains served since the start.
     pub fn current_indexed(&self) -> (usize, &Disk) {
         self.disks.current_indexed()

@@ -329,27 +329,11 @@ pub fn run(args: &ServeArgs) -> crate::error::Result<()> {
 fn close_journals(lives: &[Arc<LiveDisk>]) -> crate::error::Result<()> {
     let mut res = Ok(());
     for live in lives {
-        if let Err(e) = retire_journal(live) {
+        if let Err(e) = live.retire_journal() {
             res = Err(e);
         }
     }
     res
-}
-
-/// A full flush of a writable image retires its flush journal, whose file then goes, so
-/// the image alone holds everything and any tool may read it, wherever it is copied: at
-/// exit, and when an export is removed.
-pub(crate) fn retire_journal(live: &LiveDisk) -> crate::error::Result<()> {
-    if crate::FLUSH_JOURNAL.get().is_none_or(|&(n, _)| n == 0) {
-        return Ok(());
-    }
-    let disk = live.current();
-    if disk.is_read_only() || disk.top_header().state == cowdisk_core::LayerState::Sealed {
-        return Ok(());
-    }
-    disk.flush().map_err(|e| Error::disk(live.image(), e))?;
-    let _ = std::fs::remove_file(cowdisk_core::journal_path(disk.top_path()));
-    Ok(())
 }
 
 /// Binds the control sockets and answers them in the background; returns the paths
