@@ -19,6 +19,8 @@
 #   Needs root (mount), mkfs.{ext4,xfs,btrfs}, fio, jq, qemu-nbd, nbdkit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=tools/common.sh
+. "$ROOT/tools/common.sh"
 FSES="ext4 xfs btrfs"
 while (($#)); do
   case $1 in
@@ -48,16 +50,9 @@ cleanup() {
 trap cleanup EXIT
 
 mount_fs() {  # mount_fs FS: a fresh, empty file system on $M
-  M=$D/mnt-$1; mkdir -p "$M"; umount "$M" 2>/dev/null || true
-  local img=$D/$1.img
-  rm -f "$img"; truncate -s $((MB * 6 + 2048))M "$img"
-  case $1 in
-    ext4) mkfs.ext4 -q -F "$img" ;;
-    xfs) mkfs.xfs -q -m reflink=1 "$img" ;;
-    btrfs) mkfs.btrfs -q "$img" >/dev/null ;;
-    *) echo "bench-afterfirst: unknown file system $1" >&2; exit 2 ;;
-  esac
-  mount -o loop "$img" "$M"
+  M=$D/mnt-$1
+  [[ $1 != tmpfs ]] || { echo "bench-afterfirst: not on tmpfs (no sync to save)" >&2; exit 2; }
+  mount_fresh_fs "$M" "$1" $((MB * 6 + 2048)) "$D/$1.img" || exit 2
 }
 
 serve() {  # serve CONTENDER: a fresh top (or the raw copy) and its server on $M/s.sock

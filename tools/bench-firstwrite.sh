@@ -17,6 +17,8 @@
 #   COWDISK [target/release/cowdisk]. Needs root (mount), mkfs.{ext4,xfs,btrfs}, fio, jq.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=tools/common.sh
+. "$ROOT/tools/common.sh"
 FSES="ext4 xfs btrfs tmpfs"
 while (($#)); do
   case $1 in
@@ -42,17 +44,9 @@ cleanup() {
 trap cleanup EXIT
 
 mount_fs() {  # mount_fs FS: a fresh, empty file system on $M
-  M=$D/mnt-$1; mkdir -p "$M"; umount "$M" 2>/dev/null || true
-  if [[ $1 == tmpfs ]]; then mount -t tmpfs -o size=$((MB * 4 + 512))m tmpfs "$M"; return; fi
-  local img=$D/$1.img
-  rm -f "$img"; truncate -s $((MB * 4 + 2048))M "$img"
-  case $1 in
-    ext4) mkfs.ext4 -q -F "$img" ;;
-    xfs) mkfs.xfs -q -m reflink=1 "$img" ;;
-    btrfs) mkfs.btrfs -q "$img" >/dev/null ;;
-    *) echo "bench-firstwrite: unknown file system $1" >&2; exit 2 ;;
-  esac
-  mount -o loop "$img" "$M"
+  M=$D/mnt-$1
+  local size=$((MB * 4 + 2048)); [[ $1 == tmpfs ]] && size=$((MB * 4 + 512))
+  mount_fresh_fs "$M" "$1" "$size" "$D/$1.img" || exit 2
 }
 
 serve() {  # serve CONTENDER: a fresh top and its server on $M/s.sock

@@ -12,6 +12,8 @@
 # Needs root, mkfs.ext4, mkfs.xfs and mkfs.btrfs (tools/install-deps.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=tools/common.sh
+. "$ROOT/tools/common.sh"
 FSES="ext4 xfs btrfs tmpfs"
 ARGS=()
 while (($#)); do
@@ -27,21 +29,8 @@ mkdir -p "$BASE"
 cleanup() { for fs in $FSES; do umount "$BASE/mnt-$fs" 2>/dev/null || true; done; }
 trap cleanup EXIT
 for fs in $FSES; do
-  mnt=$BASE/mnt-$fs img=$BASE/$fs.img
-  mkdir -p "$mnt"
-  umount "$mnt" 2>/dev/null || true
-  case $fs in
-    tmpfs) mount -t tmpfs -o "size=${SIZE}m" tmpfs "$mnt" ;;
-    ext4|xfs|btrfs)
-      rm -f "$img"; truncate -s "${SIZE}M" "$img"
-      case $fs in
-        ext4) mkfs.ext4 -q -F "$img" ;;
-        xfs) mkfs.xfs -q -m reflink=1 "$img" ;;
-        btrfs) mkfs.btrfs -q "$img" >/dev/null ;;
-      esac
-      mount -o loop "$img" "$mnt" ;;
-    *) echo "bench-fs: unknown file system $fs" >&2; exit 2 ;;
-  esac
+  mnt=$BASE/mnt-$fs
+  mount_fresh_fs "$mnt" "$fs" "$SIZE" "$BASE/$fs.img" || exit 2
   out=$ROOT/bench-results/fs-$fs${BENCH_FS_TAG:+-$BENCH_FS_TAG}
   mkdir -p "$out"
   echo "bench-fs: $fs on $mnt" >&2

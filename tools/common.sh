@@ -40,3 +40,19 @@ bench_base() {  # bench_base BIN MB
   "$1" import -q base.raw base.cow >/dev/null
   qemu-img convert -f raw -O qcow2 -o cluster_size=65536 base.raw base.qcow2
 }
+
+# Mounts a fresh, empty file system of FS (tmpfs, ext4, xfs with reflink, btrfs) and
+# SIZE_MB MiB on MNT; a disk one lives in the loop file IMG (recreated).
+mount_fresh_fs() {  # mount_fresh_fs MNT FS SIZE_MB IMG
+  local mnt=$1 fs=$2 size=$3 img=$4
+  mkdir -p "$mnt"; umount "$mnt" 2>/dev/null || true
+  if [ "$fs" = tmpfs ]; then mount -t tmpfs -o "size=${size}m" tmpfs "$mnt"; return; fi
+  case $fs in ext4|xfs|btrfs) ;; *) echo "unknown file system $fs" >&2; return 2 ;; esac
+  rm -f "$img"; truncate -s "${size}M" "$img"
+  case $fs in
+    ext4) mkfs.ext4 -q -F "$img" ;;
+    xfs) mkfs.xfs -q -m reflink=1 "$img" ;;
+    btrfs) mkfs.btrfs -q "$img" >/dev/null ;;
+  esac
+  mount -o loop "$img" "$mnt"
+}
