@@ -211,9 +211,7 @@ impl Storage for FileStorage {
         Ok(Copied::Done)
     }
     fn shares_extents(&self) -> bool {
-        const XFS: u64 = 0x5846_5342;
-        const BTRFS: u64 = 0x9123_683e;
-        rustix::fs::fstatfs(&self.file).is_ok_and(|s| matches!(s.f_type as u64, XFS | BTRFS))
+        fs_magic(self.file.as_fd()).is_some_and(|m| matches!(m, XFS_MAGIC | BTRFS_MAGIC))
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::{fallocate, FallocateFlags};
@@ -251,13 +249,22 @@ pub struct FsFacts {
 /// [`FsFacts`] of the file system under `st`; `None` without a file descriptor or where
 /// the kernel does not say.
 pub fn fs_facts(st: &dyn ReadStorage) -> Option<FsFacts> {
-    const TMPFS: u64 = 0x0102_1994;
-    const RAMFS: u64 = 0x8584_58f6;
     let fd = st.fd()?;
-    let kind = rustix::fs::fstatfs(fd).ok()?.f_type as u64;
+    let magic = fs_magic(fd)?;
     let space = rustix::fs::fstatvfs(fd).ok()?;
     Some(FsFacts {
-        in_memory: matches!(kind, TMPFS | RAMFS),
+        in_memory: matches!(magic, TMPFS_MAGIC | RAMFS_MAGIC),
         free: space.f_bavail.saturating_mul(space.f_frsize),
     })
+}
+
+// File system magic numbers (statfs(2)).
+const XFS_MAGIC: u64 = 0x5846_5342;
+const BTRFS_MAGIC: u64 = 0x9123_683e;
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+
+/// The magic number of the file system under `fd`.
+fn fs_magic(fd: BorrowedFd<'_>) -> Option<u64> {
+    rustix::fs::fstatfs(fd).ok().map(|s| s.f_type as u64)
 }

@@ -235,10 +235,12 @@ fn journal_in(dir: &Path, opts: OpenOptions) -> (bool, u64) {
     let made = cowdisk_core::journal_path(&top).exists();
     // A first write into each block (a full flush: the map changes), then overwrites of
     // their other 4 KiB (journal flushes where there is a journal).
-    for round in 0..3u64 {
-        for b in 0..4u64 {
+    let mut want = vec![7u8; 1 << 20];
+    for round in 0..3usize {
+        for b in 0..4usize {
             let at = b * 65536 + round * 8192;
-            d.write(at, &[round as u8 + 1; 4096], WriteFlags::default())
+            want[at..at + 4096].fill(round as u8 + 1);
+            d.write(at as u64, &want[at..at + 4096], WriteFlags::default())
                 .unwrap();
         }
         d.client_flush().unwrap();
@@ -246,13 +248,6 @@ fn journal_in(dir: &Path, opts: OpenOptions) -> (bool, u64) {
     let flushes = d.journal_flushes();
     d.flush().unwrap();
     drop(d);
-    let mut want = vec![7u8; 1 << 20];
-    for round in 0..3usize {
-        for b in 0..4usize {
-            let at = b * 65536 + round * 8192;
-            want[at..at + 4096].fill(round as u8 + 1);
-        }
-    }
     let mut got = vec![0u8; 1 << 20];
     open_rw(&top).read(0, &mut got).unwrap();
     assert!(got == want, "content in {}", dir.display());

@@ -1,4 +1,5 @@
-//! The flush journal (FORMAT.md §Flush journal), opt-in per open.
+//! The flush journal (FORMAT.md §Flush journal), chosen per open (`serve` keeps one by
+//! default on disk file systems).
 //!
 //! A full flush syncs the top, and on a disk file system that sync allocates every hole
 //! the writes since the last one filled (the sub-blocks of partial blocks) and writes

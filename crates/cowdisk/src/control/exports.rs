@@ -113,23 +113,20 @@ pub fn remove(control: &Control, req: &Value) -> Result<Value, Failure> {
             ))
         }
     };
-    if !control.list().iter().any(|t| t.name == name) {
-        return Err(Failure::new(
-            "unknown_export",
-            format!("no export named {name:?}"),
-        ));
-    }
+    let target = control
+        .list()
+        .into_iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| Failure::new("unknown_export", format!("no export named {name:?}")))?;
     let res = nbd_exports(control)?.remove(name, clients);
-    let target = control.list().into_iter().find(|t| t.name == name);
     // Gone for new clients either way: the control interface follows the server.
     control.drop_export(name);
     let (_, closed) = res.map_err(|e| Failure::new("failed", e.to_string()))?;
     // Its clients are gone and it is flushed; its journal goes too, so the image alone
     // holds its writes wherever it is taken next.
-    if let Some(t) = target {
-        t.live
-            .retire_journal()
-            .map_err(|e| Failure::new("failed", e.to_string()))?;
-    }
+    target
+        .live
+        .retire_journal()
+        .map_err(|e| Failure::new("failed", e.to_string()))?;
     Ok(json!({ "name": name, "closed_connections": closed }))
 }
