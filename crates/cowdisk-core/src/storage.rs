@@ -42,6 +42,11 @@ pub trait ReadStorage: Send + Sync {
     fn moves_data_by_fd(&self) -> bool {
         true
     }
+    /// True if a read may wait on the network (an object store), taking milliseconds
+    /// where a local file takes microseconds.
+    fn may_wait_on_network(&self) -> bool {
+        false
+    }
     /// True if every read of a data block returns only bytes already checked against
     /// the block CRCs this storage presents (a source that verifies on arrival): the
     /// engine then does not read a whole block to check it again before a partial read.

@@ -196,6 +196,13 @@ pub trait Backend: Send + Sync {
     fn pieces_begin(&self) {}
     /// See [`Backend::pieces_begin`].
     fn pieces_end(&self) {}
+    /// Whether a request may wait on the network (a layer in an object store), for
+    /// milliseconds where a local one takes microseconds. The server then never lets a
+    /// request alone in flight keep the connection's input while it runs, so one slow
+    /// fetch does not hold back requests sent behind it. Default: false.
+    fn may_wait_on_network(&self) -> bool {
+        false
+    }
     /// Names of the dirty bitmaps offered as metadata contexts `qemu:dirty-bitmap:NAME`
     /// (qemu's semantics: flag 1 = changed since the bitmap's checkpoint). Default: none.
     fn dirty_bitmaps(&self) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! Resource limits; every client-controlled length is checked against one of these.
 
+use std::ops::Range;
 use std::time::Duration;
 
 const MIB: u32 = 1 << 20;
@@ -63,6 +64,12 @@ pub struct Limits {
     /// Threads per connection, the connection's own included, that take turns reading the
     /// next request and each run the request they read. Default 4.
     pub workers_per_connection: usize,
+    /// A READ or WRITE alone in flight, with nothing else sent, runs on the thread that
+    /// read it without first waking another to read the next request, if the request
+    /// before it ran this long: long enough to have waited on a device (where the wake-up
+    /// costs more than it gains), short enough that a request sent meanwhile does not
+    /// wait long for it. Default 25 µs to 1 ms.
+    pub keep_input_after: Range<Duration>,
 }
 
 impl Default for Limits {
@@ -87,6 +94,7 @@ impl Default for Limits {
             max_total_in_flight_bytes: per_cpu,
             max_total_write_bytes: per_cpu.max(64 * MIB as usize),
             workers_per_connection: 4,
+            keep_input_after: Duration::from_micros(25)..Duration::from_millis(1),
         }
     }
 }

@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
 /// An accepted connection.
 #[derive(Debug)]
 pub(crate) enum Stream {
@@ -111,6 +113,17 @@ impl<'a> Deadline<'a> {
             deadline: None,
             armed: false,
         }
+    }
+
+    /// Whether bytes wait on the socket right now (or it hung up): a poll that does not wait.
+    pub fn readable_now(&self) -> bool {
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let mut fds = [PollFd::new(self.stream, PollFlags::IN)];
+        // An error says nothing about pending bytes; treat it as "maybe" (the cautious answer).
+        poll(&mut fds, Some(&zero)).map_or(true, |n| n > 0)
     }
 
     /// Sets a deadline `timeout` from now, or lifts it.

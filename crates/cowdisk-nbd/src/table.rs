@@ -57,6 +57,11 @@ impl Activity {
         Some(Busy(self))
     }
 
+    /// Whether exactly one request is in flight (the caller's own).
+    pub fn alone(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 1
+    }
+
     /// Records the export the connection entered transmission on.
     pub fn set_export(&self, name: &str) {
         *self.export.lock().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());

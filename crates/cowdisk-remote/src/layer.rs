@@ -445,6 +445,11 @@ impl ReadStorage for RemoteLayer {
         true
     }
 
+    /// A block not in the cache is fetched from the bucket.
+    fn may_wait_on_network(&self) -> bool {
+        true
+    }
+
     /// Runs of the cache file when every block of the range is cached and was verified
     /// by this process, with the eviction generation they were verified under: as for
     /// `RemoteLayer::read_trusted`, the bytes hold if no eviction ran until after they

@@ -92,6 +92,13 @@ impl Backend for DiskBackend {
     fn is_read_only(&self) -> bool {
         self.disk().is_read_only()
     }
+    fn may_wait_on_network(&self) -> bool {
+        let lower = self.disk().lower();
+        lower
+            .layers()
+            .iter()
+            .any(|l| l.storage().may_wait_on_network())
+    }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let start = Instant::now();
         let res = self.disk().read(offset, buf);
