@@ -9,8 +9,10 @@
 #
 # Usage: tools/bench-direct.sh [--help]
 # Environment: BENCH_DIR (a folder on the file system to measure, not tmpfs before Linux
-# 6.6) [/var/tmp/cowdisk-bench-direct], BENCH_REPS [3], COWDISK [target/release/cowdisk],
-# BENCH_SERVE_ARGS, more arguments for cowdisk serve (e.g. "--threads 16").
+# 6.6) [/var/tmp/cowdisk-bench-direct], BENCH_FS (ext4, xfs, btrfs or tmpfs: measure on a
+# fresh one of these instead, a loop file in BENCH_DIR; needs root) [none], BENCH_REPS [3],
+# COWDISK [target/release/cowdisk], BENCH_SERVE_ARGS, more arguments for cowdisk serve
+# (e.g. "--threads 16").
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=tools/common.sh
@@ -22,10 +24,16 @@ BIN=${COWDISK:-$ROOT/target/release/cowdisk}
 read -r -a SERVE_ARGS <<<"${BENCH_SERVE_ARGS:-}"
 for t in fio jq qemu-img qemu-nbd python3; do command -v $t >/dev/null || { echo "$t missing" >&2; exit 1; }; done
 [[ -x $BIN ]] || { echo "$BIN missing: cargo build --release" >&2; exit 1; }
-mkdir -p "$D"; cd "$D"
+mkdir -p "$D"
+PIDS=() MNT=""
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait; cd /; [[ -z $MNT ]] || umount "$MNT"' EXIT
+if [[ -n ${BENCH_FS:-} ]]; then
+  # Two bases and two tops of 256 MiB, and a flush journal: 2 GiB is room enough.
+  MNT=$D/mnt; mount_fresh_fs "$MNT" "$BENCH_FS" 2048 "$D/$BENCH_FS.img" || exit 2
+  D=$MNT
+fi
+cd "$D"
 bench_base "$BIN" 256
-PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 iops() {  # iops URI FIO-ARGS...
   local u=$1; shift
   fio --name=b --ioengine=nbd --uri="$u" --size=256m --runtime=5 --time_based --randseed=3 \
