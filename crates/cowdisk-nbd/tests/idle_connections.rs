@@ -37,6 +37,7 @@ fn idle_connections_cannot_lock_new_clients_out() {
             e.store(true, Ordering::SeqCst);
             wait_for(&r);
         }),
+        network: false,
     });
     let mut limits = Limits::default();
     limits.max_connections = 8;
@@ -100,6 +101,7 @@ fn an_idle_timeout_closes_idle_connections_only() {
         inner: MemBackend::new(8 * MIB),
         // A read far slower than the idle timeout.
         hook: Box::new(|| std::thread::sleep(Duration::from_millis(1500))),
+        network: false,
     });
     let mut limits = Limits::default();
     limits.idle_timeout = Some(Duration::from_millis(300));

@@ -56,6 +56,7 @@ fn a_panicking_backend_call_is_answered_eio_and_workers_survive() {
             flag.store(true, Ordering::SeqCst);
             panic!("injected backend panic");
         }),
+        network: false,
     });
     let srv = TestServer::start(vec![("p", backend)], one_worker());
     let mut c = Client::connect(srv.addr);

@@ -273,6 +273,7 @@ fn pipelined_requests_complete_out_of_order() {
             Arc::new(HookedReads {
                 inner: MemBackend::new(SIZE),
                 hook: Box::new(|| std::thread::sleep(Duration::from_millis(300))),
+                network: false,
             }),
         )],
         Limits::default(),
@@ -324,6 +325,7 @@ fn shutdown_answers_in_flight_and_flushes() {
     let b = Arc::new(HookedReads {
         inner: MemBackend::new(SIZE),
         hook: Box::new(|| std::thread::sleep(Duration::from_millis(300))),
+        network: false,
     });
     let srv = TestServer::start(
         vec![("d", b.clone() as Arc<dyn Backend>)],

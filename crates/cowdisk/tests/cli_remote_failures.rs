@@ -3,24 +3,18 @@
 //! TLS verification, image roots, a push killed mid-upload.
 
 mod cli_common;
+#[path = "../../cowdisk-nbd/tests/common/mod.rs"]
+mod common;
 mod remote_common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cli_common::*;
+use common::have_python_nbd;
 use remote_common::*;
 use test_support::have_tool;
 use test_support::s3server::{S3Server, BUCKET};
-
-/// True if the libnbd Python bindings import (a failure under `CI=true` if not).
-fn python_nbd() -> bool {
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    test_support::require(ok, "python3-libnbd (import nbd)")
-}
 
 /// Reads offset 0 (cached) a few times, then a cold block (argv 2) and, 50 ms later, offset
 /// 0 again; prints the order in which they completed.
@@ -72,7 +66,7 @@ fn store_outage_under_serve() {
         io("read 0 64k").contains("read 65536/65536"),
         "cached block still reads"
     );
-    if python_nbd() {
+    if have_python_nbd() {
         // A read waiting on the stopped store does not hold back one sent after it, even
         // alone in flight: a remote layer's requests never keep the connection's input.
         let o = Command::new("/usr/bin/python3")

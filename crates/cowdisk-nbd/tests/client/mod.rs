@@ -393,6 +393,8 @@ impl Client {
 pub struct HookedReads {
     pub inner: cowdisk_nbd::mem::MemBackend,
     pub hook: Box<dyn Fn() + Send + Sync>,
+    /// What [`Backend::may_wait_on_network`] answers.
+    pub network: bool,
 }
 
 impl Backend for HookedReads {
@@ -404,6 +406,9 @@ impl Backend for HookedReads {
     }
     fn is_read_only(&self) -> bool {
         false
+    }
+    fn may_wait_on_network(&self) -> bool {
+        self.network
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), cowdisk_nbd::BackendError> {
         if offset == 0 {
