@@ -46,6 +46,7 @@ mod handshake;
 mod limits;
 mod live_exports;
 pub mod mem;
+mod outbox;
 mod payload;
 mod reply;
 mod server;

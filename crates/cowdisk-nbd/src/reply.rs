@@ -1,11 +1,12 @@
-//! Reply writing (one mutex held for each whole reply, so replies never interleave) and a
-//! small buffer pool so steady-state I/O does not allocate per request.
+//! Reply writing (whole replies through the connection's [`Outbox`], so replies never
+//! interleave) and a small buffer pool so steady-state I/O does not allocate per request.
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use crate::outbox::Outbox;
 use crate::wire::{self, chunk, cmd, Request};
 use crate::{Backend, BackendError, ReadPiece};
 
@@ -25,7 +26,7 @@ const MAX_ERROR_MESSAGE: usize = 256;
 
 /// Serialises replies onto the socket.
 pub(crate) struct Replier<'a, W> {
-    w: Mutex<W>,
+    out: Outbox<W>,
     structured: bool,
     failed: AtomicBool,
     abort: &'a (dyn Fn() + Sync),
@@ -34,7 +35,7 @@ pub(crate) struct Replier<'a, W> {
 impl<'a, W: Write> Replier<'a, W> {
     pub fn new(w: W, structured: bool, abort: &'a (dyn Fn() + Sync)) -> Self {
         Self {
-            w: Mutex::new(w),
+            out: Outbox::new(w),
             structured,
             failed: AtomicBool::new(false),
             abort,
@@ -46,21 +47,27 @@ impl<'a, W: Write> Replier<'a, W> {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Writes one complete reply.
+    /// Writes one complete reply (or leaves it to the thread writing now, see [`Outbox`]).
     pub fn send(&self, bytes: &[u8]) {
-        self.write_reply(|w| w.write_all(bytes).and_then(|()| w.flush()));
+        if !self.failed() {
+            let res = self.out.send(bytes);
+            self.check(res);
+        }
     }
 
-    /// Runs `f` with the writer held, so one reply goes out whole; if it fails, the
-    /// connection is marked failed and the reader woken, so no more work is accepted.
+    /// Runs `f` with the writer held, so one reply goes out whole.
     fn write_reply(&self, f: impl FnOnce(&mut W) -> io::Result<()>) {
-        if self.failed() {
-            return;
+        if !self.failed() {
+            let res = self.out.write(f);
+            self.check(res);
         }
-        let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
-        if f(&mut w).is_err() {
+    }
+
+    /// A failed write marks the connection failed and wakes the reader, so no more work is
+    /// accepted.
+    fn check(&self, res: io::Result<()>) {
+        if res.is_err() {
             self.failed.store(true, Ordering::Relaxed);
-            drop(w);
             (self.abort)();
         }
     }
