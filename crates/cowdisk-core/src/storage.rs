@@ -42,6 +42,11 @@ pub trait ReadStorage: Send + Sync {
     fn moves_data_by_fd(&self) -> bool {
         true
     }
+    /// The descriptor opened with `O_DIRECT` that this file's bytes are read through,
+    /// where there is one (`serve --cache=none`).
+    fn direct_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
     /// True if a read may wait on the network (an object store), taking milliseconds
     /// where a local file takes microseconds.
     fn may_wait_on_network(&self) -> bool {

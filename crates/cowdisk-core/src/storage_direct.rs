@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -187,6 +187,10 @@ impl ReadStorage for DirectStorage {
     /// page cache this mode keeps empty.
     fn moves_data_by_fd(&self) -> bool {
         false
+    }
+
+    fn direct_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
     }
 }
 

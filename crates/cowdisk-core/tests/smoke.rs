@@ -251,6 +251,19 @@ fn assemble(pieces: &[ReadPiece<'_>]) -> Vec<u8> {
                 assert_eq!(n, b.len(), "piece past the end of its file");
                 out.extend_from_slice(&b);
             }
+            ReadPiece::Direct { fd, offset, len } => {
+                let a = DIRECT_ALIGN as usize;
+                assert_eq!(
+                    (offset % DIRECT_ALIGN, len % DIRECT_ALIGN),
+                    (0, 0),
+                    "unaligned"
+                );
+                let mut b = vec![0u8; len as usize + a];
+                let skip = b.as_ptr().align_offset(a);
+                let n = rustix::io::pread(fd, &mut b[skip..skip + len as usize], offset).unwrap();
+                assert_eq!(n, len as usize, "piece past the end of its file");
+                out.extend_from_slice(&b[skip..skip + n]);
+            }
         }
     }
     out
@@ -258,7 +271,66 @@ fn assemble(pieces: &[ReadPiece<'_>]) -> Vec<u8> {
 
 #[test]
 fn read_pieces_name_the_same_bytes_as_read() {
-    let d = tmpdir("pieces");
+    let (d, top, size) = chain_of_three("pieces");
+    let disk = Disk::open(&top, &OpenOptions::new()).unwrap();
+    let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+    for _ in 0..400 {
+        let off = rng.below(size);
+        let len = rng.below((size - off).min(20 * 4096) + 1);
+        let mut want = vec![0u8; len as usize];
+        disk.read(off, &mut want).unwrap();
+        let mut pieces = Vec::new();
+        assert!(disk.read_pieces(off, len, |p| pieces.push(p)).unwrap());
+        assert_eq!(assemble(&pieces), want, "read {off}+{len}");
+    }
+    let e = disk.read_pieces(size - 1, 2, |_| {}).unwrap_err();
+    assert!(matches!(e, IoError::OutOfRange { .. }), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Under direct I/O an aligned read is planned as direct pieces and zeros (read in place
+/// into aligned memory), the same bytes as `read`; an unaligned one is not planned.
+#[test]
+fn read_pieces_under_direct_io_name_the_same_bytes_as_read() {
+    let (d, top, size) = chain_of_three("pieces-direct");
+    let disk = Disk::open(&top, &OpenOptions::new().direct_io(true)).unwrap();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let (mut planned, mut refused) = (0, 0);
+    for i in 0..400 {
+        let aligned = i % 2 == 0;
+        let (off, len) = if aligned {
+            let off = rng.below(size / 4096) * 4096;
+            (
+                off,
+                (rng.below((size - off).min(20 * 4096) / 4096) + 1) * 4096,
+            )
+        } else {
+            let off = rng.below(size);
+            (off, rng.below((size - off).min(20 * 4096) + 1))
+        };
+        let mut want = vec![0u8; len as usize];
+        disk.read(off, &mut want).unwrap();
+        let mut pieces = Vec::new();
+        if disk.read_pieces(off, len, |p| pieces.push(p)).unwrap() {
+            assert!(pieces.iter().all(|p| !matches!(p, ReadPiece::File { .. })));
+            assert_eq!(assemble(&pieces), want, "read {off}+{len}");
+            planned += 1;
+        } else {
+            assert!(!aligned, "an aligned read {off}+{len} was not planned");
+            refused += 1;
+        }
+    }
+    assert!(
+        planned > 200 && refused > 50,
+        "{planned} planned, {refused} refused"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Three layers of 1 MiB in 4 KiB blocks, each with random writes and discards; returns
+/// the folder, the top and the size.
+fn chain_of_three(name: &str) -> (std::path::PathBuf, std::path::PathBuf, u64) {
+    let d = tmpdir(name);
     let size = 1u64 << 20;
     let bs = 4096u64;
     let paths: Vec<_> = (0..3).map(|i| d.join(format!("l{i}.cow"))).collect();
@@ -281,19 +353,8 @@ fn read_pieces_name_the_same_bytes_as_read() {
         }
         disk.flush().unwrap();
     }
-    let disk = Disk::open(&paths[2], &OpenOptions::new()).unwrap();
-    for _ in 0..400 {
-        let off = rng.below(size);
-        let len = rng.below((size - off).min(20 * bs) + 1);
-        let mut want = vec![0u8; len as usize];
-        disk.read(off, &mut want).unwrap();
-        let mut pieces = Vec::new();
-        assert!(disk.read_pieces(off, len, |p| pieces.push(p)).unwrap());
-        assert_eq!(assemble(&pieces), want, "read {off}+{len}");
-    }
-    let e = disk.read_pieces(size - 1, 2, |_| {}).unwrap_err();
-    assert!(matches!(e, IoError::OutOfRange { .. }), "{e}");
-    std::fs::remove_dir_all(&d).unwrap();
+    let top = paths[2].clone();
+    (d, top, size)
 }
 
 #[test]

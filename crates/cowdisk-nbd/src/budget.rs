@@ -48,6 +48,20 @@ impl Budget {
         }
     }
 
+    /// Takes one request of `bytes` if the budget has room now.
+    pub fn try_acquire(&self, bytes: usize) -> Option<Cost<'_>> {
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if u.0 >= self.max_count || (u.0 > 0 && u.1 + bytes > self.max_bytes) {
+            return None;
+        }
+        u.0 += 1;
+        u.1 += bytes;
+        Some(Cost {
+            budget: self,
+            bytes,
+        })
+    }
+
     fn release(&self, bytes: usize) {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
         u.0 = u.0.saturating_sub(1);

@@ -42,6 +42,7 @@ mod backend;
 mod budget;
 mod error;
 mod export;
+mod gather;
 mod handshake;
 mod limits;
 mod live_exports;

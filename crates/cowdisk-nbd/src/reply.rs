@@ -157,6 +157,29 @@ impl<'a, W: Write> Replier<'a, W> {
         self.send(&out);
     }
 
+    /// Successful READ replies, sent together: each `(request, offset, buf)` as for
+    /// [`Replier::read_data`].
+    pub fn read_data_all(&self, replies: &mut [(Request, u64, &mut [u8])]) {
+        if self.failed() || replies.is_empty() {
+            return;
+        }
+        let starts: Vec<usize> = replies
+            .iter_mut()
+            .map(|(req, offset, buf)| {
+                let len =
+                    u32::try_from(buf.len().saturating_sub(READ_HEADROOM)).unwrap_or(u32::MAX);
+                self.read_header(req, *offset, len, &mut buf[..READ_HEADROOM])
+            })
+            .collect();
+        let slices: Vec<&[u8]> = replies
+            .iter()
+            .zip(&starts)
+            .map(|((_, _, buf), &start)| &buf[start..])
+            .collect();
+        let res = self.out.send_all(&slices);
+        self.check(res);
+    }
+
     /// Successful READ reply; `buf` holds [`READ_HEADROOM`] spare bytes followed by the data.
     pub fn read_data(&self, req: &Request, offset: u64, buf: &mut [u8]) {
         // The data length is a validated payload length, far below u32::MAX.
@@ -218,6 +241,12 @@ fn send_pieces<W: Write + AsFd>(
                     at: here,
                 };
                 crate::staged::send(w, &s, b)?;
+            }
+            // Read into a buffer by the caller, never sent from the file (see `gather`).
+            ReadPiece::Direct { .. } => {
+                return Err(io::Error::other(
+                    "a direct piece cannot be sent from its file",
+                ))
             }
             ReadPiece::Zeros(mut n) => {
                 while n > 0 {

@@ -1,7 +1,8 @@
 //! Transmission phase: a few threads per connection take turns reading the next request and
 //! each runs the request it read against the backend (a request alone in flight that will
-//! wait on the device runs without waking the next reader first); replies go out under one
-//! mutex so each is written atomically and out of order.
+//! wait on the device runs without waking the next reader first; READs of direct I/O already
+//! buffered behind one run together, [`batch`]); replies go out whole, in any order, through
+//! the connection's outbox.
 //!
 //! Memory is bounded by in-flight budgets ([`crate::budget`]): per connection (request count
 //! and bytes, taken before a payload is read), and server-wide for read buffers (taken before
@@ -13,21 +14,25 @@ use std::io::{self, BufRead, Read, Write};
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::budget::{Budget, Cost, Held, SharedBytes};
-use crate::export::{Export, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID, DIRTY_BITMAP_ID};
+use crate::export::Export;
+use crate::gather;
 use crate::handshake::Session;
 use crate::payload::{self, Received};
-use crate::reply::{BufPool, ContextExtents, Replier, DATA_ALIGN, READ_HEADROOM};
+use crate::reply::{BufPool, Replier, DATA_ALIGN, READ_HEADROOM};
 use crate::stream::Deadline;
 use crate::table::{Activity, Busy};
 use crate::validate::{validate, ConnPolicy, Op, Verdict};
-use crate::wire::{self, cmd, state, Request};
-use crate::{Backend, BackendError, BackendErrorKind, Extent, Limits, ReadPiece};
+use crate::wire::{self, cmd, Request};
+
+mod batch;
+mod status;
+use crate::{Backend, BackendError, Limits, ReadPiece};
 
 /// Request bytes read from the socket at once.
 const READ_BUFFER: usize = 16 * 1024;
@@ -91,6 +96,9 @@ struct Conn<'a, W: Write> {
     /// How long the last request took to run, in nanoseconds (`u64::MAX` before the first).
     last_run_ns: AtomicU64,
     keep_input_after: Range<Duration>,
+    /// The backend planned a read as direct pieces: READs already buffered are then run
+    /// together ([`batch`]).
+    direct_reads: AtomicBool,
 }
 
 impl<W: Write> Conn<'_, W> {
@@ -123,6 +131,7 @@ pub(crate) fn serve<W: Write + AsFd + Send>(
         write_share: AtomicUsize::new(0),
         last_run_ns: AtomicU64::new(u64::MAX),
         keep_input_after: limits.keep_input_after.clone(),
+        direct_reads: AtomicBool::new(false),
     };
     let policy = ConnPolicy {
         size: export.backend.size(),
@@ -171,6 +180,8 @@ fn follower<'a, W: Write + AsFd>(
     mut pieces: Vec<ReadPiece<'a>>,
 ) {
     let mut kept = None;
+    // Made when this thread first runs a batch.
+    let mut ring = None;
     loop {
         let mut guard = match kept.take() {
             Some(g) => g,
@@ -184,11 +195,26 @@ fn follower<'a, W: Write + AsFd>(
         if *done {
             return;
         }
-        // The request counts as in flight until its reply is written (`_busy` outlives it).
-        let Some((job, _busy)) = next_job(r, conn, policy) else {
+        // The request counts as in flight until its reply is written (`busy` outlives it).
+        let Some((job, busy)) = next_job(r, conn, policy) else {
             *done = true;
             return;
         };
+        // READs already buffered behind this one run together where reads are direct.
+        if matches!(job.op, Op::Read { .. }) && conn.direct_reads.load(Ordering::Relaxed) {
+            if let Some(next) = batch::next_buffered_read(r, conn, policy) {
+                let mut jobs = vec![(job, busy), next];
+                while jobs.len() < batch::MAX_BATCH {
+                    match batch::next_buffered_read(r, conn, policy) {
+                        Some(j) => jobs.push(j),
+                        None => break,
+                    }
+                }
+                drop(guard);
+                batch::run(conn, jobs, &mut ring, &mut pieces);
+                continue;
+            }
+        }
         if keeps_input(&job, r, conn) {
             kept = Some(guard);
         } else {
@@ -198,6 +224,7 @@ fn follower<'a, W: Write + AsFd>(
         run_guarded(conn, job, &mut pieces);
         let ran = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         conn.last_run_ns.store(ran, Ordering::Relaxed);
+        drop(busy);
     }
 }
 
@@ -356,7 +383,7 @@ fn run<'a, W: Write + AsFd>(conn: &Conn<'a, W>, job: Job<'_>, pieces: &mut Vec<R
             let len = u64::from(len).min(STATUS_BLOCKS * bs);
             let extents = usize::try_from(len.div_ceil(bs) + 1).unwrap_or(usize::MAX);
             let _held = conn.read_buffer_bytes(extents.saturating_mul(STATUS_EXTENT_BYTES));
-            match block_status(conn, offset, len, req_one) {
+            match status::block_status(conn, offset, len, req_one) {
                 Ok(contexts) => conn.out.block_status(&req, &contexts),
                 Err(e) => conn.out.backend_error(&req, &e),
             }
@@ -398,24 +425,40 @@ fn read<'a, W: Write + AsFd>(
             wire::errno::EIO,
             "backend planned a read of the wrong length",
         ),
+        Ok(true) if gather::has_direct(pieces) => {
+            conn.direct_reads.store(true, Ordering::Relaxed);
+            // Where a piece cannot be read, the backend reads the request and names the cause.
+            read_buffered(conn, req, offset, len, |data| {
+                gather::read_into(b, offset, pieces, data).or_else(|_| b.read(offset, data))
+            });
+        }
         // Zero-copy: no buffer, one copy fewer.
         Ok(true) => conn.out.read_pieces(req, offset, len, pieces, b),
-        Ok(false) => {
-            // Room to start the data on a 4 KiB boundary: a backend reading with direct
-            // I/O then reads straight into it instead of through a bounce buffer.
-            let buf_len = READ_HEADROOM + len as usize + DATA_ALIGN;
-            let mut held = conn.read_buffer_bytes(buf_len);
-            let mut buf = held.buffer(&conn.io.pool, buf_len);
-            let skip = aligned_skip(&buf);
-            let area = &mut buf[skip..skip + READ_HEADROOM + len as usize];
-            match b.read(offset, &mut area[READ_HEADROOM..]) {
-                Ok(()) => conn.out.read_data(req, offset, area),
-                Err(e) => conn.out.backend_error(req, &e),
-            }
-            conn.io.pool.put(buf);
-        }
+        Ok(false) => read_buffered(conn, req, offset, len, |data| b.read(offset, data)),
         Err(e) => conn.out.backend_error(req, &e),
     }
+}
+
+/// READ through a buffer filled by `fill`.
+fn read_buffered<W: Write + AsFd>(
+    conn: &Conn<'_, W>,
+    req: &Request,
+    offset: u64,
+    len: u32,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), BackendError>,
+) {
+    // Room to start the data on a 4 KiB boundary: a backend reading with direct I/O then
+    // reads straight into it instead of through a bounce buffer.
+    let buf_len = READ_HEADROOM + len as usize + DATA_ALIGN;
+    let mut held = conn.read_buffer_bytes(buf_len);
+    let mut buf = held.buffer(&conn.io.pool, buf_len);
+    let skip = aligned_skip(&buf);
+    let area = &mut buf[skip..skip + READ_HEADROOM + len as usize];
+    match fill(&mut area[READ_HEADROOM..]) {
+        Ok(()) => conn.out.read_data(req, offset, area),
+        Err(e) => conn.out.backend_error(req, &e),
+    }
+    conn.io.pool.put(buf);
 }
 
 /// Where in `buf` a reply must start so that its data, after [`READ_HEADROOM`] bytes of
@@ -431,122 +474,9 @@ fn pieces_len(pieces: &[ReadPiece<'_>]) -> Option<u64> {
         .try_fold(0u64, |n, p| n.checked_add(p.bytes()))
 }
 
-/// Extents per selected context, as `(context id, [(length, flags)])`: one backend query
-/// for the allocation contexts, one for the dirty bitmap.
-fn block_status<W: Write>(
-    conn: &Conn<'_, W>,
-    offset: u64,
-    len: u64,
-    req_one: bool,
-) -> Result<Vec<ContextExtents>, BackendError> {
-    let no_extents = || BackendError::new(BackendErrorKind::Io, "backend returned no extents");
-    let selected = conn.session.contexts;
-    let mut out = Vec::new();
-    if selected.base_allocation || selected.allocation_depth {
-        let mut raw = Vec::new();
-        conn.export.backend.block_status(offset, len, &mut raw)?;
-        let extents = clamp_extents(&raw, len);
-        if extents.is_empty() {
-            return Err(no_extents());
-        }
-        for (id, _) in selected.entries() {
-            let value = |e: &Extent| match id {
-                BASE_ALLOCATION_ID => {
-                    // HOLE without ZERO would mean "undefined contents": only report it with ZERO.
-                    let zero = if e.zero { state::ZERO } else { 0 };
-                    let hole = if e.zero && e.hole { state::HOLE } else { 0 };
-                    zero | hole
-                }
-                ALLOCATION_DEPTH_ID => e.depth,
-                _ => 0,
-            };
-            let runs = extents.iter().map(|e| (e.length, value(e)));
-            out.push((id, merged_pairs(runs, req_one)));
-        }
-    }
-    if let Some(key) = selected.dirty_bitmap {
-        let mut raw = Vec::new();
-        conn.export
-            .backend
-            .dirty_status(key, offset, len, &mut raw)?;
-        let as_extents: Vec<Extent> = raw
-            .iter()
-            .map(|d| Extent {
-                length: d.length,
-                zero: d.dirty,
-                hole: false,
-                depth: 0,
-            })
-            .collect();
-        let extents = clamp_extents(&as_extents, len);
-        if extents.is_empty() {
-            return Err(no_extents());
-        }
-        // qemu's dirty-bitmap context: flag 1 = dirty.
-        let runs = extents.iter().map(|e| (e.length, u32::from(e.zero)));
-        out.push((DIRTY_BITMAP_ID, merged_pairs(runs, req_one)));
-    }
-    Ok(out)
-}
-
-/// `(length, flags)` pairs from clamped runs: equal neighbours merged, at most
-/// `MAX_EXTENTS`, one with `REQ_ONE`.
-fn merged_pairs(runs: impl Iterator<Item = (u64, u32)>, req_one: bool) -> Vec<(u32, u32)> {
-    let mut pairs: Vec<(u32, u32)> = Vec::new();
-    for (length, v) in runs {
-        // Lengths are clamped to the request length, a u32, so the sum still fits.
-        let l = u32::try_from(length).unwrap_or(u32::MAX);
-        let full = pairs.len() >= MAX_EXTENTS;
-        match pairs.last_mut() {
-            Some(last) if last.1 == v => last.0 = last.0.saturating_add(l),
-            _ if full => break,
-            _ => pairs.push((l, v)),
-        }
-    }
-    if req_one {
-        pairs.truncate(1);
-    }
-    pairs
-}
-
-/// Drops empty extents and cuts the list at `len` bytes, so a misbehaving backend cannot make
-/// the server send an invalid reply.
-fn clamp_extents(raw: &[Extent], len: u64) -> Vec<Extent> {
-    let mut out = Vec::with_capacity(raw.len().min(MAX_EXTENTS));
-    let mut total = 0u64;
-    for e in raw {
-        if total >= len {
-            break;
-        }
-        if e.length == 0 {
-            continue;
-        }
-        let l = e.length.min(len - total);
-        total += l;
-        out.push(Extent { length: l, ..*e });
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ext(length: u64) -> Extent {
-        Extent {
-            length,
-            zero: false,
-            hole: false,
-            depth: 1,
-        }
-    }
-
-    #[test]
-    fn extents_are_clamped() {
-        let got = clamp_extents(&[ext(0), ext(100), ext(1000)], 500);
-        assert_eq!(got, vec![ext(100), ext(400)]);
-        assert!(clamp_extents(&[ext(0)], 10).is_empty());
-    }
 
     #[test]
     fn read_data_starts_aligned_within_the_slack() {

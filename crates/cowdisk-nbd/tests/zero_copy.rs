@@ -2,7 +2,9 @@
 //! `sendfile`, byte for byte what `read` would return, in simple and structured replies; a
 //! piece the file cannot fill drops the connection instead of sending short or padded data.
 //! Staged pieces (bytes a cache may drop) go out only if the backend still vouches for
-//! them after they were read; otherwise `read` supplies those bytes.
+//! them after they were read; otherwise `read` supplies those bytes. Direct pieces (files
+//! opened for direct I/O) are read into the reply, many requests' at once, and where one
+//! cannot be read `read` supplies the request.
 #![allow(clippy::big_endian_bytes)]
 
 mod client;
@@ -28,6 +30,8 @@ struct FileBackend {
     /// Plans `ReadPiece::Staged`; every other piece names wrong bytes and is refused by
     /// `staged_valid` (an eviction happened after the plan).
     staged: bool,
+    /// Plans `ReadPiece::Direct` for aligned reads, and nothing for others.
+    direct: bool,
 }
 
 /// How a broken backend may plan a read.
@@ -43,10 +47,10 @@ enum Lie {
 
 impl FileBackend {
     fn new(lie: Lie) -> Arc<FileBackend> {
-        Self::with(lie, false)
+        Self::with(lie, false, false)
     }
 
-    fn with(lie: Lie, staged: bool) -> Arc<FileBackend> {
+    fn with(lie: Lie, staged: bool, direct: bool) -> Arc<FileBackend> {
         // Tests run in parallel: one name each (the file is unlinked once open).
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -65,6 +69,7 @@ impl FileBackend {
             file: f,
             lie,
             staged,
+            direct,
         })
     }
 
@@ -123,6 +128,9 @@ impl Backend for FileBackend {
         len: u64,
         out: &mut Vec<ReadPiece<'a>>,
     ) -> Result<bool, BackendError> {
+        if self.direct && !(offset.is_multiple_of(PIECE) && len.is_multiple_of(PIECE)) {
+            return Ok(false);
+        }
         let mut o = offset;
         while o < offset + len {
             let n = (PIECE - o % PIECE).min(offset + len - o);
@@ -130,6 +138,12 @@ impl Backend for FileBackend {
             let stale = (o / PIECE) % 2 == 1;
             out.push(if zero {
                 ReadPiece::Zeros(n)
+            } else if self.direct {
+                ReadPiece::Direct {
+                    fd: self.file.as_fd(),
+                    offset: f,
+                    len: n,
+                }
             } else if self.staged {
                 ReadPiece::Staged {
                     fd: self.file.as_fd(),
@@ -236,8 +250,8 @@ fn sendfile_reads_match_structured_replies() {
 
 #[test]
 fn staged_pieces_are_sent_only_while_the_backend_vouches_for_them() {
-    reads_match_with(FileBackend::with(Lie::No, true), false);
-    reads_match_with(FileBackend::with(Lie::No, true), true);
+    reads_match_with(FileBackend::with(Lie::No, true, false), false);
+    reads_match_with(FileBackend::with(Lie::No, true, false), true);
 }
 
 #[test]
@@ -273,5 +287,41 @@ fn pieces_short_of_the_request_get_eio_and_the_stream_stays_framed() {
         );
         // The next request is answered normally: nothing stray was sent.
         assert_eq!(c.errno(0, cmd::FLUSH, 0, 0, &[]), 0);
+    }
+}
+
+/// 64 aligned reads sent at once (so the server takes the buffered ones together) of
+/// direct pieces and zeros, in simple and structured replies; with pieces past the end of
+/// the file, `read` supplies every request instead.
+#[test]
+fn direct_pieces_are_read_into_the_reply_even_many_at_once() {
+    for lie in [Lie::No, Lie::PastEnd] {
+        for structured in [false, true] {
+            let b = FileBackend::with(lie, false, true);
+            let srv = TestServer::start(vec![("disk", b.clone())], Limits::default());
+            let mut c = Client::connect(srv.addr);
+            c.handshake("disk", structured, &[]);
+            // One alone first, then unaligned ones (not planned), then a burst.
+            assert_eq!(c.read(PIECE, PIECE as u32), b.expected(PIECE, PIECE));
+            assert_eq!(c.read(PIECE + 5, 100), b.expected(PIECE + 5, 100));
+            for round in 0..4u64 {
+                let mut cookies = Vec::new();
+                for i in 0..64u64 {
+                    let off = (i * 37 + round) % 200 * PIECE;
+                    let len = (1 + i % 5) * PIECE;
+                    cookies.push((c.send_request(0, cmd::READ, off, len as u32, &[]), off, len));
+                }
+                for _ in 0..cookies.len() {
+                    let r = c.read_reply();
+                    let &(_, off, len) = cookies.iter().find(|k| k.0 == r.cookie()).unwrap();
+                    let data = match r {
+                        client::Reply::Simple { error: 0, data, .. } => data,
+                        client::Reply::Chunk { payload, .. } => payload[8..].to_vec(),
+                        other => panic!("{other:?}"),
+                    };
+                    assert_eq!(data, b.expected(off, len), "{lie:?}: read {off}+{len}");
+                }
+            }
+        }
     }
 }

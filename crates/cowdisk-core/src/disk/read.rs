@@ -5,6 +5,7 @@ use super::scratch::{PIECE_SCRATCH, VERIFY_PIECE};
 use super::{Disk, ReadPiece};
 use crate::error::IoError;
 use crate::resolve::MappingKind;
+use crate::storage_direct::DIRECT_ALIGN;
 
 impl Disk {
     /// Reads `buf.len()` bytes at `offset`. Never copies or writes.
@@ -29,10 +30,12 @@ impl Disk {
     }
 
     /// Plans a read of `[offset, offset + len)` as pieces of layer files and zeros, for
-    /// callers that send the bytes without copying them through memory (`sendfile`). Checks
+    /// callers that send the bytes without copying them through memory (`sendfile`), or,
+    /// from files opened for direct I/O, read them straight into their own buffers. Checks
     /// the range and verifies sealed blocks exactly as [`Disk::read`] does, so a piece is
     /// only ever good data. Returns `false` if a layer has no file
-    /// descriptor (simulated storage): discard the pieces `f` got and use `read` then.
+    /// descriptor (simulated storage) or a direct file's part is not aligned: discard the
+    /// pieces `f` got and use `read` then.
     ///
     /// The pieces stay valid while the disk lives: lower layers never change, and a top
     /// block keeps its file offset. Like `read`, a concurrent write or discard of the same
@@ -52,6 +55,18 @@ impl Disk {
                     let at = data_offset + m.offset;
                     if let Some(fd) = st.fd().filter(|_| st.moves_data_by_fd()) {
                         ReadPiece::File {
+                            fd,
+                            offset: at,
+                            len: m.len,
+                        }
+                    } else if let Some(fd) = st.direct_fd() {
+                        if !at.is_multiple_of(DIRECT_ALIGN) || !m.len.is_multiple_of(DIRECT_ALIGN) {
+                            // Direct I/O cannot read it in place: `read` goes through a
+                            // bounce buffer.
+                            complete = false;
+                            return Ok(());
+                        }
+                        ReadPiece::Direct {
                             fd,
                             offset: at,
                             len: m.len,

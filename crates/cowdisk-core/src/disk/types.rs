@@ -37,6 +37,18 @@ pub enum ReadPiece<'a> {
         /// What the layer checks.
         token: u64,
     },
+    /// `len` bytes of a layer file opened for direct I/O (`O_DIRECT`), at file offset
+    /// `offset`: read them into memory aligned to [`crate::DIRECT_ALIGN`] (never `sendfile`,
+    /// which would fill the page cache direct I/O keeps empty). `offset` and `len` are
+    /// multiples of [`crate::DIRECT_ALIGN`].
+    Direct {
+        /// The layer file, opened with `O_DIRECT`.
+        fd: BorrowedFd<'a>,
+        /// Offset in the file.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 /// How a copy-up brings a block held below into the top ([`crate::OpenOptions::copy_up`]).

@@ -120,6 +120,9 @@ impl Backend for DiskBackend {
                 cowdisk_core::ReadPiece::File { fd, offset, len } => {
                     ReadPiece::File { fd, offset, len }
                 }
+                cowdisk_core::ReadPiece::Direct { fd, offset, len } => {
+                    ReadPiece::Direct { fd, offset, len }
+                }
                 cowdisk_core::ReadPiece::Staged {
                     fd,
                     offset,
