@@ -418,7 +418,21 @@ fn read<'a, W: Write + AsFd>(
 ) {
     let b: &'a dyn Backend = &*conn.export.backend;
     pieces.clear();
-    match b.read_pieces(offset, u64::from(len), pieces) {
+    let planned = b.read_pieces(offset, u64::from(len), pieces);
+    answer_read(conn, req, offset, len, pieces, planned);
+}
+
+/// Answers a READ the backend planned (`planned`, with `pieces` if `Ok(true)`).
+fn answer_read<'a, W: Write + AsFd>(
+    conn: &Conn<'a, W>,
+    req: &Request,
+    offset: u64,
+    len: u32,
+    pieces: &[ReadPiece<'a>],
+    planned: Result<bool, BackendError>,
+) {
+    let b: &'a dyn Backend = &*conn.export.backend;
+    match planned {
         // Pieces that do not add up to the request would break the stream's framing.
         Ok(true) if pieces_len(pieces) != Some(u64::from(len)) => conn.out.error(
             req,

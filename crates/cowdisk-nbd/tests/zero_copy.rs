@@ -30,7 +30,8 @@ struct FileBackend {
     /// Plans `ReadPiece::Staged`; every other piece names wrong bytes and is refused by
     /// `staged_valid` (an eviction happened after the plan).
     staged: bool,
-    /// Plans `ReadPiece::Direct` for aligned reads, and nothing for others.
+    /// Plans `ReadPiece::Direct` for aligned reads (and, if it does not lie, `File` for every
+    /// fourth piece, so that some plans mix them), and nothing for others.
     direct: bool,
 }
 
@@ -138,7 +139,7 @@ impl Backend for FileBackend {
             let stale = (o / PIECE) % 2 == 1;
             out.push(if zero {
                 ReadPiece::Zeros(n)
-            } else if self.direct {
+            } else if self.direct && !(self.lie == Lie::No && (o / PIECE) % 4 == 3) {
                 ReadPiece::Direct {
                     fd: self.file.as_fd(),
                     offset: f,
@@ -220,10 +221,17 @@ fn reads_match_with(b: Arc<FileBackend>, structured: bool) {
         assert_eq!(got, b.expected(off, len), "read {off}+{len}");
     }
     // Pipelined: replies may interleave only as whole replies.
+    let reads: Vec<(u64, u64)> = (0..64u64)
+        .map(|i| ((i * 12345) % (SIZE - 3 * PIECE), PIECE + i * 97))
+        .collect();
+    pipelined_reads_match(&mut c, &b, &reads, "pipelined");
+}
+
+/// Sends every read of `reads` before reading any reply; each reply holds what `read`
+/// returns.
+fn pipelined_reads_match(c: &mut Client, b: &FileBackend, reads: &[(u64, u64)], what: &str) {
     let mut cookies = Vec::new();
-    for i in 0..64u64 {
-        let off = (i * 12345) % (SIZE - 3 * PIECE);
-        let len = PIECE + i * 97;
+    for &(off, len) in reads {
         cookies.push((c.send_request(0, cmd::READ, off, len as u32, &[]), off, len));
     }
     for _ in 0..cookies.len() {
@@ -234,7 +242,7 @@ fn reads_match_with(b: Arc<FileBackend>, structured: bool) {
             client::Reply::Chunk { payload, .. } => payload[8..].to_vec(),
             other => panic!("{other:?}"),
         };
-        assert_eq!(data, b.expected(off, len), "pipelined read {off}+{len}");
+        assert_eq!(data, b.expected(off, len), "{what} read {off}+{len}");
     }
 }
 
@@ -291,8 +299,9 @@ fn pieces_short_of_the_request_get_eio_and_the_stream_stays_framed() {
 }
 
 /// 64 aligned reads sent at once (so the server takes the buffered ones together) of
-/// direct pieces and zeros, in simple and structured replies; with pieces past the end of
-/// the file, `read` supplies every request instead.
+/// direct pieces and zeros (on the ring), some with file pieces too (read one by one from
+/// their plan), in simple and structured replies; with pieces past the end of the file,
+/// `read` supplies every request instead.
 #[test]
 fn direct_pieces_are_read_into_the_reply_even_many_at_once() {
     for lie in [Lie::No, Lie::PastEnd] {
@@ -305,22 +314,10 @@ fn direct_pieces_are_read_into_the_reply_even_many_at_once() {
             assert_eq!(c.read(PIECE, PIECE as u32), b.expected(PIECE, PIECE));
             assert_eq!(c.read(PIECE + 5, 100), b.expected(PIECE + 5, 100));
             for round in 0..4u64 {
-                let mut cookies = Vec::new();
-                for i in 0..64u64 {
-                    let off = (i * 37 + round) % 200 * PIECE;
-                    let len = (1 + i % 5) * PIECE;
-                    cookies.push((c.send_request(0, cmd::READ, off, len as u32, &[]), off, len));
-                }
-                for _ in 0..cookies.len() {
-                    let r = c.read_reply();
-                    let &(_, off, len) = cookies.iter().find(|k| k.0 == r.cookie()).unwrap();
-                    let data = match r {
-                        client::Reply::Simple { error: 0, data, .. } => data,
-                        client::Reply::Chunk { payload, .. } => payload[8..].to_vec(),
-                        other => panic!("{other:?}"),
-                    };
-                    assert_eq!(data, b.expected(off, len), "{lie:?}: read {off}+{len}");
-                }
+                let reads: Vec<(u64, u64)> = (0..64u64)
+                    .map(|i| ((i * 37 + round) % 200 * PIECE, (1 + i % 5) * PIECE))
+                    .collect();
+                pipelined_reads_match(&mut c, &b, &reads, &format!("{lie:?}"));
             }
         }
     }

@@ -95,14 +95,20 @@ fn direct_files(pid: u32, dir: &Path) -> Vec<(String, bool)> {
     out
 }
 
-#[test]
-fn cache_none_serves_exact_content_with_direct_io() {
-    for t in ["qemu-img", "qemu-io", "fio"] {
-        if !have_tool(t) {
-            return;
-        }
+/// `qemu-io -f raw` running `ops` on `target`.
+fn qemu_io(ops: &[&str], target: &str) {
+    let mut args = vec!["-f", "raw"];
+    for op in ops {
+        args.extend(["-c", *op]);
     }
-    let d = Dir::new("content");
+    args.push(target);
+    run_ok("qemu-io", &args, 60);
+}
+
+/// A raw model of `size` with `base_ops` done on it, imported as a base with a fresh top
+/// over it: (folder, model, base, top).
+fn model_chain(name: &str, size: &str, base_ops: &[&str]) -> (Dir, PathBuf, PathBuf, PathBuf) {
+    let d = Dir::new(name);
     let (raw, base, top) = (
         d.0.join("model.raw"),
         d.0.join("base.cow"),
@@ -110,18 +116,24 @@ fn cache_none_serves_exact_content_with_direct_io() {
     );
     run_ok(
         "qemu-img",
-        &["create", "-q", "-f", "raw", s(&raw), "32M"],
+        &["create", "-q", "-f", "raw", s(&raw), size],
         30,
     );
-    let base_ops = ["write -P 0x11 0 8M", "write -P 0x22 20M 3M"];
-    let mut args = vec!["-f", "raw"];
-    for op in base_ops {
-        args.extend(["-c", op]);
-    }
-    args.push(s(&raw));
-    run_ok("qemu-io", &args, 60);
+    qemu_io(base_ops, s(&raw));
     run_ok(BIN, &["import", "-q", s(&raw), s(&base)], 60);
     run_ok(BIN, &["create", s(&top), "--backing", s(&base)], 30);
+    (d, raw, base, top)
+}
+
+#[test]
+fn cache_none_serves_exact_content_with_direct_io() {
+    for t in ["qemu-img", "qemu-io", "fio"] {
+        if !have_tool(t) {
+            return;
+        }
+    }
+    let base_ops = ["write -P 0x11 0 8M", "write -P 0x22 20M 3M"];
+    let (d, raw, base, top) = model_chain("content", "32M", &base_ops);
     let base_before = std::fs::read(&base).unwrap();
 
     let sock = d.0.join("nbd.sock");
@@ -148,13 +160,8 @@ fn cache_none_serves_exact_content_with_direct_io() {
         "write -P 0x77 30M 4096",
         "discard 4M 64k",
     ];
-    for (target, fmt) in [(uri.as_str(), "raw"), (s(&raw), "raw")] {
-        let mut args = vec!["-f", fmt];
-        for op in ops {
-            args.extend(["-c", op]);
-        }
-        args.push(target);
-        run_ok("qemu-io", &args, 60);
+    for target in [uri.as_str(), s(&raw)] {
+        qemu_io(&ops, target);
     }
     // `discard` on a raw file may leave the bytes; the model is what the export says it
     // holds there: zeros.
@@ -230,18 +237,8 @@ fn many_direct_reads_in_flight_read_exact_content() {
             return;
         }
     }
-    let d = Dir::new("in-flight");
-    let (raw, base, top) = (
-        d.0.join("model.raw"),
-        d.0.join("base.cow"),
-        d.0.join("top.cow"),
-    );
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", s(&raw), "24M"],
-        30,
-    );
     let base_ops = ["write -P 0x11 0 8M", "write -P 0x22 12M 5M"];
+    let (d, raw, _base, top) = model_chain("in-flight", "24M", &base_ops);
     let top_ops = [
         "write -P 0x33 65536 4096",
         "write -P 0x44 1M 1M",
@@ -249,17 +246,6 @@ fn many_direct_reads_in_flight_read_exact_content() {
         "write -P 0x66 16M 3M",
         "write -z 5M 64k",
     ];
-    let qemu_io = |ops: &[&str], target: &str| {
-        let mut args = vec!["-f", "raw"];
-        for op in ops {
-            args.extend(["-c", *op]);
-        }
-        args.push(target);
-        run_ok("qemu-io", &args, 60);
-    };
-    qemu_io(&base_ops, s(&raw));
-    run_ok(BIN, &["import", "-q", s(&raw), s(&base)], 60);
-    run_ok(BIN, &["create", s(&top), "--backing", s(&base)], 30);
     let sock = d.0.join("nbd.sock");
     let srv = Killed(serve(&top, &sock));
     let uri = format!("nbd+unix:///?socket={}", sock.display());

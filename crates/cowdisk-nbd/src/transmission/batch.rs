@@ -13,7 +13,7 @@ use std::panic::{self, AssertUnwindSafe};
 
 use cowdisk_ring::{Piece, Ring};
 
-use super::{aligned_skip, pieces_len, run_guarded, Conn, Job};
+use super::{aligned_skip, answer_read, pieces_len, run_guarded, Conn, Job};
 use crate::budget::Held;
 use crate::reply::{DATA_ALIGN, READ_HEADROOM};
 use crate::stream::Deadline;
@@ -68,6 +68,9 @@ struct InFlight<'c> {
     _busy: Busy<'c>,
 }
 
+/// A READ of the batch that does not go on the ring, with its plan if it has one.
+type Rest<'a, 'c> = (Job<'c>, Busy<'c>, Option<Vec<ReadPiece<'a>>>);
+
 /// Runs `jobs` (READs): those the backend plans as direct pieces and zeros through `ring`
 /// (made on first use), the others one by one as usual, after the ring's are answered (they
 /// may wait for budget the ring's hold).
@@ -86,13 +89,13 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
         }
         return;
     };
+    let mut rest: Vec<Rest<'a, 'c>> = Vec::new();
     let b: &'a dyn Backend = &*conn.export.backend;
     let mut flying: Vec<Option<InFlight<'c>>> = Vec::with_capacity(jobs.len());
-    let mut rest = Vec::new();
     let mut batch = ring.batch();
     for (job, busy) in jobs {
         let Op::Read { offset, len } = job.op else {
-            rest.push((job, busy));
+            rest.push((job, busy, None));
             continue;
         };
         pieces.clear();
@@ -110,9 +113,9 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
                 continue;
             }
             Ok(Ok(true)) if pieces_len(pieces) == Some(u64::from(len)) => {}
-            // Planned some other way, or not at all: the usual path.
+            // Not planned (or planned wrong): the usual path plans it again.
             Ok(Ok(_)) => {
-                rest.push((job, busy));
+                rest.push((job, busy, None));
                 continue;
             }
         }
@@ -120,7 +123,7 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
         let mut held = conn.io.read_bytes.none(&conn.read_share);
         // Never wait for read-buffer budget here: the ring's buffers may be what holds it.
         if !held.try_grow(buf_len) {
-            rest.push((job, busy));
+            rest.push((job, busy, Some(pieces.clone())));
             continue;
         }
         let buf = held.buffer(&conn.io.pool, buf_len);
@@ -128,7 +131,7 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
         let data = skip + READ_HEADROOM;
         let Some(ring_pieces) = ring_pieces(pieces, data, buf.as_ptr() as usize + data) else {
             conn.io.pool.put(buf);
-            rest.push((job, busy));
+            rest.push((job, busy, Some(pieces.clone())));
             continue;
         };
         // The pooled buffer is zeroed: zero pieces need nothing more.
@@ -144,7 +147,7 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
             })),
             Err(buf) => {
                 conn.io.pool.put(buf);
-                rest.push((job, busy));
+                rest.push((job, busy, Some(pieces.clone())));
             }
         }
     }
@@ -152,8 +155,21 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
     if !answer(conn, ring, &mut flying, submitted) {
         *ring_slot = None;
     }
-    for (job, _busy) in rest {
-        run_guarded(conn, job, pieces);
+    // A read already planned is answered from its plan: planning again would count it
+    // twice in the backend's statistics.
+    for (job, _busy, plan) in rest {
+        match (plan, job.op) {
+            (Some(plan), Op::Read { offset, len }) => {
+                let req = job.req;
+                let ran = panic::catch_unwind(AssertUnwindSafe(|| {
+                    answer_read(conn, &req, offset, len, &plan, Ok(true))
+                }));
+                if ran.is_err() {
+                    conn.out.error(&req, wire::errno::EIO, "internal error");
+                }
+            }
+            _ => run_guarded(conn, job, pieces),
+        }
     }
 }
 
