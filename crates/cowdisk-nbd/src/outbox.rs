@@ -6,7 +6,8 @@
 //! reply: at queue depth 16 most replies found it busy.
 //!
 //! Memory stays bounded: the queue holds at most [`QUEUE_BYTES`], only replies of up to
-//! [`QUEUE_REPLY`] bytes are queued, and a thread finding no room waits for the writer.
+//! [`QUEUE_REPLY`] bytes are queued, a thread finding no room waits for the writer, and at
+//! most [`SPARE_BUFFERS`] small buffers are kept for reuse.
 
 use std::io::{self, IoSlice, Write};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -15,10 +16,12 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 const QUEUE_REPLY: usize = 16 * 1024 + 64;
 
 /// Most bytes of replies queued for the writer per connection.
-const QUEUE_BYTES: usize = 256 * 1024;
+const QUEUE_BYTES: usize = 64 * 1024;
 
-/// Most spare queue buffers kept for reuse (each at most [`QUEUE_REPLY`] bytes long).
+/// Most spare queue buffers kept for reuse, each of at most [`SPARE_CAPACITY`] bytes: a
+/// connection's queue then keeps at most 128 KiB.
 const SPARE_BUFFERS: usize = 16;
+const SPARE_CAPACITY: usize = 4096 + 64;
 
 /// Most replies sent in one system call.
 const BATCH: usize = 64;
@@ -101,7 +104,7 @@ impl<W: Write> Outbox<W> {
         loop {
             let mut st = self.state();
             for b in batch.drain(..) {
-                if st.spare.len() < SPARE_BUFFERS && b.capacity() <= QUEUE_REPLY {
+                if st.spare.len() < SPARE_BUFFERS && b.capacity() <= SPARE_CAPACITY {
                     st.spare.push(b);
                 }
             }
@@ -171,6 +174,61 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A socket the client does not read: each write waits for a permit.
+    struct Gated {
+        permits: std::sync::mpsc::Receiver<()>,
+        out: Vec<u8>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.permits.recv().map_err(|_| io::ErrorKind::BrokenPipe)?;
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_socket_queues_at_most_the_bound_then_senders_wait() {
+        let (permit, permits) = std::sync::mpsc::channel();
+        let ob = Arc::new(Outbox::new(Gated {
+            permits,
+            out: Vec::new(),
+        }));
+        let threads: Vec<_> = (0..5u8)
+            .map(|t| {
+                let ob = Arc::clone(&ob);
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        ob.send(&[t; 1000]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // One thread is stuck writing; the others fill the queue and then wait.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        {
+            let st = ob.state();
+            assert!(st.writing);
+            assert!(st.queued_bytes <= QUEUE_BYTES, "{} queued", st.queued_bytes);
+            assert!(
+                st.queued_bytes + 1000 > QUEUE_BYTES,
+                "the queue did not fill"
+            );
+        }
+        // The client reads again: everything goes out.
+        for _ in 0..100_000 {
+            let _ = permit.send(());
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(ob.w.lock().unwrap().out.len(), 500 * 1000);
     }
 
     #[test]

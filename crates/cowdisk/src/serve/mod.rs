@@ -42,8 +42,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'\n  cowdisk serve vm1.cow vm2.cow --listen 127.0.0.1:0\n  \
 cowdisk serve --ublk vm1.cow      # prints /dev/ublkbN; kill -TERM flushes and removes it\n\n\
 Memory for request data stays below, whatever clients do:\n  \
-max(read-budget, 32M) + write-budget + max-connections x 144K + (4 x threads + 8) x 1M\n\
-(defaults, 2 CPUs: 32M + 64M + 18M + 24M = 138M), plus about 16K of stack per\n\
+max(read-budget, 32M) + write-budget + max-connections x 272K + (4 x threads + 8) x 1M\n\
+(defaults, 2 CPUs: 32M + 64M + 34M + 24M = 154M), plus about 16K of stack per\n\
 thread (max-connections x threads of them)."
 )]
 pub struct ServeArgs {
