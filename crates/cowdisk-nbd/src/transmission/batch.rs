@@ -155,8 +155,17 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
     if !answer(conn, ring, &mut flying, submitted) {
         *ring_slot = None;
     }
-    // A read already planned is answered from its plan: planning again would count it
-    // twice in the backend's statistics.
+    answer_rest(conn, rest, pieces);
+}
+
+/// Answers the READs of a batch that did not go on the ring. One already planned is
+/// answered from its plan: planning it again would count it twice in the backend's
+/// statistics.
+fn answer_rest<'a, W: Write + AsFd>(
+    conn: &Conn<'a, W>,
+    rest: Vec<Rest<'a, '_>>,
+    pieces: &mut Vec<ReadPiece<'a>>,
+) {
     for (job, _busy, plan) in rest {
         match (plan, job.op) {
             (Some(plan), Op::Read { offset, len }) => {
