@@ -163,18 +163,9 @@ impl<'a, W: Write> Replier<'a, W> {
         if self.failed() || replies.is_empty() {
             return;
         }
-        let starts: Vec<usize> = replies
-            .iter_mut()
-            .map(|(req, offset, buf)| {
-                let len =
-                    u32::try_from(buf.len().saturating_sub(READ_HEADROOM)).unwrap_or(u32::MAX);
-                self.read_header(req, *offset, len, &mut buf[..READ_HEADROOM])
-            })
-            .collect();
         let slices: Vec<&[u8]> = replies
-            .iter()
-            .zip(&starts)
-            .map(|((_, _, buf), &start)| &buf[start..])
+            .iter_mut()
+            .map(|(req, offset, buf)| self.read_reply(req, *offset, buf))
             .collect();
         let res = self.out.send_all(&slices);
         self.check(res);
@@ -182,10 +173,17 @@ impl<'a, W: Write> Replier<'a, W> {
 
     /// Successful READ reply; `buf` holds [`READ_HEADROOM`] spare bytes followed by the data.
     pub fn read_data(&self, req: &Request, offset: u64, buf: &mut [u8]) {
+        let reply = self.read_reply(req, offset, buf);
+        self.send(reply);
+    }
+
+    /// Writes the header of a READ reply into the spare bytes at the front of `buf` (as for
+    /// [`Replier::read_data`]) and returns the whole reply.
+    fn read_reply<'b>(&self, req: &Request, offset: u64, buf: &'b mut [u8]) -> &'b [u8] {
         // The data length is a validated payload length, far below u32::MAX.
         let len = u32::try_from(buf.len().saturating_sub(READ_HEADROOM)).unwrap_or(u32::MAX);
         let start = self.read_header(req, offset, len, &mut buf[..READ_HEADROOM]);
-        self.send(&buf[start..]);
+        &buf[start..]
     }
 }
 

@@ -29,10 +29,10 @@ use crate::stream::Deadline;
 use crate::table::{Activity, Busy};
 use crate::validate::{validate, ConnPolicy, Op, Verdict};
 use crate::wire::{self, cmd, Request};
+use crate::{Backend, BackendError, Limits, ReadPiece};
 
 mod batch;
 mod status;
-use crate::{Backend, BackendError, Limits, ReadPiece};
 
 /// Request bytes read from the socket at once.
 const READ_BUFFER: usize = 16 * 1024;

@@ -75,6 +75,7 @@ impl Ring {
     pub fn batch<'a>(&mut self) -> Batch<'_, 'a> {
         Batch {
             ring: self,
+            submitted: false,
             _fds: PhantomData,
         }
     }
@@ -87,7 +88,7 @@ impl Ring {
         while finished.is_empty() && self.pending() > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(4) => continue, // EINTR
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
             self.reap(&mut finished);
@@ -134,7 +135,7 @@ impl Drop for Ring {
         while self.pending() > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => self.reap(&mut finished),
-                Err(e) if e.raw_os_error() == Some(4) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     // The kernel may still write into them: never free them.
                     for s in self.slots.drain(..).flatten() {
@@ -151,6 +152,8 @@ impl Drop for Ring {
 /// batch is dropped), while the files of their pieces are still open.
 pub struct Batch<'r, 'a> {
     ring: &'r mut Ring,
+    /// `submit` ran: dropping the batch then has nothing to hand over.
+    submitted: bool,
     _fds: PhantomData<BorrowedFd<'a>>,
 }
 
@@ -221,16 +224,18 @@ impl<'a> Batch<'_, 'a> {
     }
 
     /// Hands the queued reads to the kernel.
-    pub fn submit(self) -> io::Result<()> {
+    pub fn submit(mut self) -> io::Result<()> {
+        self.submitted = true;
         self.ring.ring.submit().map(|_| ())
     }
 }
 
 impl Drop for Batch<'_, '_> {
     fn drop(&mut self) {
-        // Submitting twice is harmless: the second finds nothing queued. An error here shows
-        // in `wait`, which submits again.
-        let _ = self.ring.ring.submit();
+        // An error here shows in `wait`, which submits again.
+        if !self.submitted {
+            let _ = self.ring.ring.submit();
+        }
     }
 }
 
