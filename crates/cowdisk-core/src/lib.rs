@@ -53,8 +53,8 @@ pub use create::{
     create_child, create_child_opts, create_child_with, create_image, ReferenceStyle,
 };
 pub use disk::{
-    journal_path, Access, CopyUp, Disk, Extent, ExtentState, JournalOpener, LayerInfo, Lower,
-    LowerLayer, ReadPiece, WriteFlags, ZeroFlags,
+    journal_path, Access, CopyUp, Disk, Extent, ExtentState, InPlace, JournalOpener, LayerInfo,
+    Lower, LowerLayer, ReadPiece, WriteFlags, ZeroFlags,
 };
 pub use error::{FormatError, IoError, IoErrorKind, OpenError};
 pub use format::{BlockState, Geometry, Header, LayerState, ParentRef, Uuid, DEFAULT_BLOCK_SIZE};

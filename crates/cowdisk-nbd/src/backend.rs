@@ -144,6 +144,20 @@ impl ReadPiece<'_> {
     }
 }
 
+/// A WRITE the server does itself with direct I/O, many in flight at once through io_uring
+/// ([`Backend::write_target`]): `len` bytes from an aligned buffer to [`WriteTarget::fd`]
+/// at [`WriteTarget::offset`]. The backend holds whatever keeps that place right for the
+/// write until [`WriteTarget::finish`].
+pub trait WriteTarget<'a> {
+    /// The file, opened with `O_DIRECT`.
+    fn fd(&self) -> BorrowedFd<'a>;
+    /// Where in the file the bytes go.
+    fn offset(&self) -> u64;
+    /// Ends the write: `written` says whether every byte reached the file. One that did
+    /// not is then sent to [`Backend::write`], which reports the cause if it fails again.
+    fn finish(self: Box<Self>, written: bool);
+}
+
 /// A block device exported over NBD.
 ///
 /// One object serves every connection to its export, concurrently, so `flush` must make every
@@ -182,6 +196,25 @@ pub trait Backend: Send + Sync {
     /// good when read from their file (asked after reading them). Default: never.
     fn staged_valid(&self, tag: u64, token: u64) -> bool {
         let _ = (tag, token);
+        false
+    }
+    /// Where the server may write the `len` bytes of a WRITE at `offset` itself (optional):
+    /// a place in a file opened with `O_DIRECT`, after every check `write` makes, held for
+    /// that write until [`WriteTarget::finish`]. With `wait` false the backend must not wait
+    /// for anything another request may hold (the caller holds other targets). The default
+    /// is `None`: the server calls `write`.
+    fn write_target(
+        &self,
+        offset: u64,
+        len: u32,
+        wait: bool,
+    ) -> Option<Box<dyn WriteTarget<'_> + '_>> {
+        let _ = (offset, len, wait);
+        None
+    }
+    /// Whether [`Backend::write_target`] may give targets (asked once per connection: the
+    /// server then runs WRITEs already buffered together). Default: false.
+    fn writes_in_place(&self) -> bool {
         false
     }
     /// Writes `data` at `offset`; with `fua` it is durable before returning.

@@ -60,7 +60,7 @@ mod validate;
 pub mod wire;
 
 pub use backend::{
-    Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, ZeroFlags,
+    Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, WriteTarget, ZeroFlags,
 };
 pub use error::ServerError;
 pub use limits::Limits;

@@ -13,7 +13,7 @@
 use std::io::{self, Read};
 
 use crate::budget::Held;
-use crate::reply::BufPool;
+use crate::reply::{BufPool, DATA_ALIGN};
 use crate::{Backend, BackendError};
 
 /// Piece of a payload written to the backend at once when it cannot be staged: one
@@ -24,7 +24,10 @@ pub(crate) const PASS_PIECE: usize = 64 << 10;
 /// input is free): staged bytes, or the outcome of passing it through.
 pub(crate) enum Received<'c> {
     Staged {
+        /// The payload is `data[at..at + len]`.
         data: Vec<u8>,
+        at: usize,
+        len: usize,
         /// Its share of the write budget, freed with it.
         held: Held<'c>,
     },
@@ -42,8 +45,13 @@ impl Received<'_> {
         pool: &BufPool,
     ) -> Result<(), BackendError> {
         match self {
-            Received::Staged { data, held } => {
-                let res = b.write(offset, &data, fua);
+            Received::Staged {
+                data,
+                at,
+                len,
+                held,
+            } => {
+                let res = b.write(offset, &data[at..at + len], fua);
                 pool.put(data);
                 drop(held);
                 res
@@ -60,18 +68,16 @@ pub(crate) fn receive<'c, R: Read>(
     r: &mut R,
     b: &dyn Backend,
     pool: &BufPool,
-    mut held: Held<'c>,
+    held: Held<'c>,
     offset: u64,
     len: u32,
     fua: bool,
 ) -> io::Result<Received<'c>> {
     let len = len as usize;
-    if held.try_grow(len) {
-        let mut data = held.buffer(pool, len);
-        r.read_exact(&mut data)?;
-        return Ok(Received::Staged { data, held });
+    // No room: the hold goes (`stage` gave it back).
+    if let Ok(staged) = stage(r, pool, held, len, b.writes_in_place()) {
+        return staged;
     }
-    drop(held);
     // Told to the backend for as long as pieces may arrive, however this ends.
     struct Pieces<'b>(&'b dyn Backend);
     impl Drop for Pieces<'_> {
@@ -94,4 +100,36 @@ pub(crate) fn receive<'c, R: Read>(
         done += n;
     }
     Ok(Received::Written(res))
+}
+
+/// Stages a `len`-byte payload whole if `held` can grow by it (else gives `held` back,
+/// nothing read). With `align`, a payload of whole 4 KiB pages starts on a page boundary,
+/// so direct I/O can write it where it is.
+pub(crate) fn stage<'c, R: Read>(
+    r: &mut R,
+    pool: &BufPool,
+    mut held: Held<'c>,
+    len: usize,
+    align: bool,
+) -> Result<io::Result<Received<'c>>, Held<'c>> {
+    let slack = if align && len.is_multiple_of(DATA_ALIGN) {
+        DATA_ALIGN
+    } else {
+        0
+    };
+    if !held.try_grow(len + slack) {
+        return Err(held);
+    }
+    let mut data = held.buffer(pool, len + slack);
+    let at = data.as_ptr().align_offset(DATA_ALIGN).min(slack);
+    if let Err(e) = r.read_exact(&mut data[at..at + len]) {
+        pool.put(data);
+        return Ok(Err(e));
+    }
+    Ok(Ok(Received::Staged {
+        data,
+        at,
+        len,
+        held,
+    }))
 }

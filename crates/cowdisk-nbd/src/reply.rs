@@ -106,6 +106,23 @@ impl<'a, W: Write> Replier<'a, W> {
         self.send(&h);
     }
 
+    /// Simple success replies to `reqs`, sent together.
+    pub fn ok_all(&self, reqs: &[Request]) {
+        let heads: Vec<[u8; wire::SIMPLE_REPLY_LEN]> = reqs
+            .iter()
+            .map(|req| {
+                let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
+                wire::simple_reply(&mut h, 0, req.cookie);
+                h
+            })
+            .collect();
+        let replies: Vec<&[u8]> = heads.iter().map(|h| &h[..]).collect();
+        if !self.failed() {
+            let res = self.out.send_all(&replies);
+            self.check(res);
+        }
+    }
+
     /// Error reply: a structured `ERROR` chunk where a simple reply is forbidden (READ with
     /// structured replies) or would be odd (BLOCK_STATUS), a simple reply otherwise.
     pub fn error(&self, req: &Request, errno: u32, message: &str) {

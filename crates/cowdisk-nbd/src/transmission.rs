@@ -33,6 +33,7 @@ use crate::{Backend, BackendError, Limits, ReadPiece};
 
 mod batch;
 mod status;
+mod writes;
 
 /// Request bytes read from the socket at once.
 const READ_BUFFER: usize = 16 * 1024;
@@ -99,6 +100,8 @@ struct Conn<'a, W: Write> {
     /// The backend planned a read as direct pieces: READs already buffered are then run
     /// together ([`batch`]).
     direct_reads: AtomicBool,
+    /// The backend may take WRITEs in place: those already buffered run together ([`writes`]).
+    direct_writes: bool,
 }
 
 impl<W: Write> Conn<'_, W> {
@@ -132,6 +135,7 @@ pub(crate) fn serve<W: Write + AsFd + Send>(
         last_run_ns: AtomicU64::new(u64::MAX),
         keep_input_after: limits.keep_input_after.clone(),
         direct_reads: AtomicBool::new(false),
+        direct_writes: export.backend.writes_in_place(),
     };
     let policy = ConnPolicy {
         size: export.backend.size(),
@@ -200,20 +204,30 @@ fn follower<'a, W: Write + AsFd>(
             *done = true;
             return;
         };
-        // READs already buffered behind this one run together where reads are direct.
-        if matches!(job.op, Op::Read { .. }) && conn.direct_reads.load(Ordering::Relaxed) {
-            if let Some(next) = batch::next_buffered_read(r, conn, policy) {
-                let mut jobs = vec![(job, busy), next];
-                while jobs.len() < batch::MAX_BATCH {
-                    match batch::next_buffered_read(r, conn, policy) {
-                        Some(j) => jobs.push(j),
-                        None => break,
-                    }
+        // READs (WRITEs) already buffered behind this one run together where the backend
+        // reads (writes) with direct I/O.
+        let write = match job.op {
+            Op::Read { .. } if conn.direct_reads.load(Ordering::Relaxed) => Some(false),
+            Op::Write { fua: false, .. } if conn.direct_writes => Some(true),
+            _ => None,
+        };
+        if let Some((write, second)) =
+            write.and_then(|w| Some((w, buffered_behind(r, conn, policy, w)?)))
+        {
+            let mut jobs = vec![(job, busy), second];
+            while jobs.len() < batch::MAX_BATCH {
+                match buffered_behind(r, conn, policy, write) {
+                    Some(j) => jobs.push(j),
+                    None => break,
                 }
-                drop(guard);
-                batch::run(conn, jobs, &mut ring, &mut pieces);
-                continue;
             }
+            drop(guard);
+            if write {
+                writes::run(conn, jobs, &mut ring, &mut pieces);
+            } else {
+                batch::run(conn, jobs, &mut ring, &mut pieces);
+            }
+            continue;
         }
         if keeps_input(&job, r, conn) {
             kept = Some(guard);
@@ -225,6 +239,21 @@ fn follower<'a, W: Write + AsFd>(
         let ran = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         conn.last_run_ns.store(ran, Ordering::Relaxed);
         drop(busy);
+    }
+}
+
+/// The next request if it is a READ (a WRITE without FUA) wholly in the buffer that may
+/// run now; nothing here waits.
+fn buffered_behind<'c, W: Write>(
+    r: &mut io::BufReader<Deadline<'_>>,
+    conn: &'c Conn<'_, W>,
+    policy: &ConnPolicy,
+    write: bool,
+) -> Option<(Job<'c>, Busy<'c>)> {
+    if write {
+        writes::next_buffered(r, conn, policy)
+    } else {
+        batch::next_buffered_read(r, conn, policy)
     }
 }
 

@@ -1,13 +1,14 @@
-//! Reads in flight together through io_uring, for `serve --cache=none`.
+//! Reads and writes in flight together through io_uring, for `serve --cache=none`.
 //!
-//! Direct I/O blocks a thread per read, so serving a client's 16 reads at once took 16
-//! threads and a wake-up each. A [`Ring`] has them all in flight from one thread: one system
-//! call submits a batch and another reaps what finished.
+//! Direct I/O blocks a thread per read or write, so serving a client's 16 requests at once
+//! took 16 threads and a wake-up each. A [`Ring`] has them all in flight from one thread: one
+//! system call submits a batch and another reaps what finished.
 //!
-//! The API is safe: a [`Ring`] owns each read's buffer from [`Batch::push`] until the read
-//! comes back from [`Ring::wait`], so nothing else can touch memory the kernel writes, and
-//! dropping a ring with reads in flight waits for them (or, if the kernel will not say, leaks
-//! their buffers rather than free memory it may still write).
+//! The API is safe: a [`Ring`] owns each request's buffer from [`Batch::push`] (or
+//! [`Batch::push_write`]) until it comes back from [`Ring::wait`], so nothing else can touch
+//! memory the kernel reads or writes, and dropping a ring with requests in flight waits for
+//! them (or, if the kernel will not say, leaks their buffers rather than free memory it may
+//! still use).
 
 use std::io;
 use std::marker::PhantomData;
@@ -15,7 +16,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use io_uring::{opcode, types, IoUring};
 
-/// One read of a request: `len` bytes of `fd` at `offset` into the buffer at `at`.
+/// One read (or write) of a request: `len` bytes of `fd` at `offset`, into (or from) the
+/// buffer at `at`.
 #[derive(Clone, Copy, Debug)]
 pub struct Piece<'a> {
     pub fd: BorrowedFd<'a>,
@@ -24,7 +26,7 @@ pub struct Piece<'a> {
     pub len: usize,
 }
 
-/// A buffer with its reads in flight.
+/// A buffer with its reads (or writes) in flight.
 struct Slot {
     buf: Vec<u8>,
     tag: u64,
@@ -33,7 +35,7 @@ struct Slot {
     err: Option<io::Error>,
 }
 
-/// An io_uring instance for reads, used by one thread at a time.
+/// An io_uring instance for direct reads and writes, used by one thread at a time.
 pub struct Ring {
     ring: IoUring,
     slots: Vec<Option<Slot>>,
@@ -48,7 +50,7 @@ pub struct Ring {
 const MAX_PIECE: usize = 1 << 30;
 
 impl Ring {
-    /// A ring with room for `entries` reads in flight.
+    /// A ring with room for `entries` requests in flight.
     pub fn new(entries: u32) -> io::Result<Ring> {
         let ring = IoUring::new(entries)?;
         let capacity = ring.params().sq_entries() as usize;
@@ -66,7 +68,7 @@ impl Ring {
         self.capacity - self.in_flight
     }
 
-    /// Buffers whose reads have not all come back from [`Ring::wait`].
+    /// Buffers whose requests have not all come back from [`Ring::wait`].
     pub fn pending(&self) -> usize {
         self.slots.len() - self.free.len()
     }
@@ -80,9 +82,9 @@ impl Ring {
         }
     }
 
-    /// Waits until at least one buffer has all its reads back (if any is pending), then
+    /// Waits until at least one buffer has all its requests back (if any is pending), then
     /// calls `done` with the tag, buffer and outcome of each buffer that has. A short read
-    /// is an error (`UnexpectedEof`).
+    /// or write is an error (`UnexpectedEof`).
     pub fn wait(&mut self, mut done: impl FnMut(u64, Vec<u8>, io::Result<()>)) -> io::Result<()> {
         let mut finished = Vec::new();
         while finished.is_empty() && self.pending() > 0 {
@@ -162,6 +164,27 @@ impl<'a> Batch<'_, 'a> {
     /// hands it back with `tag`. Refused, giving `buf` back, if a piece lies outside `buf`
     /// or the ring has no room for all of them.
     pub fn push(&mut self, buf: Vec<u8>, pieces: &[Piece<'a>], tag: u64) -> Result<(), Vec<u8>> {
+        self.queue(buf, pieces, tag, false)
+    }
+
+    /// Queues writes of `pieces` from `buf`, as [`Batch::push`] queues reads. A short write
+    /// is an error like a short read.
+    pub fn push_write(
+        &mut self,
+        buf: Vec<u8>,
+        pieces: &[Piece<'a>],
+        tag: u64,
+    ) -> Result<(), Vec<u8>> {
+        self.queue(buf, pieces, tag, true)
+    }
+
+    fn queue(
+        &mut self,
+        buf: Vec<u8>,
+        pieces: &[Piece<'a>],
+        tag: u64,
+        write: bool,
+    ) -> Result<(), Vec<u8>> {
         let ring = &mut *self.ring;
         let fits = |p: &Piece<'_>| {
             p.len > 0
@@ -184,13 +207,16 @@ impl<'a> Batch<'_, 'a> {
         let base = slot.buf.as_mut_ptr();
         for p in pieces {
             // `fits` bounds len by MAX_PIECE, so both casts are lossless.
-            let entry = opcode::Read::new(
-                types::Fd(p.fd.as_raw_fd()),
-                base.wrapping_add(p.at),
-                p.len as u32,
-            )
-            .offset(p.offset)
-            .build()
+            let (fd, at, len) = (types::Fd(p.fd.as_raw_fd()), base.wrapping_add(p.at), p.len);
+            let entry = if write {
+                opcode::Write::new(fd, at, len as u32)
+                    .offset(p.offset)
+                    .build()
+            } else {
+                opcode::Read::new(fd, at, len as u32)
+                    .offset(p.offset)
+                    .build()
+            }
             .user_data(((idx as u64) << 32) | p.len as u64);
             if ring.ring.submission().is_full() {
                 // Room in the ring counts submitted reads too, so a submit frees entries.
@@ -198,9 +224,9 @@ impl<'a> Batch<'_, 'a> {
                     slot.err.get_or_insert(e);
                 }
             }
-            // SAFETY: the entry writes `p.len` bytes at `base + p.at`, inside `slot.buf`
-            // (checked by `fits`). The buffer moves into `ring.slots` below and leaves it only
-            // in `reap`, once every one of its reads has completed, or is leaked by `drop`;
+            // SAFETY: the entry writes (or reads) `p.len` bytes at `base + p.at`, inside
+            // `slot.buf` (checked by `fits`). The buffer moves into `ring.slots` below and leaves it only
+            // in `reap`, once every one of its requests has completed, or is leaked by `drop`;
             // moving a Vec does not move its heap memory. The fd is open for `'a`, which
             // outlives this batch, and so until the submission that hands it to the kernel.
             #[allow(unsafe_code)]
@@ -223,7 +249,7 @@ impl<'a> Batch<'_, 'a> {
         Ok(())
     }
 
-    /// Hands the queued reads to the kernel.
+    /// Hands the queued requests to the kernel.
     pub fn submit(mut self) -> io::Result<()> {
         self.submitted = true;
         self.ring.ring.submit().map(|_| ())

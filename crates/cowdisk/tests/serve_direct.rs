@@ -2,7 +2,8 @@
 //! qemu-io writes compared by `qemu-img compare` with the same writes on a raw file, fio
 //! `verify=crc32c`, the layer files really open with O_DIRECT, the base unchanged, `check`
 //! clean after SIGTERM; many reads in flight at once (run together through io_uring) read
-//! back by `nbdcopy` exactly.
+//! back by `nbdcopy` exactly, and many writes in flight at once (written in place through
+//! io_uring where the top holds the block) land exactly.
 
 #[path = "../../cowdisk-nbd/tests/common/mod.rs"]
 mod common;
@@ -204,6 +205,12 @@ fn cache_none_serves_exact_content_with_direct_io() {
         "fio: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    stop_and_check(srv, &base, &base_before, &top);
+}
+
+/// Stops `srv` with SIGTERM; the base then holds `base_before` and `check` finds the top
+/// clean.
+fn stop_and_check(srv: &mut Child, base: &Path, base_before: &[u8], top: &Path) {
     use rustix::process::{kill_process, Pid, Signal};
     kill_process(Pid::from_child(srv), Signal::TERM).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -212,10 +219,10 @@ fn cache_none_serves_exact_content_with_direct_io() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
-        std::fs::read(&base).unwrap() == base_before,
+        std::fs::read(base).unwrap() == base_before,
         "base unchanged"
     );
-    run_ok(BIN, &["check", s(&top)], 60);
+    run_ok(BIN, &["check", s(top)], 60);
 }
 
 /// Whether `pid` has an io_uring instance open.
@@ -225,6 +232,40 @@ fn has_ring(pid: u32) -> bool {
         .flatten()
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .any(|t| t.to_string_lossy().contains("io_uring"))
+}
+
+/// `nbdcopy` of one connection with up to 32 requests of `size` in flight from `from` to
+/// `to`; whether server `pid` had a ring open meanwhile.
+fn nbdcopy_watching_ring(size: &str, from: &str, to: &str, pid: u32) -> bool {
+    let mut c = Command::new("nbdcopy");
+    c.args(["--no-extents", "-C", "1", "-R", "32"])
+        .arg(format!("--request-size={size}"))
+        .args([from, to]);
+    watching_ring(c, pid)
+}
+
+/// Runs `c`, which must succeed; whether server `pid` had a ring open meanwhile (a thread's
+/// ring lives as long as the connection: look while it is open).
+fn watching_ring(mut c: Command, pid: u32) -> bool {
+    let what = format!("{c:?}");
+    let mut child = Killed(c.stderr(Stdio::piped()).spawn().unwrap());
+    let mut ring = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        ring |= has_ring(pid);
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} hangs");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "{what}: {status}: {err}");
+    ring
 }
 
 /// Reads of one connection with up to 32 in flight, each made of direct pieces of the top
@@ -257,25 +298,7 @@ fn many_direct_reads_in_flight_read_exact_content() {
     let mut ran_together = false;
     for size in ["4096", "262144"] {
         let out = d.0.join(format!("copy-{size}.raw"));
-        let mut copy = Killed(
-            Command::new("nbdcopy")
-                .args(["--no-extents", "-C", "1", "-R", "32"])
-                .arg(format!("--request-size={size}"))
-                .args([&uri, s(&out)])
-                .spawn()
-                .unwrap(),
-        );
-        // A thread's ring lives as long as the connection: look while it is open.
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            ran_together |= has_ring(srv.0.id());
-            if let Some(st) = copy.0.try_wait().unwrap() {
-                break st;
-            }
-            assert!(std::time::Instant::now() < deadline, "nbdcopy hangs");
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        assert!(status.success(), "nbdcopy --request-size={size}: {status}");
+        ran_together |= nbdcopy_watching_ring(size, &uri, s(&out), srv.0.id());
         let got = std::fs::read(&out).unwrap();
         assert_eq!(got.len(), model.len());
         if let Some(i) = (0..model.len()).find(|&i| got[i] != model[i]) {
@@ -286,4 +309,51 @@ fn many_direct_reads_in_flight_read_exact_content() {
         }
     }
     assert!(ran_together, "the reads never ran together on a ring");
+}
+
+/// Writes of one connection with up to 32 in flight, 4 KiB and 64 KiB, over blocks the top
+/// holds (written in place, together on a ring), blocks only the base holds and blocks
+/// nobody does (written as usual): fio reads back exactly what it wrote, the base keeps its
+/// bytes and `check` finds the image clean after the server stops.
+#[test]
+fn many_direct_writes_in_flight_land_exactly() {
+    for t in ["qemu-img", "qemu-io", "fio"] {
+        if !have_tool(t) {
+            return;
+        }
+    }
+    let base_ops = ["write -P 0x11 0 8M", "write -P 0x22 12M 5M"];
+    let (d, _raw, base, top) = model_chain("writes-in-flight", "24M", &base_ops);
+    let base_before = std::fs::read(&base).unwrap();
+    let sock = d.0.join("nbd.sock");
+    let mut srv = Killed(serve(&top, &sock));
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    // The top holds 4M..14M whole.
+    qemu_io(&["write -P 0x33 4M 10M"], &uri);
+    // 4 KiB and 64 KiB writes with up to 32 in flight (no READ meanwhile: any ring is the
+    // writes'), then every block read back and checked.
+    let mut ran_together = false;
+    for bs in ["4k", "64k"] {
+        let mut ring = None;
+        for verify in ["--do_verify=0", "--verify_only"] {
+            let mut fio = Command::new("fio");
+            fio.args([
+                "--name=w",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                &format!("--bs={bs}"),
+                "--iodepth=32",
+                "--size=24M",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+                verify,
+            ]);
+            let had = watching_ring(fio, srv.0.id());
+            ring.get_or_insert(had);
+        }
+        ran_together |= ring == Some(true);
+    }
+    assert!(ran_together, "the writes never ran together on a ring");
+    stop_and_check(&mut srv.0, &base, &base_before, &top);
 }

@@ -17,6 +17,7 @@
 mod copyup;
 mod flush;
 mod header;
+mod inplace;
 mod journal;
 mod lower;
 mod partial;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use inplace::InPlace;
 pub(crate) use lower::verified_index_bytes;
 pub use lower::{Lower, LowerLayer};
 pub use types::{Access, CopyUp, Extent, ExtentState, LayerInfo, ReadPiece, WriteFlags, ZeroFlags};

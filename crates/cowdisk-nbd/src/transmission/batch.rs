@@ -25,7 +25,7 @@ use crate::{Backend, ReadPiece};
 /// Most READs taken at once.
 pub(super) const MAX_BATCH: usize = 32;
 
-/// Reads a thread's ring has in flight at most.
+/// Requests a thread's ring has in flight at most.
 const RING_ENTRIES: u32 = 64;
 
 /// The next request if it is a READ wholly in the buffer that may run now (valid, within the
@@ -36,12 +36,8 @@ pub(super) fn next_buffered_read<'c, W: Write>(
     conn: &'c Conn<'_, W>,
     policy: &ConnPolicy,
 ) -> Option<(Job<'c>, Busy<'c>)> {
-    let hdr: [u8; wire::REQUEST_LEN] = r.buffer().get(..wire::REQUEST_LEN)?.try_into().ok()?;
-    let req = Request::parse(&hdr)?;
-    if req.kind != cmd::READ || conn.out.failed() {
-        return None;
-    }
-    let Verdict::Run(op @ Op::Read { len, .. }) = validate(&req, policy) else {
+    let (req, op) = buffered_request(r, conn, policy, cmd::READ)?;
+    let Op::Read { len, .. } = op else {
         return None;
     };
     let cost = conn.budget.try_acquire(len as usize)?;
@@ -56,6 +52,25 @@ pub(super) fn next_buffered_read<'c, W: Write>(
     Some((job, busy))
 }
 
+/// The header of the next request in the buffer, if it is of `kind` and valid (it stays in
+/// the buffer).
+pub(super) fn buffered_request<W: Write>(
+    r: &io::BufReader<Deadline<'_>>,
+    conn: &Conn<'_, W>,
+    policy: &ConnPolicy,
+    kind: u16,
+) -> Option<(Request, Op)> {
+    let hdr: [u8; wire::REQUEST_LEN] = r.buffer().get(..wire::REQUEST_LEN)?.try_into().ok()?;
+    let req = Request::parse(&hdr)?;
+    if req.kind != kind || conn.out.failed() {
+        return None;
+    }
+    match validate(&req, policy) {
+        Verdict::Run(op) => Some((req, op)),
+        _ => None,
+    }
+}
+
 /// A READ on the ring: what its reply needs once its reads are back.
 struct InFlight<'c> {
     req: Request,
@@ -66,6 +81,26 @@ struct InFlight<'c> {
     _held: Held<'c>,
     _job: Job<'c>,
     _busy: Busy<'c>,
+}
+
+/// The thread's ring, made on first use, with `jobs` back; without one (the kernel refused
+/// it), runs `jobs` one by one as usual instead.
+pub(super) fn ring_or_run<'r, 'a, 'c, W: Write + AsFd>(
+    conn: &'c Conn<'a, W>,
+    jobs: Vec<(Job<'c>, Busy<'c>)>,
+    ring_slot: &'r mut Option<Ring>,
+    pieces: &mut Vec<ReadPiece<'a>>,
+) -> Option<(&'r mut Ring, Vec<(Job<'c>, Busy<'c>)>)> {
+    if ring_slot.is_none() {
+        *ring_slot = Ring::new(RING_ENTRIES).ok();
+    }
+    let Some(ring) = ring_slot.as_mut() else {
+        for (job, _busy) in jobs {
+            run_guarded(conn, job, pieces);
+        }
+        return None;
+    };
+    Some((ring, jobs))
 }
 
 /// A READ of the batch that does not go on the ring, with its plan if it has one.
@@ -80,13 +115,7 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
     ring_slot: &mut Option<Ring>,
     pieces: &mut Vec<ReadPiece<'a>>,
 ) {
-    if ring_slot.is_none() {
-        *ring_slot = Ring::new(RING_ENTRIES).ok();
-    }
-    let Some(ring) = ring_slot.as_mut() else {
-        for (job, _busy) in jobs {
-            run_guarded(conn, job, pieces);
-        }
+    let Some((ring, jobs)) = ring_or_run(conn, jobs, ring_slot, pieces) else {
         return;
     };
     let mut rest: Vec<Rest<'a, 'c>> = Vec::new();

@@ -1,12 +1,13 @@
 //! The NBD backend over a served image ([`LiveDisk`]): maps requests and errors between
 //! the two crates, takes the write gate for requests that change the disk and counts them.
 
-use std::sync::{Arc, Mutex};
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex, RwLockReadGuard};
 use std::time::Instant;
 
-use cowdisk_core::{Disk, ExtentState, IoError, IoErrorKind, Uuid, WriteFlags};
+use cowdisk_core::{Disk, ExtentState, InPlace, IoError, IoErrorKind, Uuid, WriteFlags};
 use cowdisk_nbd::{
-    Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, ZeroFlags,
+    Backend, BackendError, BackendErrorKind, DirtyExtent, Extent, ReadPiece, WriteTarget, ZeroFlags,
 };
 
 use crate::cmd::diff::{changed, sealed_layers};
@@ -58,6 +59,39 @@ impl DiskBackend {
         };
         self.live.stats.record(op, bytes, start, res.is_ok());
         res.map_err(nbd_err)
+    }
+}
+
+/// A WRITE the server does in place: the engine's [`InPlace`] under the write gate, so a
+/// live snapshot waits for it like for any write.
+struct Target<'a> {
+    inner: InPlace<'a>,
+    _gate: RwLockReadGuard<'a, ()>,
+    live: &'a LiveDisk,
+    start: Instant,
+    len: u64,
+}
+
+impl<'a> WriteTarget<'a> for Target<'a> {
+    fn fd(&self) -> BorrowedFd<'a> {
+        self.inner.fd()
+    }
+    fn offset(&self) -> u64 {
+        self.inner.offset()
+    }
+    fn finish(self: Box<Self>, written: bool) {
+        let Target {
+            inner,
+            live,
+            start,
+            len,
+            ..
+        } = *self;
+        inner.finish(written);
+        // One not written is counted by the `write` that follows.
+        if written {
+            live.stats.record(Op::Write, len, start, true);
+        }
     }
 }
 
@@ -160,6 +194,31 @@ impl Backend for DiskBackend {
         self.live
             .disk_at(generation)
             .is_some_and(|d| d.staged_valid(depth, token))
+    }
+    fn write_target(
+        &self,
+        offset: u64,
+        len: u32,
+        wait: bool,
+    ) -> Option<Box<dyn WriteTarget<'_> + '_>> {
+        let start = Instant::now();
+        let gate = if wait {
+            self.live.write_gate()
+        } else {
+            self.live.try_write_gate()?
+        };
+        // The disk of now, under the gate: a snapshot cannot replace it meanwhile.
+        let inner = self.disk().write_in_place(offset, len as usize, wait)?;
+        Some(Box::new(Target {
+            inner,
+            _gate: gate,
+            live: &self.live,
+            start,
+            len: u64::from(len),
+        }))
+    }
+    fn writes_in_place(&self) -> bool {
+        self.disk().writes_in_place()
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         self.gated(Op::Write, data.len() as u64, |d| {

@@ -131,6 +131,16 @@ impl LiveDisk {
         self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The write gate if it can be had without waiting (`None` also while a chain change
+    /// waits for it): for a thread that already holds it, which must not wait again.
+    pub fn try_write_gate(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        match self.gate.try_read() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Runs `f` with no other chain-changing operation on this export; `Busy` if one runs.
     pub fn exclusive<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let _op = match self.op.try_lock() {
