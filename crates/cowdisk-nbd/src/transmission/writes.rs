@@ -166,7 +166,8 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
         }
     }
     let submitted = batch.submit();
-    if !answer(conn, ring, &mut flying, submitted) {
+    let (ring_ok, again) = answer(conn, ring, &mut flying, submitted);
+    if !ring_ok {
         // Dropping the ring waits for what it has in flight; their payloads go with it.
         *ring_slot = None;
         for mut f in flying.iter_mut().filter_map(Option::take) {
@@ -174,21 +175,33 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
             conn.out.error(&f.req, wire::errno::EIO, "internal error");
         }
     }
+    // Every target of the batch is let go now: the backend takes the same locks.
+    let b = &*conn.export.backend;
+    for (f, buf) in again {
+        match b.write(f.offset, &buf[f.at..f.at + f.len], false) {
+            Ok(()) => conn.out.ok(&f.req),
+            Err(e) => conn.out.backend_error(&f.req, &e),
+        }
+        conn.io.pool.put(buf);
+    }
     for (job, _busy) in rest {
         run_guarded(conn, job, pieces);
     }
 }
 
+/// A WRITE whose ring write failed, with its payload: written again by the backend.
+type Again<'a, 'c> = (InFlight<'a, 'c>, Vec<u8>);
+
 /// Answers each WRITE on the ring as its write comes back, those back together with one
-/// system call. One that failed is written again by the backend once every target of the
-/// batch is let go (the backend takes the same locks). `false` if the ring failed: what is
+/// system call, and lets go of its target; returns those whose write failed, to be written
+/// again once every target of the batch is let go. `false` if the ring failed: what is
 /// left in `flying` may still be in flight.
-fn answer<W: Write + AsFd>(
+fn answer<'a, 'c, W: Write + AsFd>(
     conn: &Conn<'_, W>,
     ring: &mut Ring,
-    flying: &mut [Option<InFlight<'_, '_>>],
+    flying: &mut [Option<InFlight<'a, 'c>>],
     submitted: io::Result<()>,
-) -> bool {
+) -> (bool, Vec<Again<'a, 'c>>) {
     let mut again = Vec::new();
     let mut failed = submitted.is_err();
     while !failed && ring.pending() > 0 {
@@ -211,13 +224,5 @@ fn answer<W: Write + AsFd>(
         let reqs: Vec<Request> = done.iter().map(|f| f.req).collect();
         conn.out.ok_all(&reqs);
     }
-    let b = &*conn.export.backend;
-    for (f, buf) in again {
-        match b.write(f.offset, &buf[f.at..f.at + f.len], false) {
-            Ok(()) => conn.out.ok(&f.req),
-            Err(e) => conn.out.backend_error(&f.req, &e),
-        }
-        conn.io.pool.put(buf);
-    }
-    !failed
+    (!failed, again)
 }
