@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use client::{Client, TestServer};
 use cowdisk_nbd::wire::cmd;
-use cowdisk_nbd::{Backend, BackendError, Extent, Limits, WriteTarget, ZeroFlags};
+use cowdisk_nbd::{
+    Backend, BackendError, BackendErrorKind, Extent, Limits, WriteTarget, ZeroFlags,
+};
 
 const PAGE: u64 = 4096;
 const PAGES: u64 = 512;
@@ -36,6 +38,8 @@ struct PlaceBackend {
     written_in_place: AtomicU64,
     failed_in_place: AtomicU64,
     written_by_write: AtomicU64,
+    /// `write` fails for a range holding this page (none: `u64::MAX`).
+    bad_page: AtomicU64,
 }
 
 impl PlaceBackend {
@@ -61,6 +65,7 @@ impl PlaceBackend {
             written_in_place: AtomicU64::new(0),
             failed_in_place: AtomicU64::new(0),
             written_by_write: AtomicU64::new(0),
+            bad_page: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -162,6 +167,10 @@ impl Backend for PlaceBackend {
     /// Waits for each page's lock: called with a target of the same lock still held, it
     /// would wait forever.
     fn write(&self, offset: u64, data: &[u8], _: bool) -> Result<(), BackendError> {
+        let bad = self.bad_page.load(SeqCst);
+        if (offset / PAGE..(offset + data.len() as u64).div_ceil(PAGE)).contains(&bad) {
+            return Err(BackendError::new(BackendErrorKind::Io, "bad page"));
+        }
         let mut pos = 0;
         while pos < data.len() {
             let o = offset + pos as u64;
@@ -198,7 +207,11 @@ impl Backend for PlaceBackend {
 /// A server for `b`. A deadlocked one could not be stopped, so it is left to end with the
 /// test process, and its clients give up after a minute.
 fn start(b: &Arc<PlaceBackend>) -> std::net::SocketAddr {
-    let srv = TestServer::start(vec![("disk", b.clone())], Limits::default());
+    start_with(b, Limits::default())
+}
+
+fn start_with(b: &Arc<PlaceBackend>, limits: Limits) -> std::net::SocketAddr {
+    let srv = TestServer::start(vec![("disk", b.clone())], limits);
     let addr = srv.addr;
     std::mem::forget(srv);
     addr
@@ -312,4 +325,41 @@ fn connections_sharing_locks_never_wait_holding_one() {
             .expect("a connection did not finish: a deadlock");
     }
     assert!(b.written_in_place.load(SeqCst) > 0);
+}
+
+/// A WRITE too large to stage is written through as it arrives; when a WRITE buffered
+/// behind it runs together with it, its reply still tells how that went (an error here).
+#[test]
+fn a_write_passed_through_keeps_its_outcome_in_a_batch() {
+    let b = PlaceBackend::new(0);
+    b.bad_page.store(101, SeqCst);
+    // A connection stages at most half, 10 KiB: a 4 KiB payload with its 4 KiB of slack,
+    // not an 8 KiB one.
+    let mut limits = Limits::default();
+    limits.max_total_write_bytes = 20 << 10;
+    limits.max_total_in_flight_bytes = 20 << 10;
+    let mut c = Client::connect(start_with(&b, limits));
+    c.handshake("disk", false, &[]);
+    c.stream()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let big = [7u8; 2 * PAGE as usize];
+    for round in 0..20u64 {
+        let small = pattern(round, 0, PAGE as usize);
+        // Both fit the server's 16 KiB input buffer at once.
+        let cookies = c.send_requests(&[
+            (0, cmd::WRITE, 100 * PAGE, 2 * PAGE as u32, &big),
+            (0, cmd::WRITE, 200 * PAGE, PAGE as u32, &small),
+        ]);
+        for _ in 0..2 {
+            let r = c.read_reply();
+            let want = if r.cookie() == cookies[0] {
+                cowdisk_nbd::wire::errno::EIO
+            } else {
+                0
+            };
+            assert_eq!(r.errno(), want, "round {round}");
+        }
+    }
+    assert!(b.written_in_place.load(SeqCst) > 0, "no batch formed");
 }

@@ -11,7 +11,7 @@ use std::io::{self, BufRead, Write};
 use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
 
-use cowdisk_ring::{Piece, Ring};
+use cowdisk_ring::{Batch, Piece, Ring};
 
 use super::{run_guarded, Conn, Job};
 use crate::budget::Held;
@@ -99,70 +99,9 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
     let mut rest = Vec::new();
     let mut flying: Vec<Option<InFlight<'a, 'c>>> = Vec::with_capacity(jobs.len());
     let mut batch = ring.batch();
-    for (mut job, busy) in jobs {
-        let (
-            Op::Write { offset, .. },
-            Some(Received::Staged {
-                data,
-                at,
-                len,
-                held,
-            }),
-        ) = (job.op, job.payload.take())
-        else {
-            rest.push((job, busy));
-            continue;
-        };
-        // Only the first may wait: this thread holds the others' targets meanwhile.
-        let wait = flying.is_empty();
-        let target = if (data.as_ptr() as usize + at).is_multiple_of(DATA_ALIGN) {
-            panic::catch_unwind(AssertUnwindSafe(|| {
-                b.write_target(offset, len as u32, wait)
-            }))
-            .ok()
-            .flatten()
-        } else {
-            None
-        };
-        let pushed = match target {
-            Some(target) => {
-                let piece = Piece {
-                    fd: target.fd(),
-                    offset: target.offset(),
-                    at,
-                    len,
-                };
-                match batch.push_write(data, &[piece], flying.len() as u64) {
-                    Ok(()) => Ok(target),
-                    Err(data) => {
-                        target.finish(false);
-                        Err(data)
-                    }
-                }
-            }
-            None => Err(data),
-        };
-        match pushed {
-            Ok(target) => flying.push(Some(InFlight {
-                req: job.req,
-                offset,
-                target: Some(target),
-                at,
-                len,
-                _held: held,
-                _job: job,
-                _busy: busy,
-            })),
-            // Not on the ring: run as usual after it.
-            Err(data) => {
-                job.payload = Some(Received::Staged {
-                    data,
-                    at,
-                    len,
-                    held,
-                });
-                rest.push((job, busy));
-            }
+    for (job, busy) in jobs {
+        if let Some(not_on_ring) = to_ring(b, &mut batch, &mut flying, job, busy) {
+            rest.push(not_on_ring);
         }
     }
     let submitted = batch.submit();
@@ -186,6 +125,82 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
     }
     for (job, _busy) in rest {
         run_guarded(conn, job, pieces);
+    }
+}
+
+/// Puts `job` on the ring if it is a staged WRITE whose payload starts aligned and the
+/// backend gives it a target; gives it back, payload and all, otherwise.
+fn to_ring<'a, 'c>(
+    b: &'a dyn Backend,
+    batch: &mut Batch<'_, 'a>,
+    flying: &mut Vec<Option<InFlight<'a, 'c>>>,
+    mut job: Job<'c>,
+    busy: Busy<'c>,
+) -> Option<(Job<'c>, Busy<'c>)> {
+    let Op::Write { offset, .. } = job.op else {
+        return Some((job, busy));
+    };
+    let (data, at, len, held) = match job.payload.take() {
+        Some(Received::Staged {
+            data,
+            at,
+            len,
+            held,
+        }) if (data.as_ptr() as usize + at).is_multiple_of(DATA_ALIGN) => (data, at, len, held),
+        // A payload written through as it arrived carries its outcome: keep it.
+        other => {
+            job.payload = other;
+            return Some((job, busy));
+        }
+    };
+    // Only the first may wait: this thread holds the others' targets meanwhile.
+    let wait = flying.is_empty();
+    let target = panic::catch_unwind(AssertUnwindSafe(|| {
+        b.write_target(offset, len as u32, wait)
+    }))
+    .ok()
+    .flatten();
+    let pushed = match target {
+        Some(target) => {
+            let piece = Piece {
+                fd: target.fd(),
+                offset: target.offset(),
+                at,
+                len,
+            };
+            match batch.push_write(data, &[piece], flying.len() as u64) {
+                Ok(()) => Ok(target),
+                Err(data) => {
+                    target.finish(false);
+                    Err(data)
+                }
+            }
+        }
+        None => Err(data),
+    };
+    match pushed {
+        Ok(target) => {
+            flying.push(Some(InFlight {
+                req: job.req,
+                offset,
+                target: Some(target),
+                at,
+                len,
+                _held: held,
+                _job: job,
+                _busy: busy,
+            }));
+            None
+        }
+        Err(data) => {
+            job.payload = Some(Received::Staged {
+                data,
+                at,
+                len,
+                held,
+            });
+            Some((job, busy))
+        }
     }
 }
 

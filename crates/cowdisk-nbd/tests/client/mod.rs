@@ -239,6 +239,34 @@ impl Client {
         len: u32,
         data: &[u8],
     ) -> u64 {
+        let mut m = Vec::new();
+        let cookie = self.encode_request(&mut m, flags, kind, offset, len, data);
+        self.s.write_all(&m).unwrap();
+        cookie
+    }
+
+    /// Sends requests `(flags, kind, offset, len, data)` with one write, so the server
+    /// finds them together; returns their cookies.
+    pub fn send_requests(&mut self, reqs: &[(u16, u16, u64, u32, &[u8])]) -> Vec<u64> {
+        let mut m = Vec::new();
+        let cookies = reqs
+            .iter()
+            .map(|&(f, k, o, l, d)| self.encode_request(&mut m, f, k, o, l, d))
+            .collect();
+        self.s.write_all(&m).unwrap();
+        cookies
+    }
+
+    /// Appends a request to `m` and notes it as pending; returns its cookie.
+    fn encode_request(
+        &mut self,
+        m: &mut Vec<u8>,
+        flags: u16,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> u64 {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let r = wire::Request {
@@ -248,9 +276,8 @@ impl Client {
             offset,
             length: len,
         };
-        let mut m = r.encode().to_vec();
+        m.extend_from_slice(&r.encode());
         m.extend_from_slice(data);
-        self.s.write_all(&m).unwrap();
         self.pending.insert(cookie, (kind, len));
         cookie
     }
