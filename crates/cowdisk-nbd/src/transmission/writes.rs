@@ -115,7 +115,6 @@ pub(super) fn run<'a, 'c, W: Write + AsFd>(
         }
     }
     // Every target of the batch is let go now: the backend takes the same locks.
-    let b = &*conn.export.backend;
     for (f, buf) in again {
         match b.write(f.offset, &buf[f.at..f.at + f.len], false) {
             Ok(()) => conn.out.ok(&f.req),
