@@ -37,5 +37,5 @@ for fs in $FSES; do
   BENCH_DIR=$mnt BENCH_OUT=$out BENCH_MD= \
     bash "$ROOT/tools/bench-peers.sh" "${ARGS[@]}"
   umount "$mnt"
-  rm -f "$img"
+  rm -f "$BASE/$fs.img"
 done
