@@ -366,7 +366,7 @@ write_round() {  # write_round REP
     # rounds ran 2-5x slower for every contender (probably first-touch cost of memory in the VM).
     for ((k = 0; k <= FW_PASSES; k++)); do
       fresh_top "$c"
-      USED0=$(fs_used)
+      ((rep > 1 || k > 0)) || USED0=$(fs_used_settled)
       [[ $c == psync-raw ]] || serve_contender "$c" rw "$img"
       # shellcheck disable=SC2046,SC2086
       run_fio firstwrite "$c" "$rep.$k" write $(target_args "$c" "$img") ${WL_ARGS[firstwrite]}
@@ -410,6 +410,18 @@ write_round() {  # write_round REP
 # a top shares with its base in full).
 fs_used() {
   local b f s; sync -f "$DATA"; read -r b f s < <(stat -f -c '%b %f %S' "$DATA"); echo $(((b - f) * s))
+}
+# fs_used once it holds still: XFS frees a removed file's blocks in the background, so
+# right after the previous contender's filled top is removed the count still falls (the
+# tops measured after it then read a few KiB).
+fs_used_settled() {
+  local a b; a=$(fs_used)
+  for _ in $(seq 30); do
+    sleep 0.5; b=$(fs_used)
+    [[ $a == "$b" ]] && break
+    a=$b
+  done
+  echo "$a"
 }
 # After the first-write pass the top must hold every block (a copy-up) or every written
 # sub-block (partial blocks, subclusters).
