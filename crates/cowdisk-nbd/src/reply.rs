@@ -32,6 +32,13 @@ pub(crate) struct Replier<'a, W> {
     abort: &'a (dyn Fn() + Sync),
 }
 
+/// The simple success reply to `req`.
+fn ok_head(req: &Request) -> [u8; wire::SIMPLE_REPLY_LEN] {
+    let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
+    wire::simple_reply(&mut h, 0, req.cookie);
+    h
+}
+
 impl<'a, W: Write> Replier<'a, W> {
     pub fn new(w: W, structured: bool, abort: &'a (dyn Fn() + Sync)) -> Self {
         Self {
@@ -92,34 +99,21 @@ impl<'a, W: Write> Replier<'a, W> {
             0
         } else {
             let start = READ_HEADROOM - wire::SIMPLE_REPLY_LEN;
-            let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
-            wire::simple_reply(&mut h, 0, req.cookie);
-            head[start..READ_HEADROOM].copy_from_slice(&h);
+            head[start..READ_HEADROOM].copy_from_slice(&ok_head(req));
             start
         }
     }
 
     /// Simple success reply.
     pub fn ok(&self, req: &Request) {
-        let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
-        wire::simple_reply(&mut h, 0, req.cookie);
-        self.send(&h);
+        self.send(&ok_head(req));
     }
 
-    /// Simple success replies to `reqs`, sent together.
-    pub fn ok_all(&self, reqs: &[Request]) {
-        let heads: Vec<[u8; wire::SIMPLE_REPLY_LEN]> = reqs
-            .iter()
-            .map(|req| {
-                let mut h = [0u8; wire::SIMPLE_REPLY_LEN];
-                wire::simple_reply(&mut h, 0, req.cookie);
-                h
-            })
-            .collect();
-        let replies: Vec<&[u8]> = heads.iter().map(|h| &h[..]).collect();
-        if !self.failed() {
-            let res = self.out.send_all(&replies);
-            self.check(res);
+    /// Simple success replies to `reqs`, sent together as one buffer.
+    pub fn ok_all<'r>(&self, reqs: impl IntoIterator<Item = &'r Request>) {
+        let all: Vec<u8> = reqs.into_iter().flat_map(ok_head).collect();
+        if !all.is_empty() {
+            self.send(&all);
         }
     }
 

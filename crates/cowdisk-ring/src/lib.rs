@@ -219,20 +219,21 @@ impl<'a> Batch<'_, 'a> {
             }
             .user_data(((idx as u64) << 32) | p.len as u64);
             if ring.ring.submission().is_full() {
-                // Room in the ring counts submitted reads too, so a submit frees entries.
+                // Room in the ring counts submitted requests too, so a submit frees entries.
                 if let Err(e) = ring.ring.submit() {
                     slot.err.get_or_insert(e);
                 }
             }
             // SAFETY: the entry writes (or reads) `p.len` bytes at `base + p.at`, inside
-            // `slot.buf` (checked by `fits`). The buffer moves into `ring.slots` below and leaves it only
-            // in `reap`, once every one of its requests has completed, or is leaked by `drop`;
-            // moving a Vec does not move its heap memory. The fd is open for `'a`, which
-            // outlives this batch, and so until the submission that hands it to the kernel.
+            // `slot.buf` (checked by `fits`). The buffer moves into `ring.slots` below and
+            // leaves it only in `reap`, once every one of its requests has completed, or is
+            // leaked by `drop`; moving a Vec does not move its heap memory. The fd is open
+            // for `'a`, which outlives this batch, and so until the submission that hands it
+            // to the kernel.
             #[allow(unsafe_code)]
             let pushed = unsafe { ring.ring.submission().push(&entry) };
             if pushed.is_err() {
-                // Cannot happen after the submit above; count the read as failed.
+                // Cannot happen after the submit above; count the request as failed.
                 slot.left -= 1;
                 slot.err
                     .get_or_insert(io::Error::other("io_uring submission queue full"));

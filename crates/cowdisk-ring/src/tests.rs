@@ -3,10 +3,16 @@ use rand::{Rng, SeedableRng};
 use std::io::Write;
 use std::os::fd::AsFd;
 
-fn file_with(bytes: &[u8]) -> std::fs::File {
+/// A fresh path in this process's scratch directory.
+fn temp_path() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("cowdisk-ring-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("f{}", rand::random::<u64>()));
+    dir.join(format!("f{}", rand::random::<u64>()))
+}
+
+/// A read-only file holding `bytes` (already unlinked).
+fn file_with(bytes: &[u8]) -> std::fs::File {
+    let path = temp_path();
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(bytes).unwrap();
     let f = std::fs::File::open(&path).unwrap();
@@ -147,9 +153,7 @@ fn dropping_a_ring_waits_for_its_reads() {
 #[test]
 fn writes_in_flight_together_land_where_asked() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let dir = std::env::temp_dir().join(format!("cowdisk-ring-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("w{}", rand::random::<u64>()));
+    let path = temp_path();
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -6,7 +6,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{MutexGuard, TryLockError};
 
-use super::{lock, Disk, STRIPES};
+use super::{lock, Disk};
 use crate::format::journal::RecordKind;
 use crate::format::BlockState;
 use crate::storage_direct::DIRECT_ALIGN;
@@ -54,7 +54,7 @@ impl Disk {
         {
             return None;
         }
-        let stripe = &self.stripes[(b % STRIPES as u64) as usize];
+        let stripe = self.stripe(b);
         let guard = if wait {
             lock(stripe)
         } else {

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
-use super::{lock, Disk, STRIPES};
+use super::{lock, Disk};
 use crate::error::{IoError, OpenError};
 pub use crate::format::journal::journal_path;
 use crate::format::journal::{Record, RecordKind, BATCH_ALIGN, RECORD_HEADER};
@@ -380,7 +380,7 @@ impl Disk {
         let mut seq = ep.seq;
         let uuid = self.top.header.get().uuid;
         for (b, (kind, lo, hi)) in blocks {
-            let _s = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+            let _s = lock(self.stripe(b));
             // Whole sub-blocks, as the partial blocks' own: a crash keeps each of them
             // whole, never part of one write's bytes in it.
             let (lo, hi) = (lo as usize / sub * sub, hi as usize);

@@ -123,6 +123,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Disk {
+    /// The lock stripe of block `b`: held by whatever writes or changes the block's state.
+    fn stripe(&self, b: u64) -> &Mutex<()> {
+        &self.stripes[(b % STRIPES as u64) as usize]
+    }
+
     pub(crate) fn assemble(top: Top, lower: Arc<Lower>, access: Access) -> Disk {
         let header = top.header.get();
         let geometry = header.geometry;

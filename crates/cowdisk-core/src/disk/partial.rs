@@ -4,7 +4,7 @@
 //! then costs the file system 4 KiB, not a block, and reads nothing.
 
 use super::scratch::BLOCK_SCRATCH;
-use super::{lock, CopyUp, Disk, STRIPES};
+use super::{lock, CopyUp, Disk};
 use crate::error::IoError;
 use crate::format::BlockState;
 use crate::resolve::LowerOwner;
@@ -80,7 +80,7 @@ impl Disk {
     /// calls it before it takes the dirty bitmaps and map pages.
     pub(super) fn promote_filled(&self) {
         for b in self.top.sub.take_filled() {
-            let _s = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+            let _s = lock(self.stripe(b));
             let full = self.geometry.sub_full(b);
             if self.top.map.get(b) == BlockState::Partial && self.top.sub.bits(b) == full {
                 // The map first: a bitmap entry is forgotten only after a flush that took
@@ -166,7 +166,7 @@ impl Disk {
         let g = &self.geometry;
         let mut filled = 0;
         for b in self.top.sub.live_blocks() {
-            let _s = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+            let _s = lock(self.stripe(b));
             if self.top.map.get(b) != BlockState::Partial {
                 continue;
             }

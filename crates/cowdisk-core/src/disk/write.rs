@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering::SeqCst;
 
-use super::{lock, Disk, WriteFlags, ZeroFlags, STRIPES};
+use super::{lock, Disk, WriteFlags, ZeroFlags};
 use crate::error::IoError;
 use crate::format::journal::RecordKind;
 use crate::format::BlockState;
@@ -39,7 +39,7 @@ impl Disk {
     }
 
     fn write_block(&self, b: u64, within: usize, chunk: &[u8]) -> Result<(), IoError> {
-        let _g = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+        let _g = lock(self.stripe(b));
         let top = &*self.top.storage;
         let path = &self.top.path;
         let off = self.geometry.block_offset(b);
@@ -187,7 +187,7 @@ impl Disk {
     }
 
     fn whiteout_block(&self, b: u64) -> Result<(), IoError> {
-        let _g = lock(&self.stripes[(b % STRIPES as u64) as usize]);
+        let _g = lock(self.stripe(b));
         match self.top.map.get(b) {
             BlockState::Zero => Ok(()),
             BlockState::Data | BlockState::Partial => {

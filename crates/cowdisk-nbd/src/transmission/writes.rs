@@ -235,8 +235,7 @@ fn answer<'a, 'c, W: Write + AsFd>(
                 }
             })
             .is_err();
-        let reqs: Vec<Request> = done.iter().map(|f| f.req).collect();
-        conn.out.ok_all(&reqs);
+        conn.out.ok_all(done.iter().map(|f| &f.req));
     }
     (!failed, again)
 }
